@@ -1,0 +1,1 @@
+// adamw kernels: to be written

@@ -1,0 +1,1 @@
+// lora kernels: to be written

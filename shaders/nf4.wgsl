@@ -1,0 +1,1 @@
+// nf4 kernels: to be written

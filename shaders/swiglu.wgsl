@@ -1,0 +1,1 @@
+// swiglu kernels: to be written

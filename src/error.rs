@@ -1,0 +1,40 @@
+//! The library's one error type: every failure that input or the device can cause is a variant
+//! here, with the file, tensor or op named. Panics are kept for broken internal invariants only.
+
+/// Errors of the qlora-webgpu library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No usable GPU adapter: says which backends were tried and how to get a driver.
+    #[error("no GPU adapter found (backends tried: {backends}). {hint}")]
+    NoAdapter { backends: String, hint: String },
+    /// The device could not be created or reported an error.
+    #[error("GPU device error: {0}")]
+    Device(String),
+    /// Operands whose shapes do not fit the op.
+    #[error("shape error in {op}: {msg}")]
+    Shape { op: &'static str, msg: String },
+    /// A size beyond what the device allows (a binding or buffer too large, too many workgroups).
+    #[error("device limit exceeded in {op}: {msg}")]
+    Limit { op: &'static str, msg: String },
+    /// A file whose content does not follow its format: names the file, the tensor or entry, and
+    /// what was expected.
+    #[error("{file}: {what}")]
+    Format { file: String, what: String },
+    /// An argument outside its valid range.
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+}
+
+/// Result alias of the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// A shape error for `op`.
+    pub fn shape(op: &'static str, msg: impl Into<String>) -> Self {
+        Error::Shape { op, msg: msg.into() }
+    }
+    /// A format error for `file`.
+    pub fn format(file: impl Into<String>, what: impl Into<String>) -> Self {
+        Error::Format { file: file.into(), what: what.into() }
+    }
+}

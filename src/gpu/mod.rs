@@ -1,0 +1,532 @@
+//! The GPU runtime: adapter and device selection, the kernel (pipeline) cache, the buffer pool,
+//! batched command recording and async readback. This is the only module that calls wgpu, so a
+//! wgpu upgrade touches these files alone.
+//!
+//! Recording model: every `dispatch` is appended to one pending command encoder; the encoder is
+//! submitted when a readback, an upload or `flush` needs it (or after `MAX_PENDING` dispatches).
+//! Uniform parameters live in an arena buffer (one 256-byte slot per dispatch) written just before
+//! each submit, so recording a dispatch allocates no buffer.
+
+mod pool;
+pub mod shaders;
+mod tensor;
+
+pub use pool::PoolStats;
+pub use tensor::{DType, Tensor};
+
+use crate::{Error, Result};
+use pool::BufferPool;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+/// Bytes of one uniform-parameter slot (WebGPU's minimum uniform offset alignment is at most 256).
+const PARAM_SLOT: u64 = 256;
+/// Slots in the parameter arena: the pending encoder is submitted when they run out.
+const PARAM_SLOTS: u64 = 512;
+/// Dispatches recorded before the pending encoder is submitted regardless.
+const MAX_PENDING: usize = 512;
+
+/// What the selected adapter is and can do; printed by `qlora bench` and the tests.
+#[derive(Clone, Debug)]
+pub struct GpuInfo {
+    /// Adapter name as the driver reports it (e.g. "llvmpipe (LLVM 15.0.6, 256 bits)").
+    pub name: String,
+    /// Backend in use: Vulkan, Metal, Dx12, Gl or BrowserWebGpu.
+    pub backend: String,
+    /// Device type: DiscreteGpu, IntegratedGpu, Cpu, ...
+    pub device_type: String,
+    /// Driver name and version string.
+    pub driver: String,
+    /// The adapter offers `shader-f16` (half-precision arithmetic in shaders).
+    pub shader_f16: bool,
+    /// The adapter offers subgroup operations.
+    pub subgroups: bool,
+    /// The adapter offers timestamp queries.
+    pub timestamp_query: bool,
+    /// Largest storage-buffer binding, bytes (requested as the adapter's own limit).
+    pub max_storage_binding: u64,
+    /// Largest buffer, bytes.
+    pub max_buffer: u64,
+    /// Workgroup memory per workgroup, bytes.
+    pub max_workgroup_storage: u32,
+    /// Most invocations in one workgroup.
+    pub max_invocations: u32,
+    /// Most workgroups per dispatch dimension.
+    pub max_workgroups_per_dim: u32,
+}
+
+impl std::fmt::Display for GpuInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({}, {}, driver {}); shader-f16: {}, subgroups: {}, timestamp queries: {}; \
+             max storage binding {} MiB, max buffer {} MiB, workgroup memory {} KiB",
+            self.name,
+            self.backend,
+            self.device_type,
+            self.driver,
+            yes(self.shader_f16),
+            yes(self.subgroups),
+            yes(self.timestamp_query),
+            self.max_storage_binding >> 20,
+            self.max_buffer >> 20,
+            self.max_workgroup_storage >> 10
+        )
+    }
+}
+
+fn yes(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+/// A compute kernel: one entry point of one WGSL file, with optional `override` constants.
+#[derive(Clone, Copy, Debug)]
+pub struct Kernel {
+    /// File name under shaders/, for error messages and the cache key.
+    pub file: &'static str,
+    /// The file's WGSL source (`include_str!`).
+    pub source: &'static str,
+    /// Entry point name.
+    pub entry: &'static str,
+}
+
+struct Pending {
+    encoder: wgpu::CommandEncoder,
+    dispatches: usize,
+    params: Vec<u8>,
+}
+
+/// The GPU: device, queue, caches and the pending command encoder. Single-threaded by design
+/// (WebGPU objects are not `Send` in browsers); share it with `Rc`.
+pub struct GpuContext {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    info: GpuInfo,
+    limits: wgpu::Limits,
+    modules: RefCell<HashMap<&'static str, Rc<wgpu::ShaderModule>>>,
+    pipelines: RefCell<HashMap<String, Rc<wgpu::ComputePipeline>>>,
+    pool: Rc<RefCell<BufferPool>>,
+    param_arena: wgpu::Buffer,
+    pending: RefCell<Option<Pending>>,
+}
+
+fn backend_list(b: wgpu::Backends) -> String {
+    let mut v = Vec::new();
+    for (flag, name) in [
+        (wgpu::Backends::VULKAN, "Vulkan"),
+        (wgpu::Backends::METAL, "Metal"),
+        (wgpu::Backends::DX12, "DX12"),
+        (wgpu::Backends::GL, "OpenGL/GLES"),
+        (wgpu::Backends::BROWSER_WEBGPU, "browser WebGPU"),
+    ] {
+        if b.contains(flag) {
+            v.push(name);
+        }
+    }
+    v.join(", ")
+}
+
+const NO_ADAPTER_HINT: &str = "Install a GPU driver with Vulkan, Metal or DX12 support. On Linux \
+without a GPU, Mesa's software Vulkan driver lavapipe works: `apt-get install mesa-vulkan-drivers` \
+(Debian/Ubuntu). In a browser, use one with WebGPU enabled (Chrome/Edge 113+, or Chromium with \
+--enable-unsafe-webgpu). The WGPU_BACKEND environment variable restricts the backends tried.";
+
+impl GpuContext {
+    /// Opens the best adapter (high-performance first), requests the adapter's own limits and
+    /// the optional features it has (shader-f16, subgroups, timestamp queries).
+    pub async fn new() -> Result<Rc<Self>> {
+        let desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+        let backends = desc.backends & wgpu::Instance::enabled_backend_features();
+        let instance = wgpu::Instance::new(desc);
+        let adapter = match instance
+            .request_adapter(&wgpu::RequestAdapterOptions {
+                power_preference: wgpu::PowerPreference::HighPerformance,
+                force_fallback_adapter: false,
+                compatible_surface: None,
+                apply_limit_buckets: false,
+            })
+            .await
+        {
+            Ok(a) => a,
+            Err(e) => {
+                return Err(Error::NoAdapter {
+                    backends: backend_list(backends),
+                    hint: format!("({e}) {NO_ADAPTER_HINT}"),
+                })
+            }
+        };
+        let ainfo = adapter.get_info();
+        let feats = adapter.features();
+        let wanted =
+            wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
+        let required_features = feats & wanted;
+        let limits = adapter.limits();
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("qlora-webgpu"),
+                required_features,
+                required_limits: limits.clone(),
+                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            })
+            .await
+            .map_err(|e| Error::Device(format!("request_device on {}: {e}", ainfo.name)))?;
+        let info = GpuInfo {
+            name: ainfo.name.clone(),
+            backend: format!("{:?}", ainfo.backend),
+            device_type: format!("{:?}", ainfo.device_type),
+            driver: format!("{} {}", ainfo.driver, ainfo.driver_info).trim().to_string(),
+            shader_f16: feats.contains(wgpu::Features::SHADER_F16),
+            subgroups: feats.contains(wgpu::Features::SUBGROUP),
+            timestamp_query: feats.contains(wgpu::Features::TIMESTAMP_QUERY),
+            max_storage_binding: limits.max_storage_buffer_binding_size as u64,
+            max_buffer: limits.max_buffer_size,
+            max_workgroup_storage: limits.max_compute_workgroup_storage_size,
+            max_invocations: limits.max_compute_invocations_per_workgroup,
+            max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
+        };
+        let param_arena = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("param arena"),
+            size: PARAM_SLOT * PARAM_SLOTS,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        Ok(Rc::new(GpuContext {
+            device,
+            queue,
+            info,
+            limits,
+            modules: RefCell::new(HashMap::new()),
+            pipelines: RefCell::new(HashMap::new()),
+            pool: Rc::new(RefCell::new(BufferPool::default())),
+            param_arena,
+            pending: RefCell::new(None),
+        }))
+    }
+
+    /// What the adapter is and offers.
+    pub fn info(&self) -> &GpuInfo {
+        &self.info
+    }
+
+    /// Buffer-pool figures: bytes allocated on the device, in use now, and the peak in use.
+    pub fn pool_stats(&self) -> PoolStats {
+        self.pool.borrow().stats()
+    }
+
+    /// Frees the pool's idle buffers (those no tensor holds).
+    pub fn trim_pool(&self) {
+        self.flush();
+        self.pool.borrow_mut().trim();
+    }
+
+    fn check_binding(&self, op: &'static str, bytes: u64) -> Result<()> {
+        if bytes > self.limits.max_storage_buffer_binding_size as u64 || bytes > self.limits.max_buffer_size {
+            return Err(Error::Limit {
+                op,
+                msg: format!(
+                    "a tensor of {bytes} bytes exceeds the device's largest storage binding ({} bytes)",
+                    self.limits.max_storage_buffer_binding_size
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// A tensor of `shape` with unspecified contents (a recycled buffer from the pool).
+    pub fn empty(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let bytes = (n * dtype.size()) as u64;
+        self.check_binding("alloc", bytes)?;
+        let buf = BufferPool::get(&self.pool, &self.device, bytes);
+        Ok(Tensor::new(buf, shape.to_vec(), dtype))
+    }
+
+    /// A tensor of `shape` filled with zeros (a clear command on the pending encoder).
+    pub fn zeros(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let t = self.empty(shape, dtype)?;
+        self.with_encoder(|enc| enc.clear_buffer(t.buffer(), 0, None));
+        Ok(t)
+    }
+
+    /// Uploads f32 data as a tensor of `shape`.
+    pub fn upload_f32(&self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
+        self.upload_bytes(bytemuck::cast_slice(data), shape, DType::F32)
+    }
+
+    /// Uploads u32 data as a tensor of `shape` (token ids, packed codes).
+    pub fn upload_u32(&self, data: &[u32], shape: &[usize]) -> Result<Tensor> {
+        self.upload_bytes(bytemuck::cast_slice(data), shape, DType::U32)
+    }
+
+    /// Uploads raw bytes as a tensor; the byte count must equal the shape's element count times
+    /// the dtype size.
+    pub fn upload_bytes(&self, bytes: &[u8], shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if bytes.len() != n * dtype.size() {
+            return Err(Error::shape(
+                "upload",
+                format!("{} bytes for shape {shape:?} of {dtype:?}", bytes.len()),
+            ));
+        }
+        let t = self.empty(shape, dtype)?;
+        // queue.write_buffer runs before the next submit: submit what is pending first, or a
+        // recycled buffer could be overwritten before earlier recorded dispatches read it.
+        self.flush();
+        if bytes.len() % 4 == 0 {
+            if !bytes.is_empty() {
+                self.queue.write_buffer(t.buffer(), 0, bytes);
+            }
+        } else {
+            let mut padded = bytes.to_vec();
+            padded.resize(bytes.len().div_ceil(4) * 4, 0);
+            self.queue.write_buffer(t.buffer(), 0, &padded);
+        }
+        Ok(t)
+    }
+
+    /// Copies `src` into `dst` (same byte size) on the pending encoder.
+    pub fn copy(&self, src: &Tensor, dst: &Tensor) -> Result<()> {
+        if src.byte_len() != dst.byte_len() {
+            return Err(Error::shape("copy", format!("{:?} -> {:?}", src.shape(), dst.shape())));
+        }
+        if src.byte_len() > 0 {
+            self.with_encoder(|enc| {
+                enc.copy_buffer_to_buffer(src.buffer(), 0, dst.buffer(), 0, src.byte_len() as u64)
+            });
+        }
+        Ok(())
+    }
+
+    /// A new tensor holding a copy of `src`.
+    pub fn duplicate(&self, src: &Tensor) -> Result<Tensor> {
+        let t = self.empty(src.shape(), src.dtype())?;
+        self.copy(src, &t)?;
+        Ok(t)
+    }
+
+    fn with_encoder<R>(&self, f: impl FnOnce(&mut wgpu::CommandEncoder) -> R) -> R {
+        let mut pending = self.pending.borrow_mut();
+        let p = pending.get_or_insert_with(|| Pending {
+            encoder: self
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("qlora") }),
+            dispatches: 0,
+            params: Vec::new(),
+        });
+        f(&mut p.encoder)
+    }
+
+    /// Submits everything recorded so far.
+    pub fn flush(&self) {
+        let Some(p) = self.pending.borrow_mut().take() else { return };
+        if !p.params.is_empty() {
+            self.queue.write_buffer(&self.param_arena, 0, &p.params);
+        }
+        self.queue.submit(Some(p.encoder.finish()));
+    }
+
+    fn pipeline(&self, k: &Kernel, constants: &[(&str, f64)]) -> Rc<wgpu::ComputePipeline> {
+        let mut key = format!("{}:{}", k.file, k.entry);
+        for (n, v) in constants {
+            key.push_str(&format!(":{n}={v}"));
+        }
+        if let Some(p) = self.pipelines.borrow().get(&key) {
+            return p.clone();
+        }
+        let module = self
+            .modules
+            .borrow_mut()
+            .entry(k.file)
+            .or_insert_with(|| {
+                Rc::new(self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(k.file),
+                    source: wgpu::ShaderSource::Wgsl(k.source.into()),
+                }))
+            })
+            .clone();
+        let pipeline = Rc::new(self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(k.entry),
+            layout: None,
+            module: &module,
+            entry_point: Some(k.entry),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants,
+                zero_initialize_workgroup_memory: false,
+            },
+            cache: None,
+        }));
+        self.pipelines.borrow_mut().insert(key, pipeline.clone());
+        pipeline
+    }
+
+    /// Records one dispatch of `kernel`: binding 0 is `params` (a uniform), the other bindings are
+    /// given by number with the tensor bound there (the numbers the entry point uses, since the
+    /// layout is derived from the entry point). `groups` is the workgroup count (x, y, z).
+    pub fn dispatch<P: bytemuck::Pod>(
+        &self,
+        kernel: &Kernel,
+        constants: &[(&str, f64)],
+        params: &P,
+        bindings: &[(u32, &Tensor)],
+        groups: [u32; 3],
+    ) -> Result<()> {
+        let max = self.limits.max_compute_workgroups_per_dimension;
+        if groups.iter().any(|&g| g > max) {
+            return Err(Error::Limit {
+                op: kernel.entry,
+                msg: format!("dispatch of {groups:?} workgroups; the device allows {max} per dimension"),
+            });
+        }
+        if groups.contains(&0) {
+            return Ok(());
+        }
+        let bytes = bytemuck::bytes_of(params);
+        assert!(bytes.len() as u64 <= PARAM_SLOT, "params of {} exceed a slot", kernel.entry);
+        let pipeline = self.pipeline(kernel, constants);
+        let slot = {
+            let full = self
+                .pending
+                .borrow()
+                .as_ref()
+                .is_some_and(|p| p.params.len() as u64 >= PARAM_SLOT * PARAM_SLOTS || p.dispatches >= MAX_PENDING);
+            if full {
+                self.flush();
+            }
+            self.with_encoder(|_| ());
+            let mut pending = self.pending.borrow_mut();
+            let p = pending.as_mut().unwrap();
+            let offset = p.params.len() as u64;
+            p.params.extend_from_slice(bytes);
+            p.params.resize((offset + PARAM_SLOT) as usize, 0);
+            p.dispatches += 1;
+            offset
+        };
+        let layout = pipeline.get_bind_group_layout(0);
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &self.param_arena,
+                offset: slot,
+                size: wgpu::BufferSize::new(bytes.len().div_ceil(16) as u64 * 16),
+            }),
+        }];
+        for (b, t) in bindings {
+            entries.push(wgpu::BindGroupEntry {
+                binding: *b,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: t.buffer(),
+                    offset: 0,
+                    size: wgpu::BufferSize::new(t.binding_size()),
+                }),
+            });
+        }
+        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(kernel.entry),
+            layout: &layout,
+            entries: &entries,
+        });
+        self.with_encoder(|enc| {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some(kernel.entry),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &bind_group, &[]);
+            pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        });
+        Ok(())
+    }
+
+    /// Waits until the device has finished everything submitted (native: blocks in poll; in the
+    /// browser the returned future resolves when the queue is done).
+    pub async fn sync(&self) -> Result<()> {
+        self.flush();
+        let (tx, rx) = futures_channel::oneshot::channel();
+        self.queue.on_submitted_work_done(move || {
+            let _ = tx.send(());
+        });
+        self.poll_wait()?;
+        rx.await.map_err(|_| Error::Device("device lost while waiting".into()))
+    }
+
+    fn poll_wait(&self) -> Result<()> {
+        #[cfg(not(target_arch = "wasm32"))]
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Device(format!("poll: {e}")))?;
+        Ok(())
+    }
+
+    /// Reads a tensor back as raw bytes (exactly `t.byte_len()` of them).
+    pub async fn read_bytes(&self, t: &Tensor) -> Result<Vec<u8>> {
+        let len = t.byte_len() as u64;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let padded = len.div_ceil(4) * 4;
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: padded,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        self.with_encoder(|enc| enc.copy_buffer_to_buffer(t.buffer(), 0, &staging, 0, padded));
+        self.flush();
+        let (tx, rx) = futures_channel::oneshot::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.poll_wait()?;
+        rx.await
+            .map_err(|_| Error::Device("device lost during readback".into()))?
+            .map_err(|e| Error::Device(format!("readback map failed: {e}")))?;
+        let out = {
+            let view = staging
+                .get_mapped_range(..)
+                .map_err(|e| Error::Device(format!("readback view: {e:?}")))?;
+            view[..len as usize].to_vec()
+        };
+        staging.unmap();
+        Ok(out)
+    }
+
+    /// Reads an f32 tensor back to the host.
+    pub async fn read_f32(&self, t: &Tensor) -> Result<Vec<f32>> {
+        let b = self.read_bytes(t).await?;
+        Ok(bytemuck::pod_collect_to_vec(&b))
+    }
+
+    /// Reads a u32 tensor back to the host.
+    pub async fn read_u32(&self, t: &Tensor) -> Result<Vec<u32>> {
+        let b = self.read_bytes(t).await?;
+        Ok(bytemuck::pod_collect_to_vec(&b))
+    }
+}
+
+/// Workgroup count for `n` items at `per_group` items a workgroup.
+pub fn groups_for(n: usize, per_group: usize) -> u32 {
+    n.div_ceil(per_group) as u32
+}
+
+/// Splits a large 1-D workgroup count over x and y so that neither exceeds 65535 (WebGPU's
+/// default per-dimension limit). Kernels recover the flat index as `wid.x + wid.y * 65535`.
+pub fn groups_2d(n: u32) -> [u32; 3] {
+    if n <= 65535 {
+        [n, 1, 1]
+    } else {
+        [65535, n.div_ceil(65535), 1]
+    }
+}
+
+/// Runs a future to completion on the native side (pollster); the wasm shell awaits instead.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    pollster::block_on(f)
+}

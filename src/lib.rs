@@ -1,0 +1,12 @@
+//! qlora-webgpu: LoRA and QLoRA fine-tuning of Llama-family models on WebGPU.
+//!
+//! Layers (see README.md): `gpu` (the only module that calls wgpu), `autograd` (the reverse-mode
+//! tape), `ops` (each op: WGSL launches, tape rule, f64 CPU reference), `quant` (NF4).
+
+pub mod autograd;
+pub mod error;
+pub mod gpu;
+pub mod ops;
+pub mod quant;
+
+pub use error::{Error, Result};

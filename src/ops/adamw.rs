@@ -1,0 +1,1 @@
+//! AdamW (stub: being written).

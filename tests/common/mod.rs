@@ -1,0 +1,114 @@
+//! Shared test helpers: the GPU context (a test that needs one fails loudly without an adapter),
+//! a seeded RNG, tolerance checks and the central finite-difference check.
+#![allow(dead_code)]
+
+use qlora_webgpu::gpu::{block_on, GpuContext, Tensor};
+use std::rc::Rc;
+
+thread_local! {
+    // Never dropped: wgpu's own thread-locals may be gone when this one's destructor would run.
+    static GPU: std::mem::ManuallyDrop<Rc<GpuContext>> = match block_on(GpuContext::new()) {
+        Ok(ctx) => {
+            eprintln!("GPU: {}", ctx.info());
+            std::mem::ManuallyDrop::new(ctx)
+        }
+        Err(e) => panic!("this test needs a GPU adapter and none was found: {e}"),
+    };
+}
+
+/// The GPU context of this test thread; panics (fails the test) when there is no adapter.
+pub fn gpu() -> Rc<GpuContext> {
+    GPU.with(|g| Rc::clone(g))
+}
+
+/// Reads an f32 tensor back.
+pub fn read(ctx: &GpuContext, t: &Tensor) -> Vec<f32> {
+    block_on(ctx.read_f32(t)).expect("readback")
+}
+
+/// Uploads f64 data as f32.
+pub fn up(ctx: &GpuContext, x: &[f64], shape: &[usize]) -> Tensor {
+    let v: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+    ctx.upload_f32(&v, shape).expect("upload")
+}
+
+/// f64 values of f32 data (what the GPU actually got).
+pub fn f32_round(x: &[f64]) -> Vec<f64> {
+    x.iter().map(|&v| v as f32 as f64).collect()
+}
+
+/// A small seeded generator (splitmix64), so every test input is reproducible.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Standard normal (Box-Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = self.uniform().max(1e-300);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+    /// n normals times `scale`, rounded to f32 so CPU and GPU see the same inputs.
+    pub fn vec(&mut self, n: usize, scale: f64) -> Vec<f64> {
+        (0..n).map(|_| (self.normal() * scale) as f32 as f64).collect()
+    }
+    /// Uniform integer in [0, n).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.uniform() * n as f64) as usize % n.max(1)
+    }
+}
+
+/// Asserts |got - want| <= atol + rtol * |want| elementwise, naming the first failure.
+pub fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let mut worst = (0usize, 0.0f64);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (g as f64 - w).abs();
+        let lim = atol + rtol * w.abs();
+        assert!(err.is_finite() || (g as f64) == w, "{what}[{i}]: got {g}, want {w}");
+        if err / lim > worst.1 {
+            worst = (i, err / lim);
+        }
+        assert!(err <= lim, "{what}[{i}]: got {g}, want {w} (|err| {err:.3e} > {lim:.3e})");
+    }
+    let _ = worst;
+}
+
+/// Relative error ||got - want|| / ||want|| (L2).
+pub fn rel_err(got: &[f32], want: &[f64]) -> f64 {
+    let num: f64 = got.iter().zip(want).map(|(&g, &w)| (g as f64 - w).powi(2)).sum();
+    let den: f64 = want.iter().map(|w| w * w).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+/// Central finite-difference check of an f64 backward: with L(x) = sum(dout * f(x)), the
+/// analytic gradient `dx` must equal (L(x + h e_i) - L(x - h e_i)) / 2h for every i.
+pub fn gradcheck(what: &str, f: &dyn Fn(&[f64]) -> Vec<f64>, x: &[f64], dout: &[f64], dx: &[f64]) {
+    let h = 1e-6;
+    let loss = |x: &[f64]| -> f64 { f(x).iter().zip(dout).map(|(a, b)| a * b).sum() };
+    let mut xp = x.to_vec();
+    for i in 0..x.len() {
+        let orig = xp[i];
+        xp[i] = orig + h;
+        let lp = loss(&xp);
+        xp[i] = orig - h;
+        let lm = loss(&xp);
+        xp[i] = orig;
+        let fd = (lp - lm) / (2.0 * h);
+        let tol = 1e-6 * (1.0 + fd.abs().max(dx[i].abs())) * 10.0;
+        assert!((fd - dx[i]).abs() <= tol, "{what}: d/dx[{i}]: finite difference {fd}, analytic {}", dx[i]);
+    }
+}

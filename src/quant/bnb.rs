@@ -78,11 +78,16 @@ impl BnbQuantState {
         let text = std::str::from_utf8(bytes).map_err(|e| err(format!("not UTF-8 JSON ({e})")))?;
         let value: serde_json::Value =
             serde_json::from_str(text).map_err(|e| err(format!("invalid JSON ({e})")))?;
-        let obj = value.as_object().ok_or_else(|| err("JSON is not an object".into()))?;
+        let obj = value
+            .as_object()
+            .ok_or_else(|| err("JSON is not an object".into()))?;
         if let Some(k) = obj.keys().find(|k| !QUANT_STATE_KEYS.contains(&k.as_str())) {
             return Err(err(format!("unknown quant_state field `{k}`")));
         }
-        let field = |k: &str| obj.get(k).ok_or_else(|| err(format!("missing field `{k}`")));
+        let field = |k: &str| {
+            obj.get(k)
+                .ok_or_else(|| err(format!("missing field `{k}`")))
+        };
         let string = |k: &str| -> Result<String> {
             field(k)?
                 .as_str()
@@ -123,7 +128,9 @@ impl BnbQuantState {
                     .into_iter()
                     .find(|k| !obj.contains_key(*k))
                     .unwrap_or("nested_*");
-                return Err(err(format!("missing field `{missing}` (other nested fields present)")));
+                return Err(err(format!(
+                    "missing field `{missing}` (other nested fields present)"
+                )));
             }
         };
         Ok(BnbQuantState {
@@ -163,7 +170,11 @@ impl BnbQuantState {
     pub fn of(t: &Nf4Tensor) -> Self {
         let nested = match &t.stats {
             Nf4Stats::Absmax(_) => None,
-            Nf4Stats::DoubleQuant { offset, nested_blocksize, .. } => Some(BnbNestedState {
+            Nf4Stats::DoubleQuant {
+                offset,
+                nested_blocksize,
+                ..
+            } => Some(BnbNestedState {
                 blocksize: *nested_blocksize,
                 dtype: "float32".into(),
                 offset: f64::from(*offset),
@@ -192,10 +203,18 @@ pub fn python_float_repr(x: f64) -> String {
         return "NaN".into();
     }
     if x.is_infinite() {
-        return if x > 0.0 { "Infinity".into() } else { "-Infinity".into() };
+        return if x > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
     }
     if x == 0.0 {
-        return if x.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
+        return if x.is_sign_negative() {
+            "-0.0".into()
+        } else {
+            "0.0".into()
+        };
     }
     // `{:e}` gives the shortest round-trip digits: "-d.ddde-X".
     let sci = format!("{x:e}");
@@ -241,7 +260,9 @@ pub fn bnb_weight_names(tensors: &SafeTensors) -> Vec<String> {
 }
 
 fn get<'a>(file: &str, tensors: &SafeTensors<'a>, name: &str) -> Result<TensorView<'a>> {
-    tensors.tensor(name).map_err(|_| Error::format(file, format!("missing tensor `{name}`")))
+    tensors
+        .tensor(name)
+        .map_err(|_| Error::format(file, format!("missing tensor `{name}`")))
 }
 
 fn expect_layout(
@@ -254,27 +275,42 @@ fn expect_layout(
     if view.dtype() != dtype {
         return Err(Error::format(
             file,
-            format!("tensor `{name}`: dtype {:?}, expected {dtype:?}", view.dtype()),
+            format!(
+                "tensor `{name}`: dtype {:?}, expected {dtype:?}",
+                view.dtype()
+            ),
         ));
     }
     if view.shape() != shape {
         return Err(Error::format(
             file,
-            format!("tensor `{name}`: shape {:?}, expected {shape:?}", view.shape()),
+            format!(
+                "tensor `{name}`: shape {:?}, expected {shape:?}",
+                view.shape()
+            ),
         ));
     }
-    let bytes = shape.iter().product::<usize>() * dtype.bitsize() / 8;
-    if view.data().len() != bytes {
+    let bytes = shape
+        .iter()
+        .try_fold(dtype.bitsize(), |a, &d| a.checked_mul(d))
+        .map(|bits| bits / 8);
+    if bytes != Some(view.data().len()) {
+        let bytes = bytes.map_or("too many".to_owned(), |b| b.to_string());
         return Err(Error::format(
             file,
-            format!("tensor `{name}`: {} data bytes, expected {bytes}", view.data().len()),
+            format!(
+                "tensor `{name}`: {} data bytes, expected {bytes}",
+                view.data().len()
+            ),
         ));
     }
     Ok(())
 }
 
 fn f32s_le(data: &[u8]) -> Vec<f32> {
-    data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    data.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 fn f32s_to_le(v: &[f32]) -> Vec<u8> {
@@ -284,7 +320,10 @@ fn f32s_to_le(v: &[f32]) -> Vec<u8> {
 fn finite_f32s(file: &str, name: &str, view: &TensorView<'_>) -> Result<Vec<f32>> {
     let v = f32s_le(view.data());
     if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
-        return Err(Error::format(file, format!("tensor `{name}`: element {i} is {x}")));
+        return Err(Error::format(
+            file,
+            format!("tensor `{name}`: element {i} is {x}"),
+        ));
     }
     Ok(v)
 }
@@ -316,7 +355,9 @@ pub fn read_bnb_nf4(file_name: &str, tensors: &SafeTensors, weight: &str) -> Res
             } else {
                 Error::format(
                     file,
-                    format!("missing tensor `{qs_name}`: `{weight}` is not a bitsandbytes NF4 weight"),
+                    format!(
+                        "missing tensor `{qs_name}`: `{weight}` is not a bitsandbytes NF4 weight"
+                    ),
                 )
             });
         }
@@ -334,13 +375,22 @@ pub fn read_bnb_nf4(file_name: &str, tensors: &SafeTensors, weight: &str) -> Res
     let qs = BnbQuantState::parse(file, &qs_name, qs_view.data())?;
     let qs_err = |what: String| Error::format(file, format!("tensor `{qs_name}`: {what}"));
     if qs.quant_type != "nf4" {
-        return Err(qs_err(format!("quant_type {:?}, expected \"nf4\"", qs.quant_type)));
+        return Err(qs_err(format!(
+            "quant_type {:?}, expected \"nf4\"",
+            qs.quant_type
+        )));
     }
     check_blocksize(qs.blocksize).map_err(|_| {
-        qs_err(format!("blocksize {} is not a power of two in 32..=4096", qs.blocksize))
+        qs_err(format!(
+            "blocksize {} is not a power of two in 32..=4096",
+            qs.blocksize
+        ))
     })?;
     if !["float32", "float16", "bfloat16"].contains(&qs.dtype.as_str()) {
-        return Err(qs_err(format!("dtype {:?} is not float32, float16 or bfloat16", qs.dtype)));
+        return Err(qs_err(format!(
+            "dtype {:?} is not float32, float16 or bfloat16",
+            qs.dtype
+        )));
     }
     let n = qs
         .shape
@@ -384,7 +434,10 @@ pub fn read_bnb_nf4(file_name: &str, tensors: &SafeTensors, weight: &str) -> Res
         }
         Some(nested) => {
             if nested.dtype != "float32" {
-                return Err(qs_err(format!("nested_dtype {:?}, expected \"float32\"", nested.dtype)));
+                return Err(qs_err(format!(
+                    "nested_dtype {:?}, expected \"float32\"",
+                    nested.dtype
+                )));
             }
             check_blocksize(nested.blocksize).map_err(|_| {
                 qs_err(format!(
@@ -393,7 +446,10 @@ pub fn read_bnb_nf4(file_name: &str, tensors: &SafeTensors, weight: &str) -> Res
                 ))
             })?;
             if !nested.offset.is_finite() || !(nested.offset as f32).is_finite() {
-                return Err(qs_err(format!("nested_offset {} is not a finite f32", nested.offset)));
+                return Err(qs_err(format!(
+                    "nested_offset {} is not a finite f32",
+                    nested.offset
+                )));
             }
             expect_layout(file, &absmax_name, &absmax_view, Dtype::U8, &[nblocks])?;
             let na_view = get(file, tensors, &nested_absmax_name)?;
@@ -424,8 +480,20 @@ pub fn read_bnb_nf4(file_name: &str, tensors: &SafeTensors, weight: &str) -> Res
         packed: packed_view.data().to_vec(),
         stats,
     };
-    t.validate().map_err(|e| Error::format(file, format!("weight `{weight}`: {e}")))?;
+    t.validate()
+        .map_err(|e| Error::format(file, format!("weight `{weight}`: {e}")))?;
     Ok(t)
+}
+
+/// Reads every NF4 weight of the safetensors file at `path` (see [`read_all_bnb_nf4`]); an
+/// unreadable or malformed file is an `Error::Format` naming it.
+pub fn read_bnb_nf4_file(path: &std::path::Path) -> Result<Vec<(String, Nf4Tensor)>> {
+    let file = path.display().to_string();
+    let bytes =
+        std::fs::read(path).map_err(|e| Error::format(&file, format!("cannot read: {e}")))?;
+    let tensors = SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::format(&file, format!("not a valid safetensors file: {e}")))?;
+    read_all_bnb_nf4(&file, &tensors)
 }
 
 /// Reads every NF4 weight of a file: `(W, tensor)` for each name of [`bnb_weight_names`].
@@ -461,7 +529,11 @@ pub fn write_bnb_nf4(weight: &str, t: &Nf4Tensor, out: &mut Vec<RawTensor>) -> R
             shape: vec![nb],
             data: f32s_to_le(a),
         }),
-        Nf4Stats::DoubleQuant { absmax_u8, nested_absmax, .. } => {
+        Nf4Stats::DoubleQuant {
+            absmax_u8,
+            nested_absmax,
+            ..
+        } => {
             out.push(RawTensor {
                 name: format!("{weight}.absmax"),
                 dtype: Dtype::U8,
@@ -508,7 +580,10 @@ pub fn serialize_tensors(
     let mut views = Vec::with_capacity(tensors.len());
     for t in tensors {
         if !seen.insert(t.name.as_str()) {
-            return Err(Error::Invalid(format!("duplicate tensor name `{}`", t.name)));
+            return Err(Error::Invalid(format!(
+                "duplicate tensor name `{}`",
+                t.name
+            )));
         }
         let view = TensorView::new(t.dtype, t.shape.clone(), &t.data)
             .map_err(|e| Error::Invalid(format!("tensor `{}`: {e}", t.name)))?;

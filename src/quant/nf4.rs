@@ -97,9 +97,10 @@ pub fn check_blocksize(blocksize: usize) -> Result<()> {
 
 /// Element count of `shape` (product of its dims; 1 for `[]`), or an error on overflow.
 pub fn shape_numel(shape: &[usize]) -> Result<usize> {
-    shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(|| {
-        Error::Invalid(format!("shape {shape:?}: element count overflows usize"))
-    })
+    shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| Error::Invalid(format!("shape {shape:?}: element count overflows usize")))
 }
 
 /// The 15 NF4 decision midpoints `mid[i] = (NF4_CODE[i] + NF4_CODE[i+1]) / 2` in f32, ascending.
@@ -145,7 +146,9 @@ pub fn quantize_nf4(
         )));
     }
     if n == 0 {
-        return Err(Error::Invalid(format!("quantize_nf4: shape {shape:?} is empty")));
+        return Err(Error::Invalid(format!(
+            "quantize_nf4: shape {shape:?} is empty"
+        )));
     }
     if let Some((i, x)) = data.iter().enumerate().find(|(_, x)| !x.is_finite()) {
         return Err(Error::Invalid(format!(
@@ -158,7 +161,12 @@ pub fn quantize_nf4(
     } else {
         Nf4Stats::Absmax(absmax)
     };
-    Ok(Nf4Tensor { shape: shape.to_vec(), blocksize, packed, stats })
+    Ok(Nf4Tensor {
+        shape: shape.to_vec(),
+        blocksize,
+        packed,
+        stats,
+    })
 }
 
 /// The NF4 kernel: (packed codes, absmax) of finite `data` in blocks of `blocksize`.
@@ -178,14 +186,14 @@ fn quantize_blocks(data: &[f32], blocksize: usize) -> (Vec<u8>, Vec<f32>) {
             let s = (x * inv).clamp(-1.0, 1.0);
             let q = mid.partition_point(|&m| m < s) as u8;
             let i = base + j;
-            if i % 2 == 0 {
+            if i & 1 == 0 {
                 packed[i / 2] = q << 4;
             } else {
                 packed[i / 2] |= q;
             }
         }
     }
-    if n % 2 == 1 {
+    if n & 1 == 1 {
         packed[n / 2] |= NF4_ZERO_CODE;
     }
     (packed, absmax)
@@ -196,15 +204,24 @@ fn quantize_blocks(data: &[f32], blocksize: usize) -> (Vec<u8>, Vec<f32>) {
 /// quantize_blockwise_dynamic(a - offset, 256)`; decode with `dyn[q] * nested[b/256] + offset`.
 pub fn double_quantize_absmax(absmax: &[f32]) -> Result<Nf4Stats> {
     if absmax.is_empty() {
-        return Err(Error::Invalid("double_quantize_absmax: empty absmax vector".into()));
+        return Err(Error::Invalid(
+            "double_quantize_absmax: empty absmax vector".into(),
+        ));
     }
     if let Some((i, x)) = absmax.iter().enumerate().find(|(_, x)| !x.is_finite()) {
-        return Err(Error::Invalid(format!("double_quantize_absmax: absmax[{i}] is {x}")));
+        return Err(Error::Invalid(format!(
+            "double_quantize_absmax: absmax[{i}] is {x}"
+        )));
     }
     let offset = torch_mean_f32(absmax);
     let centered: Vec<f32> = absmax.iter().map(|&a| a - offset).collect();
     let (absmax_u8, nested_absmax) = quantize_blockwise_dynamic(&centered, NESTED_BLOCKSIZE);
-    Ok(Nf4Stats::DoubleQuant { absmax_u8, nested_absmax, offset, nested_blocksize: NESTED_BLOCKSIZE })
+    Ok(Nf4Stats::DoubleQuant {
+        absmax_u8,
+        nested_absmax,
+        offset,
+        nested_blocksize: NESTED_BLOCKSIZE,
+    })
 }
 
 /// bitsandbytes' CPU 8-bit blockwise quantizer (csrc/cpu_ops.cpp) with the dynamic map, on
@@ -236,7 +253,8 @@ pub fn quantize_blockwise_dynamic(values: &[f32], blocksize: usize) -> (Vec<u8>,
 }
 
 /// Inverse of [`quantize_blockwise_dynamic`]: `out[i] = dyn[codes[i]] * absmax[i / blocksize]`
-/// (f32; `absmax` has ceil(n/blocksize) entries, out has n).
+/// (f32; `absmax` has ceil(n/blocksize) entries, out has n). Panics if `absmax` is shorter than
+/// that (an argument error; the crate only calls it on validated tensors).
 pub fn dequantize_blockwise_dynamic(codes: &[u8], absmax: &[f32], blocksize: usize) -> Vec<f32> {
     let dynm = dynamic_map_cached();
     let blocksize = blocksize.max(1);
@@ -386,16 +404,15 @@ fn multi_row_sum<const W: usize>(xs: &[f32], size: usize) -> [[f32; W]; 4] {
     let mut i = 0usize;
     while i + level_step <= size {
         for _ in 0..level_step {
-            for k in 0..4 {
-                vadd(&mut acc[0][k], &load::<W>(xs, 4 * i + k));
+            for (k, a) in acc[0].iter_mut().enumerate() {
+                vadd(a, &load::<W>(xs, 4 * i + k));
             }
             i += 1;
         }
         for j in 1..LEVELS {
-            for k in 0..4 {
-                let lower = acc[j - 1][k];
-                vadd(&mut acc[j][k], &lower);
-                acc[j - 1][k] = [0f32; W];
+            let lower = std::mem::replace(&mut acc[j - 1], [[0f32; W]; 4]);
+            for (a, l) in acc[j].iter_mut().zip(&lower) {
+                vadd(a, l);
             }
             if i & (level_mask << (j * level_power)) != 0 {
                 break;
@@ -403,18 +420,18 @@ fn multi_row_sum<const W: usize>(xs: &[f32], size: usize) -> [[f32; W]; 4] {
         }
     }
     while i < size {
-        for k in 0..4 {
-            vadd(&mut acc[0][k], &load::<W>(xs, 4 * i + k));
+        for (k, a) in acc[0].iter_mut().enumerate() {
+            vadd(a, &load::<W>(xs, 4 * i + k));
         }
         i += 1;
     }
-    for j in 1..LEVELS {
-        for k in 0..4 {
-            let upper = acc[j][k];
-            vadd(&mut acc[0][k], &upper);
+    let [mut total, rest @ ..] = acc;
+    for level in &rest {
+        for (a, u) in total.iter_mut().zip(level) {
+            vadd(a, u);
         }
     }
-    acc[0]
+    total
 }
 
 impl Nf4Stats {
@@ -432,12 +449,15 @@ impl Nf4Stats {
     pub fn absmax_f32(&self) -> Vec<f32> {
         match self {
             Nf4Stats::Absmax(a) => a.clone(),
-            Nf4Stats::DoubleQuant { absmax_u8, nested_absmax, offset, nested_blocksize } => {
-                dequantize_blockwise_dynamic(absmax_u8, nested_absmax, *nested_blocksize)
-                    .into_iter()
-                    .map(|v| v + *offset)
-                    .collect()
-            }
+            Nf4Stats::DoubleQuant {
+                absmax_u8,
+                nested_absmax,
+                offset,
+                nested_blocksize,
+            } => dequantize_blockwise_dynamic(absmax_u8, nested_absmax, *nested_blocksize)
+                .into_iter()
+                .map(|v| v + *offset)
+                .collect(),
         }
     }
 }
@@ -465,7 +485,10 @@ impl Nf4Tensor {
         check_blocksize(self.blocksize)?;
         let n = shape_numel(&self.shape)?;
         if n == 0 {
-            return Err(Error::Invalid(format!("Nf4Tensor: shape {:?} is empty", self.shape)));
+            return Err(Error::Invalid(format!(
+                "Nf4Tensor: shape {:?} is empty",
+                self.shape
+            )));
         }
         if self.packed.len() != n.div_ceil(2) {
             return Err(Error::Invalid(format!(
@@ -487,7 +510,12 @@ impl Nf4Tensor {
                     return Err(Error::Invalid("Nf4Tensor: non-finite absmax".into()));
                 }
             }
-            Nf4Stats::DoubleQuant { absmax_u8, nested_absmax, offset, nested_blocksize } => {
+            Nf4Stats::DoubleQuant {
+                absmax_u8,
+                nested_absmax,
+                offset,
+                nested_blocksize,
+            } => {
                 if absmax_u8.len() != nb {
                     return Err(Error::Invalid(format!(
                         "Nf4Tensor: {} 8-bit absmax codes for {nb} blocks",
@@ -577,9 +605,11 @@ impl Nf4Tensor {
         self.packed.len()
             + match &self.stats {
                 Nf4Stats::Absmax(a) => 4 * a.len(),
-                Nf4Stats::DoubleQuant { absmax_u8, nested_absmax, .. } => {
-                    absmax_u8.len() + 4 * nested_absmax.len() + 4
-                }
+                Nf4Stats::DoubleQuant {
+                    absmax_u8,
+                    nested_absmax,
+                    ..
+                } => absmax_u8.len() + 4 * nested_absmax.len() + 4,
             }
     }
 }

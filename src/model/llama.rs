@@ -1,0 +1,212 @@
+//! The Llama decoder (Llama, SmolLM2, Mistral-style grouped-query attention) on the tape:
+//! embedding -> N x [RMSNorm, attention with RoPE, residual, RMSNorm, SwiGLU MLP, residual] ->
+//! RMSNorm -> lm_head (tied to the embedding or separate). Base weights are frozen; each of the
+//! seven projections may carry a LoRA adapter. Optional gradient checkpointing per decoder layer.
+
+use crate::autograd::{self, BlockFn, Param, Tape, Var};
+use crate::gpu::{GpuContext, Tensor};
+use crate::ops::lora::{self, LoraRun};
+use crate::ops::rope::{self, RopeTables};
+use crate::ops::{attention, embedding, matmul, rmsnorm, swiglu};
+use crate::{Error, Result};
+use std::rc::Rc;
+
+/// The seven projections LoRA can target, in PEFT's module names.
+pub const TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+/// Architecture hyperparameters (the fields of config.json the decoder needs).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlamaConfig {
+    /// hidden_size (C).
+    pub hidden: usize,
+    /// intermediate_size of the MLP.
+    pub intermediate: usize,
+    /// num_hidden_layers.
+    pub layers: usize,
+    /// num_attention_heads (NH).
+    pub heads: usize,
+    /// num_key_value_heads (NKV).
+    pub kv_heads: usize,
+    /// head_dim (HS); hidden / heads unless config.json says otherwise.
+    pub head_dim: usize,
+    /// vocab_size (V).
+    pub vocab: usize,
+    /// rms_norm_eps.
+    pub rms_eps: f32,
+    /// rope_theta.
+    pub rope_theta: f64,
+    /// tie_word_embeddings: the lm_head is the embedding table.
+    pub tied: bool,
+}
+
+impl LlamaConfig {
+    /// (out, in) of projection `m` (index into TARGETS).
+    pub fn proj_shape(&self, m: usize) -> (usize, usize) {
+        let (c, i) = (self.hidden, self.intermediate);
+        let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        [(q, c), (kv, c), (kv, c), (c, q), (i, c), (i, c), (c, i)][m]
+    }
+}
+
+/// One decoder layer's frozen weights, each projection (out, in).
+#[derive(Clone)]
+pub struct LayerWeights {
+    /// input_layernorm.weight (C).
+    pub attn_norm: Tensor,
+    /// q, k, v, o, gate, up, down projection weights, in TARGETS order.
+    pub proj: [Tensor; 7],
+    /// post_attention_layernorm.weight (C).
+    pub mlp_norm: Tensor,
+}
+
+/// The frozen base model on the device.
+#[derive(Clone)]
+pub struct LlamaWeights {
+    /// embed_tokens.weight (V, C).
+    pub embed: Tensor,
+    /// The decoder layers.
+    pub layers: Vec<LayerWeights>,
+    /// norm.weight (C).
+    pub final_norm: Tensor,
+    /// lm_head.weight (V, C); None when tied to the embedding.
+    pub lm_head: Option<Tensor>,
+}
+
+/// One adapter: A (r, in), B (out, r), and how it runs (scale, dropout, seed).
+#[derive(Clone)]
+pub struct LoraModule {
+    /// lora_A.
+    pub a: Param,
+    /// lora_B.
+    pub b: Param,
+    /// Scale and dropout; the seed is mixed with the step, layer and module at run time.
+    pub run: LoraRun,
+}
+
+/// The adapters of a model: for each layer, one optional adapter per projection (TARGETS order).
+#[derive(Clone, Default)]
+pub struct LoraSet {
+    /// layers[l][m]: the adapter of projection m in layer l.
+    pub layers: Vec<[Option<LoraModule>; 7]>,
+}
+
+impl LoraSet {
+    /// Every parameter, in a stable order (layer, module, A then B).
+    pub fn params(&self) -> Vec<&Param> {
+        let mut v = Vec::new();
+        for l in &self.layers {
+            for m in l.iter().flatten() {
+                v.push(&m.a);
+                v.push(&m.b);
+            }
+        }
+        v
+    }
+}
+
+/// Options of one forward pass.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ForwardOpts {
+    /// Recompute each decoder layer in backward instead of keeping its activations.
+    pub checkpoint: bool,
+    /// Mixed into every dropout seed (e.g. the optimizer step), so each step draws new masks.
+    pub seed: u32,
+}
+
+struct Layer {
+    ctx: Rc<GpuContext>,
+    cfg: LlamaConfig,
+    w: LayerWeights,
+    lora: [Option<LoraModule>; 7],
+    rope: Rc<RopeTables>,
+    batch: usize,
+    seq: usize,
+    seed: u32,
+    index: usize,
+}
+
+impl Layer {
+    fn linear(&self, tape: &mut Tape, x: &Var, m: usize) -> Result<Var> {
+        let ctx = &*self.ctx;
+        match &self.lora[m] {
+            Some(l) => {
+                let a = tape.param(&l.a);
+                let b = tape.param(&l.b);
+                let seed = lora::hash32(self.seed ^ lora::hash32((self.index * 7 + m) as u32 ^ l.run.seed));
+                lora::lora_linear(tape, ctx, x, &self.w.proj[m], &a, &b, &LoraRun { seed, ..l.run })
+            }
+            None => {
+                let w = tape.constant(self.w.proj[m].clone());
+                matmul::linear(tape, ctx, x, &w)
+            }
+        }
+    }
+
+    /// x (B*T, C) -> (B*T, C).
+    fn forward(&self, tape: &mut Tape, x: &Var) -> Result<Var> {
+        let ctx = &*self.ctx;
+        let c = &self.cfg;
+        let (b, t, hs) = (self.batch, self.seq, c.head_dim);
+        let n1 = tape.constant(self.w.attn_norm.clone());
+        let h = rmsnorm::rmsnorm(tape, ctx, x, &n1, c.rms_eps)?;
+        let q = self.linear(tape, &h, 0)?.reshape(&[b, t, c.heads, hs]);
+        let k = self.linear(tape, &h, 1)?.reshape(&[b, t, c.kv_heads, hs]);
+        let v = self.linear(tape, &h, 2)?.reshape(&[b, t, c.kv_heads, hs]);
+        let q = rope::rope(tape, ctx, &q, &self.rope)?;
+        let k = rope::rope(tape, ctx, &k, &self.rope)?;
+        let a = attention::attention(tape, ctx, &q, &k, &v)?.reshape(&[b * t, c.heads * hs]);
+        let o = self.linear(tape, &a, 3)?;
+        let x1 = autograd::add(tape, ctx, x, &o)?;
+        let n2 = tape.constant(self.w.mlp_norm.clone());
+        let h2 = rmsnorm::rmsnorm(tape, ctx, &x1, &n2, c.rms_eps)?;
+        let g = self.linear(tape, &h2, 4)?;
+        let u = self.linear(tape, &h2, 5)?;
+        let s = swiglu::swiglu(tape, ctx, &g, &u)?;
+        let d = self.linear(tape, &s, 6)?;
+        autograd::add(tape, ctx, &x1, &d)
+    }
+}
+
+/// Logits (B*T, V) of the token ids (B*T, row-major by sequence) through the decoder.
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    tape: &mut Tape,
+    ctx: &Rc<GpuContext>,
+    cfg: &LlamaConfig,
+    w: &LlamaWeights,
+    lora: &LoraSet,
+    ids: &[u32],
+    batch: usize,
+    rope: &Rc<RopeTables>,
+    opts: ForwardOpts,
+) -> Result<Var> {
+    if batch == 0 || ids.len() % batch != 0 {
+        return Err(Error::shape("llama", format!("{} ids do not split into {batch} sequences", ids.len())));
+    }
+    let seq = ids.len() / batch;
+    let table = tape.constant(w.embed.clone());
+    let mut x = embedding::embedding(tape, ctx, &table, ids)?;
+    for (i, lw) in w.layers.iter().enumerate() {
+        let layer = Layer {
+            ctx: ctx.clone(),
+            cfg: cfg.clone(),
+            w: lw.clone(),
+            lora: lora.layers.get(i).cloned().unwrap_or_default(),
+            rope: rope.clone(),
+            batch,
+            seq,
+            seed: opts.seed,
+            index: i,
+        };
+        x = if opts.checkpoint && tape.is_recording() {
+            let f: BlockFn = Rc::new(move |tape: &mut Tape, x: &Var| layer.forward(tape, x));
+            tape.checkpoint(&x, f)?
+        } else {
+            layer.forward(tape, &x)?
+        };
+    }
+    let nf = tape.constant(w.final_norm.clone());
+    let h = rmsnorm::rmsnorm(tape, ctx, &x, &nf, cfg.rms_eps)?;
+    let head = tape.constant(w.lm_head.clone().unwrap_or_else(|| w.embed.clone()));
+    matmul::linear(tape, ctx, &h, &head)
+}

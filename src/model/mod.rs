@@ -1,0 +1,4 @@
+//! Llama-family decoder built from the ops on the tape (`llama`), with LoRA adapters on any of
+//! the seven projections.
+
+pub mod llama;

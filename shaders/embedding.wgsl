@@ -1,1 +1,63 @@
-// embedding kernels: to be written
+// Token embedding lookup (Hugging Face's nn.Embedding in LlamaModel.embed_tokens):
+//   out[n, c] = table[ids[n], c]
+// Backward (dout = dL/dout), a scatter-add of rows by id, done without atomics and in a fixed
+// order: the host groups the token positions by id into a CSR (the ids are known on the host when
+// the batch is built):
+//   uniq (U)        the distinct ids, ascending
+//   offsets (U + 1) positions of uniq[u] are pos[offsets[u] .. offsets[u + 1]], ascending
+//   pos (N)         token positions grouped by id
+//   dtable[uniq[u], c] = sum over k in offsets[u]..offsets[u+1] of dout[pos[k], c]
+// Rows of ids that do not occur stay zero: dtable is cleared before the dispatch.
+// Ids were checked against V on the host before any dispatch.
+//
+// embedding_forward:  one invocation per output element (N * C); ceil(N*C / WG) workgroups split
+//                     over x and y past 65535 (flat workgroup index = wid.x + wid.y * 65535);
+//                     writes out (=). Backward needs only the ids (kept on the host).
+// embedding_backward: one workgroup per distinct id (U workgroups, split the same way), its
+//                     invocations striding over the C columns; writes dtable rows of occurring
+//                     ids (=), the others are zero from the clear.
+
+const WG: u32 = 256u;
+
+struct Params {
+    n: u32,        // tokens (forward) / distinct ids U (backward)
+    c: u32,        // embedding width C
+    v: u32,        // vocabulary size V
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> table: array<f32>;          // (V, C)
+@group(0) @binding(2) var<storage, read> ids: array<u32>;            // (N) forward / uniq (U) backward
+@group(0) @binding(3) var<storage, read> offsets: array<u32>;        // (U + 1)
+@group(0) @binding(4) var<storage, read> pos: array<u32>;            // (N)
+@group(0) @binding(5) var<storage, read> dout: array<f32>;           // (N, C)
+@group(0) @binding(6) var<storage, read_write> out: array<f32>;      // (N, C) out / (V, C) dtable
+
+@compute @workgroup_size(WG)
+fn embedding_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.x + wid.y * 65535u) * WG + lid;
+    if (i >= params.n * params.c) { return; }
+    let row = i / params.c;
+    let col = i - row * params.c;
+    let id = ids[row];
+    if (id >= params.v) { return; }
+    out[i] = table[id * params.c + col];
+}
+
+@compute @workgroup_size(WG)
+fn embedding_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let u = wid.x + wid.y * 65535u;
+    if (u >= params.n) { return; }
+    let id = ids[u];
+    if (id >= params.v) { return; }
+    let start = offsets[u];
+    let end = offsets[u + 1u];
+    for (var col = lid; col < params.c; col = col + WG) {
+        var acc = 0.0;
+        for (var k = start; k < end; k = k + 1u) {
+            acc = acc + dout[pos[k] * params.c + col];
+        }
+        out[id * params.c + col] = acc;
+    }
+}

@@ -44,6 +44,10 @@ fn workgroup_size_constants_match_rust() {
     let pairs: &[((&str, &str), u32)] = &[
         (shaders::ELEMENTWISE, ops::elementwise::WG),
         (shaders::RMSNORM, ops::rmsnorm::WG),
+        (shaders::SWIGLU, ops::swiglu::WG),
+        (shaders::EMBEDDING, ops::embedding::WG),
+        (shaders::CROSS_ENTROPY, ops::cross_entropy::WG),
+        (shaders::ADAMW, ops::adamw::WG),
     ];
     for ((file, src), rust) in pairs {
         assert_eq!(wg_const(file, src), Some(*rust), "shaders/{file}: WG differs from the Rust constant");

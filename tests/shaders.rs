@@ -45,6 +45,7 @@ fn workgroup_size_constants_match_rust() {
         (shaders::ELEMENTWISE, ops::elementwise::WG),
         (shaders::RMSNORM, ops::rmsnorm::WG),
         (shaders::ROPE, ops::rope::WG),
+        (shaders::ATTENTION, ops::attention::WG),
     ];
     for ((file, src), rust) in pairs {
         assert_eq!(wg_const(file, src), Some(*rust), "shaders/{file}: WG differs from the Rust constant");

@@ -244,8 +244,7 @@ fn setup(dropout: f32) -> Setup {
     targets[2] = -100;
     let inv = rope::inv_freq(c.rope_theta, c.head_dim, None);
     let pos: Vec<u32> = (0..t as u32).collect();
-    let (cos, sin) = rope::tables(&inv, &pos);
-    let tables = Rc::new(RopeTables::upload(&ctx, &cos, &sin, t, c.head_dim / 2).unwrap());
+    let tables = Rc::new(RopeTables::new(&ctx, &inv, &pos).unwrap());
     Setup { ctx, c, host, host_lora, w, lora, tables, ids, targets, batch, r, s }
 }
 

@@ -48,6 +48,8 @@ fn workgroup_size_constants_match_rust() {
         (shaders::EMBEDDING, ops::embedding::WG),
         (shaders::CROSS_ENTROPY, ops::cross_entropy::WG),
         (shaders::ADAMW, ops::adamw::WG),
+        (shaders::ROPE, ops::rope::WG),
+        (shaders::ATTENTION, ops::attention::WG),
     ];
     for ((file, src), rust) in pairs {
         assert_eq!(wg_const(file, src), Some(*rust), "shaders/{file}: WG differs from the Rust constant");

@@ -274,19 +274,19 @@ fn loss_matches_f64_and_lora_gradients_pass_finite_differences() {
             for which in 0..2 {
                 // ids as setup() hands them out: A = 2 + 2 (7 l + m), B = A + 1
                 let got = &grads[&ParamId(2 + 2 * (l * 7 + m) as u64 + which as u64)];
-                let param = |lora: &mut Vec<Vec<(Vec<f64>, Vec<f64>)>>| -> &mut Vec<f64> {
+                fn param(lora: &mut [Vec<(Vec<f64>, Vec<f64>)>], l: usize, m: usize, which: usize) -> &mut Vec<f64> {
                     let ab = &mut lora[l][m];
                     if which == 0 { &mut ab.0 } else { &mut ab.1 }
-                };
-                let n = param(&mut lora).len();
+                }
+                let n = param(&mut lora, l, m, which).len();
                 let mut fd = vec![0.0; n];
                 for (i, fdi) in fd.iter_mut().enumerate() {
-                    let orig = param(&mut lora)[i];
-                    param(&mut lora)[i] = orig + h;
+                    let orig = param(&mut lora, l, m, which)[i];
+                    param(&mut lora, l, m, which)[i] = orig + h;
                     let lp = cpu_loss(&su.c, &su.host, &lora, su.r, su.s, &su.ids, &su.targets, su.batch);
-                    param(&mut lora)[i] = orig - h;
+                    param(&mut lora, l, m, which)[i] = orig - h;
                     let lm = cpu_loss(&su.c, &su.host, &lora, su.r, su.s, &su.ids, &su.targets, su.batch);
-                    param(&mut lora)[i] = orig;
+                    param(&mut lora, l, m, which)[i] = orig;
                     *fdi = (lp - lm) / (2.0 * h);
                 }
                 let what = format!("layer {l} {} lora_{}", llama::TARGETS[m], if which == 0 { "A" } else { "B" });

@@ -116,7 +116,8 @@ impl Op {
 fn accumulate<K: std::hash::Hash + Eq>(ctx: &GpuContext, map: &mut HashMap<K, Tensor>, k: K, g: Tensor) -> Result<()> {
     match map.remove(&k) {
         Some(prev) => {
-            let sum = elementwise::add(ctx, &prev, &g)?;
+            // Two consumers may have seen the value under different views: add in prev's shape.
+            let sum = elementwise::add(ctx, &prev, &g.reshape(prev.shape()))?;
             map.insert(k, sum);
         }
         None => {
@@ -128,6 +129,8 @@ fn accumulate<K: std::hash::Hash + Eq>(ctx: &GpuContext, map: &mut HashMap<K, Te
 
 struct Node {
     out: usize,
+    /// Shape of the output as the op produced it (consumers may have seen a reshaped view).
+    out_shape: Vec<usize>,
     inputs: Vec<usize>,
     needs: Vec<bool>,
     op: Op,
@@ -190,6 +193,7 @@ impl Tape {
         if requires_grad {
             self.nodes.push(Node {
                 out: id,
+                out_shape: out.shape().to_vec(),
                 inputs: inputs.iter().map(|v| v.id).collect(),
                 needs: inputs.iter().map(|v| v.requires_grad).collect(),
                 op: save(),
@@ -210,6 +214,7 @@ impl Tape {
         if self.recording {
             self.nodes.push(Node {
                 out: id,
+                out_shape: y.value.shape().to_vec(),
                 inputs: vec![x.id],
                 needs: vec![x.requires_grad],
                 op: Op::Checkpoint(CheckpointSaved { f, input: x.value.clone() }),
@@ -242,6 +247,8 @@ impl Tape {
         let keep: Vec<usize> = wrt.iter().map(|v| v.id).collect();
         while let Some(node) = self.nodes.pop() {
             let Some(g) = grads.remove(&node.out) else { continue };
+            // A value's gradient has the value's element count; views share it under any shape.
+            let g = g.reshape(&node.out_shape);
             let in_grads = node.op.backward(ctx, &g, &node.needs, &mut param_grads)?;
             drop(g);
             for ((id, need), gi) in node.inputs.iter().zip(&node.needs).zip(in_grads) {

@@ -312,3 +312,25 @@ fn checkpointing_gives_the_same_gradients() {
         }
     }
 }
+
+#[test]
+fn kv_cache_inference_equals_the_full_forward() {
+    let su = setup(0.1);
+    let ctx = &su.ctx;
+    let t = su.ids.len() / su.batch;
+    let seq = &su.ids[..t];
+    let mut tape = Tape::new(false);
+    let full = llama::forward(&mut tape, ctx, &su.c, &su.w, &su.lora, seq, 1, &su.tables, ForwardOpts::default()).unwrap();
+    let full = read(ctx, full.value());
+    // prompt of 2 tokens, then one token at a time
+    let mut cache = llama::KvCache::new(ctx, &su.c, t).unwrap();
+    let mut got = read(ctx, &llama::forward_cached(ctx, &su.c, &su.w, &su.lora, &seq[..2], &mut cache, &su.tables).unwrap());
+    for i in 2..t {
+        got.extend(read(ctx, &llama::forward_cached(ctx, &su.c, &su.w, &su.lora, &seq[i..i + 1], &mut cache, &su.tables).unwrap()));
+    }
+    assert_eq!(cache.len(), t);
+    let want: Vec<f64> = full.iter().map(|&v| v as f64).collect();
+    assert_close("cached logits vs full forward", &got, &want, 1e-5, 1e-5);
+    let err = llama::forward_cached(ctx, &su.c, &su.w, &su.lora, &seq[..1], &mut cache, &su.tables).err().unwrap();
+    assert!(err.to_string().contains("do not fit the cache"), "{err}");
+}

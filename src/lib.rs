@@ -6,6 +6,7 @@
 pub mod autograd;
 pub mod error;
 pub mod gpu;
+pub mod io;
 pub mod model;
 pub mod ops;
 pub mod quant;

@@ -6,8 +6,10 @@
 pub mod autograd;
 pub mod error;
 pub mod gpu;
+pub mod lora;
 pub mod model;
 pub mod ops;
 pub mod quant;
+pub mod train;
 
 pub use error::{Error, Result};

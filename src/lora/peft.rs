@@ -421,6 +421,28 @@ pub fn host_adapter_from_bytes(config_json: &str, st: &[u8], model: &LlamaConfig
 pub fn host_adapter_to_bytes(h: &HostAdapter, model: &LlamaConfig) -> Result<(String, Vec<u8>)> {
     h.config.validate()?;
     h.check(model)?;
+    let json = config_to_json(&h.config);
+    // PEFT saves rank_pattern / alpha_pattern with sorted keys and looks them up first match
+    // first: when two keys match one module, the saved file would give it another rank or
+    // alpha than the live config did (PEFT has this trap too). Refuse to write such a file.
+    let reread = config_from_json(&json, CONFIG_FILE)?;
+    for (l, mods) in h.layers.iter().enumerate() {
+        for (m, x) in mods.iter().enumerate() {
+            if x.is_none() {
+                continue;
+            }
+            let name = module_name(l, m);
+            let (r0, r1) = (h.config.rank_for(&name), reread.rank_for(&name));
+            let (a0, a1) = (h.config.alpha_for(&name), reread.alpha_for(&name));
+            if r0 != r1 || a0 != a1 {
+                return Err(Error::Invalid(format!(
+                    "{name}: rank {r0} / alpha {a0} under the config's pattern order, but {r1} / {a1} once the patterns are \
+                     saved with sorted keys (as PEFT saves them): several rank_pattern / alpha_pattern keys match this \
+                     module; make them match disjoint modules"
+                )));
+            }
+        }
+    }
     let mut raw = Vec::new();
     for (l, mods) in h.layers.iter().enumerate() {
         for (m, x) in mods.iter().enumerate() {
@@ -436,7 +458,7 @@ pub fn host_adapter_to_bytes(h: &HostAdapter, model: &LlamaConfig) -> Result<(St
         }
     }
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    Ok((config_to_json(&h.config), serialize_tensors(&raw, Some(meta))?))
+    Ok((json, serialize_tensors(&raw, Some(meta))?))
 }
 
 /// The two files of the adapter `set` (its values read back from the device) under `cfg`.

@@ -7,8 +7,10 @@ pub mod autograd;
 pub mod error;
 pub mod gpu;
 pub mod io;
+pub mod lora;
 pub mod model;
 pub mod ops;
 pub mod quant;
+pub mod train;
 
 pub use error::{Error, Result};

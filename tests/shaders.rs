@@ -44,6 +44,7 @@ fn workgroup_size_constants_match_rust() {
     let pairs: &[((&str, &str), u32)] = &[
         (shaders::ELEMENTWISE, ops::elementwise::WG),
         (shaders::RMSNORM, ops::rmsnorm::WG),
+        (shaders::NF4, ops::nf4::WG),
     ];
     for ((file, src), rust) in pairs {
         assert_eq!(wg_const(file, src), Some(*rust), "shaders/{file}: WG differs from the Rust constant");

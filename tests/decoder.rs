@@ -9,7 +9,7 @@ use qlora_webgpu::autograd::{Param, ParamId, Tape};
 use qlora_webgpu::gpu::{GpuContext, Tensor};
 use qlora_webgpu::model::llama::{self, ForwardOpts, LayerWeights, LlamaConfig, LlamaWeights, LoraModule, LoraSet};
 use qlora_webgpu::ops::cross_entropy;
-use qlora_webgpu::ops::lora::LoraRun;
+use qlora_webgpu::ops::lora::{Frozen, LoraRun};
 use qlora_webgpu::ops::rope::{self, RopeTables};
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -212,7 +212,7 @@ fn setup(dropout: f32) -> Setup {
                 attn_norm: up2(n1, &[c.hidden]),
                 proj: std::array::from_fn(|m| {
                     let (o, i) = c.proj_shape(m);
-                    up2(&p[m], &[o, i])
+                    Frozen::F32(up2(&p[m], &[o, i]))
                 }),
                 mlp_norm: up2(n2, &[c.hidden]),
             })

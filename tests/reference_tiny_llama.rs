@@ -1,6 +1,9 @@
-//! Parity with PyTorch + transformers + PEFT on the reference tiny Llama (tests/fixtures/tiny-llama,
-//! copied from ../shared/reference; see tests/fixtures/README.md): the model loads from its
-//! Hugging Face folder (bf16 -> f32), PEFT's initial adapter loads, and on the saved batch
+//! Parity with PyTorch + transformers + PEFT (+ bitsandbytes) on the reference tiny Llama
+//! (tests/fixtures/tiny-llama, copied from ../shared/reference; see tests/fixtures/README.md), in
+//! three cases: `dev` (f32 base), `dev_qlora` (the seven projections in NF4, block 64, loaded from
+//! bitsandbytes' serialization and run through the NF4 kernels) and `dev_qlora_dq` (the same with
+//! double quantization). The model loads from its Hugging Face folder (bf16 -> f32), PEFT's
+//! initial adapter loads, and on the saved batch
 //! - the logits equal transformers' (saved subset of 810 vocab ids, and the full-vocab
 //!   logsumexp) within 1e-4 at every non-padded position;
 //! - the loss equals PEFT's within 1e-5 relative;
@@ -14,11 +17,16 @@
 
 mod common;
 use common::*;
-use qlora_webgpu::autograd::{ParamId, Tape};
+use qlora_webgpu::autograd::Tape;
 use qlora_webgpu::gpu::{block_on, GpuContext};
 use qlora_webgpu::io::hf::load_hf_dir;
-use qlora_webgpu::lora::peft::{load_adapter, read_host_adapter};
+use qlora_webgpu::io::HostWeight;
+use qlora_webgpu::lora::config::LoraConfig;
+use qlora_webgpu::lora::peft::load_adapter;
 use qlora_webgpu::lora::{param_of, peft_key, HostAdapter};
+use qlora_webgpu::model::config::names;
+use qlora_webgpu::ops::lora::Frozen;
+use qlora_webgpu::quant::bnb::read_bnb_nf4_file;
 use qlora_webgpu::model::llama::{self, ForwardOpts, LlamaConfig, LlamaWeights, LoraSet};
 use qlora_webgpu::ops::adamw::AdamW;
 use qlora_webgpu::ops::cross_entropy;
@@ -62,15 +70,32 @@ struct Case {
     batch: usize,
     seq: usize,
     fref: HashMap<String, (Vec<usize>, Vec<f64>)>,
+    name: String,
 }
 
-fn case() -> Case {
+fn case(name: &str) -> Case {
     let ctx = gpu();
-    let host = load_hf_dir(fixtures().join("model")).unwrap();
+    let mut host = load_hf_dir(fixtures().join("model")).unwrap();
+    if name != "dev" {
+        // QLoRA: the projections come from bitsandbytes' 4-bit serialization and stay NF4.
+        let nf4 = read_bnb_nf4_file(&fixtures().join(name).join("base_nf4_weights.safetensors")).unwrap();
+        assert_eq!(nf4.len(), 7 * host.layers.len());
+        for (wname, t) in nf4 {
+            let (l, m) = (0..host.layers.len())
+                .flat_map(|l| (0..7).map(move |m| (l, m)))
+                .find(|&(l, m)| names::proj(l, m) == wname)
+                .unwrap_or_else(|| panic!("unexpected NF4 weight {wname}"));
+            host.layers[l].proj[m] = HostWeight::Nf4(t);
+        }
+    }
     let cfg = host.config.to_llama();
     let w = host.upload(&ctx).unwrap();
+    if name != "dev" {
+        assert!(w.layers.iter().all(|l| l.proj.iter().all(|p| matches!(p, Frozen::Nf4(_)))), "projections stay NF4 on the device");
+    }
+    // All three cases start from the same PEFT adapter (manifest: adapter_init of dev).
     let (_, lora) = load_adapter(&ctx, &fixtures().join("dev/adapter_init"), &cfg).unwrap();
-    let fref = load_st(&fixtures().join("dev/forward_ref.safetensors"));
+    let fref = load_st(&fixtures().join(name).join("forward_ref.safetensors"));
     let (shape, ids) = &fref["input_ids"];
     let (batch, seq) = (shape[0], shape[1]);
     let ids: Vec<u32> = ids.iter().map(|&v| v as u32).collect();
@@ -82,16 +107,15 @@ fn case() -> Case {
     let inv = rope::inv_freq(cfg.rope_theta, cfg.head_dim, None);
     let pos: Vec<u32> = (0..seq as u32).collect();
     let tables = Rc::new(RopeTables::new(&ctx, &inv, &pos).unwrap());
-    Case { ctx, cfg, w, lora, tables, ids, targets, mask, batch, seq, fref }
+    Case { ctx, cfg, w, lora, tables, ids, targets, mask, batch, seq, fref, name: name.to_string() }
 }
 
 fn rel_norm(got: &[f32], want: &[f64]) -> f64 {
     rel_err(got, want)
 }
 
-#[test]
-fn logits_loss_and_gradients_match_transformers_and_peft() {
-    let c = case();
+fn logits_loss_and_gradients(name: &str) {
+    let c = case(name);
     let ctx = &c.ctx;
     let mut tape = Tape::new(true);
     let logits = llama::forward(&mut tape, ctx, &c.cfg, &c.w, &c.lora, &c.ids, c.batch, &c.tables, ForwardOpts::default()).unwrap();
@@ -113,17 +137,17 @@ fn logits_loss_and_gradients_match_transformers_and_peft() {
         let lse = mx + lrow.iter().map(|&x| (x as f64 - mx).exp()).sum::<f64>().ln();
         worst = worst.max((lse - lse_ref[row]).abs());
     }
-    eprintln!("max |logit - transformers| over real rows: {worst:.3e}");
-    assert!(worst <= 1e-4, "logits differ from transformers by {worst:.3e} (> 1e-4)");
+    eprintln!("{name}: max |logit - transformers| over real rows: {worst:.3e}");
+    assert!(worst <= 1e-4, "{name}: logits differ from transformers by {worst:.3e} (> 1e-4)");
 
     let loss = cross_entropy::cross_entropy(&mut tape, ctx, &logits, &c.targets).unwrap();
     let got = read(ctx, loss.value())[0] as f64;
     let want = c.fref["loss"].1[0];
-    eprintln!("loss {got} vs PEFT {want}");
-    assert!((got - want).abs() <= 1e-5 * want.abs(), "loss {got} vs PEFT {want}");
+    eprintln!("{name}: loss {got} vs PEFT {want}");
+    assert!((got - want).abs() <= 1e-5 * want.abs(), "{name}: loss {got} vs PEFT {want}");
 
     let grads = tape.backward(ctx, &loss).unwrap();
-    let gref = load_st(&fixtures().join("dev/grads_init.safetensors"));
+    let gref = load_st(&fixtures().join(name).join("grads_init.safetensors"));
     assert_eq!(grads.len(), gref.len(), "one gradient per LoRA tensor");
     let mut worst = 0.0f64;
     for (id, g) in &grads {
@@ -131,19 +155,33 @@ fn logits_loss_and_gradients_match_transformers_and_peft() {
         let key = peft_key(l, m, b);
         let e = rel_norm(&read(ctx, g), &gref[&key].1);
         worst = worst.max(e);
-        assert!(e <= 1e-4, "{key}: gradient relative error {e:.3e}");
+        assert!(e <= 1e-4, "{name} {key}: gradient relative error {e:.3e}");
     }
-    eprintln!("worst gradient relative error {worst:.3e}");
+    eprintln!("{name}: worst gradient relative error {worst:.3e}");
 }
 
 #[test]
-fn twenty_adamw_steps_follow_peft() {
-    let c = case();
+fn dev_logits_loss_and_gradients_match_transformers_and_peft() {
+    logits_loss_and_gradients("dev");
+}
+
+#[test]
+fn qlora_logits_loss_and_gradients_match_peft_with_bitsandbytes_nf4() {
+    logits_loss_and_gradients("dev_qlora");
+}
+
+#[test]
+fn qlora_double_quant_logits_loss_and_gradients_match_peft() {
+    logits_loss_and_gradients("dev_qlora_dq");
+}
+
+fn twenty_adamw_steps(name: &str) {
+    let c = case(name);
     let ctx = &c.ctx;
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(fixtures().join("manifest.json")).unwrap()).unwrap();
     let want: Vec<f64> =
-        manifest["cases"]["dev"]["losses_adamw"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        manifest["cases"][name]["losses_adamw"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
     let mut opt = LoraOptimizer::new(AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 });
     let mut worst = 0.0f64;
     for (step, &w) in want.iter().enumerate() {
@@ -152,25 +190,44 @@ fn twenty_adamw_steps_follow_peft() {
         let loss = cross_entropy::cross_entropy(&mut tape, ctx, &logits, &c.targets).unwrap();
         let got = read(ctx, loss.value())[0] as f64;
         worst = worst.max((got - w).abs());
-        assert!((got - w).abs() <= 2e-4, "step {step}: loss {got} vs PEFT {w}");
+        assert!((got - w).abs() <= 2e-4, "{name} step {step}: loss {got} vs PEFT {w}");
         let grads = tape.backward(ctx, &loss).unwrap();
         opt.step(ctx, &c.lora, &grads, 1e-3).unwrap();
     }
-    eprintln!("worst loss difference over 20 steps: {worst:.3e}");
-    let fin: HostAdapter = read_host_adapter(&fixtures().join("dev/adapter_final"), &c.cfg).unwrap();
-    let ours = block_on(HostAdapter::download(ctx, &fin.config, &c.lora)).unwrap();
+    eprintln!("{}: worst loss difference over 20 steps: {worst:.3e}", c.name);
+    let ours = block_on(HostAdapter::download(ctx, &LoraConfig::new(8, 16.0), &c.lora)).unwrap();
+    let fin = if name == "dev" {
+        load_st(&fixtures().join("dev/adapter_final/adapter_model.safetensors"))
+    } else {
+        load_st(&fixtures().join(name).join("adapter_final.safetensors"))
+    };
+    assert_eq!(fin.len(), 2 * 7 * ours.layers.len());
     let mut worst = 0.0f64;
-    for (l, (a, b)) in ours.layers.iter().zip(&fin.layers).enumerate() {
-        for m in 0..7 {
-            let (Some(a), Some(b)) = (&a[m], &b[m]) else { panic!("layer {l} module {m}: adapter missing") };
-            for (x, y, which) in [(&a.a, &b.a, "A"), (&a.b, &b.b, "B")] {
-                let y64: Vec<f64> = y.iter().map(|&v| v as f64).collect();
-                let e = rel_norm(x, &y64);
+    for (l, mods) in ours.layers.iter().enumerate() {
+        for (m, lm) in mods.iter().enumerate() {
+            let lm = lm.as_ref().unwrap_or_else(|| panic!("layer {l} module {m}: adapter missing"));
+            for (x, b) in [(&lm.a, false), (&lm.b, true)] {
+                let key = peft_key(l, m, b);
+                let e = rel_norm(x, &fin[&key].1);
                 worst = worst.max(e);
-                assert!(e <= 1e-3, "layer {l} module {m} lora_{which}: relative error {e:.3e} after 20 steps");
+                assert!(e <= 1e-3, "{name} {key}: relative error {e:.3e} after 20 steps");
             }
         }
     }
-    eprintln!("worst final-adapter relative error {worst:.3e}");
-    let _ = ParamId(0);
+    eprintln!("{name}: worst final-adapter relative error {worst:.3e}");
+}
+
+#[test]
+fn dev_twenty_adamw_steps_follow_peft() {
+    twenty_adamw_steps("dev");
+}
+
+#[test]
+fn qlora_twenty_adamw_steps_follow_peft() {
+    twenty_adamw_steps("dev_qlora");
+}
+
+#[test]
+fn qlora_double_quant_twenty_adamw_steps_follow_peft() {
+    twenty_adamw_steps("dev_qlora_dq");
 }

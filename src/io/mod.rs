@@ -10,6 +10,8 @@ pub mod safetensors;
 
 use crate::gpu::GpuContext;
 use crate::model::config::{names, ModelConfig};
+use crate::ops::lora::Frozen;
+use crate::ops::nf4::Nf4Weight;
 use crate::model::llama::{LayerWeights, LlamaWeights, TARGETS};
 use crate::quant::Nf4Tensor;
 use crate::{Error, Result};
@@ -200,11 +202,22 @@ impl HostModel {
         self.layers.iter().any(|l| l.proj.iter().any(|p| p.as_nf4().is_some()))
     }
 
-    /// Uploads the weights for the decoder: every tensor with `ctx.upload_f32` in its PyTorch
-    /// shape. NF4 projections are dequantized on the host to f32 (bitsandbytes' values) until
-    /// [`LlamaWeights`] can carry NF4 tensors. `Error::Invalid` for a model with projection
-    /// biases (Qwen2, Llama with attention_bias/mlp_bias): `LlamaWeights` has no bias fields yet.
+    /// Uploads the weights for the decoder in their PyTorch shapes. Projections stored as NF4
+    /// (a bitsandbytes checkpoint) stay NF4 on the device. `Error::Invalid` for a model with
+    /// projection biases (Qwen2, Llama with attention_bias/mlp_bias): `LlamaWeights` has no bias
+    /// fields yet.
     pub fn upload(&self, ctx: &GpuContext) -> Result<LlamaWeights> {
+        self.upload_with(ctx, None)
+    }
+
+    /// Uploads for QLoRA: every f32 projection is quantized to NF4 first (`blocksize`, double
+    /// quantization when `double_quant`), bit-exact with bitsandbytes; norms, the embedding and
+    /// the lm_head stay f32 (see docs/nf4.md). Projections already NF4 are kept as they are.
+    pub fn upload_nf4(&self, ctx: &GpuContext, blocksize: usize, double_quant: bool) -> Result<LlamaWeights> {
+        self.upload_with(ctx, Some((blocksize, double_quant)))
+    }
+
+    fn upload_with(&self, ctx: &GpuContext, quantize: Option<(usize, bool)>) -> Result<LlamaWeights> {
         if let Some((i, m)) = self.layers.iter().enumerate().find_map(|(i, l)| {
             l.proj_bias.iter().position(Option::is_some).map(|m| (i, m))
         }) {
@@ -219,9 +232,12 @@ impl HostModel {
         for l in &self.layers {
             let mut proj = Vec::with_capacity(7);
             for p in &l.proj {
-                proj.push(match p {
-                    HostWeight::F32(t) => up(t)?,
-                    HostWeight::Nf4(t) => ctx.upload_f32(&t.dequantize(), &t.shape)?,
+                proj.push(match (p, quantize) {
+                    (HostWeight::F32(t), None) => Frozen::F32(up(t)?),
+                    (HostWeight::F32(t), Some((bs, dq))) => {
+                        Frozen::Nf4(Nf4Weight::upload(ctx, &crate::quant::nf4::quantize_nf4(&t.data, &t.shape, bs, dq)?)?)
+                    }
+                    (HostWeight::Nf4(t), _) => Frozen::Nf4(Nf4Weight::upload(ctx, t)?),
                 });
             }
             layers.push(LayerWeights {

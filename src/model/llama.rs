@@ -5,7 +5,7 @@
 
 use crate::autograd::{self, BlockFn, Param, Tape, Var};
 use crate::gpu::{GpuContext, Tensor};
-use crate::ops::lora::{self, LoraRun};
+use crate::ops::lora::{self, Frozen, LoraRun};
 use crate::ops::rope::{self, RopeTables};
 use crate::ops::{attention, embedding, matmul, rmsnorm, swiglu};
 use crate::{Error, Result};
@@ -53,8 +53,8 @@ impl LlamaConfig {
 pub struct LayerWeights {
     /// input_layernorm.weight (C).
     pub attn_norm: Tensor,
-    /// q, k, v, o, gate, up, down projection weights, in TARGETS order.
-    pub proj: [Tensor; 7],
+    /// q, k, v, o, gate, up, down projection weights (f32 or NF4), in TARGETS order.
+    pub proj: [Frozen; 7],
     /// post_attention_layernorm.weight (C).
     pub mlp_norm: Tensor,
 }
@@ -70,6 +70,16 @@ pub struct LlamaWeights {
     pub final_norm: Tensor,
     /// lm_head.weight (V, C); None when tied to the embedding.
     pub lm_head: Option<Tensor>,
+}
+
+impl LlamaWeights {
+    /// Bytes the base model takes on the device: (projections, everything else).
+    pub fn device_bytes(&self) -> (usize, usize) {
+        let proj = self.layers.iter().flat_map(|l| l.proj.iter()).map(Frozen::bytes).sum();
+        let norms: usize = self.layers.iter().map(|l| l.attn_norm.byte_len() + l.mlp_norm.byte_len()).sum();
+        let other = self.embed.byte_len() + norms + self.final_norm.byte_len() + self.lm_head.as_ref().map_or(0, Tensor::byte_len);
+        (proj, other)
+    }
 }
 
 /// One adapter: A (r, in), B (out, r), and how it runs (scale, dropout, seed).
@@ -138,10 +148,7 @@ impl Layer {
                 let dropout = if self.inference { 0.0 } else { l.run.dropout };
                 lora::lora_linear(tape, ctx, x, &self.w.proj[m], &a, &b, &LoraRun { seed, dropout, ..l.run })
             }
-            None => {
-                let w = tape.constant(self.w.proj[m].clone());
-                matmul::linear(tape, ctx, x, &w)
-            }
+            None => lora::frozen_linear(tape, ctx, x, &self.w.proj[m]),
         }
     }
 

@@ -6,6 +6,7 @@
 pub mod checkpoint;
 pub mod optim;
 pub mod schedule;
+pub mod trainer;
 
 pub use checkpoint::{Checkpoint, DataPosition, TrainState};
 pub use optim::{check_loss, clip_grad_norm, global_grad_norm, Accumulator, LoraOptimizer};

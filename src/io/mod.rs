@@ -6,6 +6,7 @@
 
 pub mod gguf;
 pub mod hf;
+pub mod quantized;
 pub mod safetensors;
 
 use crate::gpu::GpuContext;

@@ -86,12 +86,22 @@ fn cols_b(i: vec4<u32>) -> mat4x4<f32> {
 // As cols_a / cols_b, with column q zero where live[q] is false (rows past K in TN).
 fn cols_a_live(i: vec4<u32>, live: vec4<bool>) -> mat4x4<f32> {
     let z = vec4(0.0);
-    return mat4x4(select(z, a4[i.x], live.x), select(z, a4[i.y], live.y), select(z, a4[i.z], live.z), select(z, a4[i.w], live.w));
+    return mat4x4(
+        select(z, a4[i.x], live.x),
+        select(z, a4[i.y], live.y),
+        select(z, a4[i.z], live.z),
+        select(z, a4[i.w], live.w),
+    );
 }
 
 fn cols_b_live(i: vec4<u32>, live: vec4<bool>) -> mat4x4<f32> {
     let z = vec4(0.0);
-    return mat4x4(select(z, b4[i.x], live.x), select(z, b4[i.y], live.y), select(z, b4[i.z], live.z), select(z, b4[i.w], live.w));
+    return mat4x4(
+        select(z, b4[i.x], live.x),
+        select(z, b4[i.y], live.y),
+        select(z, b4[i.z], live.z),
+        select(z, b4[i.w], live.w),
+    );
 }
 
 // c + x * w, each product accumulated straight into c in k order (one fma per multiply-add):

@@ -115,6 +115,10 @@ fn main() {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     println!("GPU time: Instant around dispatch + block_on(ctx.sync()), nothing subtracted; median after one warm-up.");
+    // The machine may be shared: the load average says how much of it this run had.
+    if let Some(l) = load_average() {
+        println!("load average before: {l}");
+    }
     println!(
         "matmul kernels: vec4 {}x{} register block, {}x{} workgroup; plain strided kernel where vec4 does not apply",
         matmul::BM,
@@ -167,4 +171,13 @@ fn main() {
             100.0 * gg / cg
         );
     }
+    if let Some(l) = load_average() {
+        println!("load average after: {l}");
+    }
+}
+
+/// The 1, 5 and 15 minute load averages (Linux), when readable.
+fn load_average() -> Option<String> {
+    let s = std::fs::read_to_string("/proc/loadavg").ok()?;
+    Some(s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
 }

@@ -68,18 +68,39 @@ fn random(n: usize, seed: u64) -> Vec<f32> {
 }
 
 /// Median of `f`'s durations: one warm-up, then at least `min_reps` runs and more (up to 9)
-/// while the total stays under `budget`.
-fn median_time(mut f: impl FnMut(), min_reps: usize, budget: Duration) -> f64 {
+/// while the total stays under `budget`. Also returns the process CPU seconds per run (all
+/// threads, the driver's included) when /proc/self/stat is readable.
+fn median_time(mut f: impl FnMut(), min_reps: usize, budget: Duration) -> (f64, Option<f64>) {
     f();
     let mut times = Vec::new();
     let start = Instant::now();
+    let cpu0 = process_cpu_seconds();
     while times.len() < min_reps || (times.len() < 9 && start.elapsed() < budget) {
         let t0 = Instant::now();
         f();
         times.push(t0.elapsed().as_secs_f64());
     }
+    let cpu = match (cpu0, process_cpu_seconds()) {
+        (Some(a), Some(b)) => Some((b - a) / times.len() as f64),
+        _ => None,
+    };
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    times[times.len() / 2]
+    (times[times.len() / 2], cpu)
+}
+
+/// User + system CPU time of this process, all threads (Linux; 10 ms resolution).
+fn process_cpu_seconds() -> Option<f64> {
+    let st = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let fields: Vec<&str> = st.get(st.rfind(')')? + 2..)?.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+fn per_cpu_second(flops: f64, cpu: Option<f64>) -> String {
+    match cpu {
+        Some(c) if c > 0.0 => format!("{:.1}", flops / c / 1e9),
+        _ => "-".into(),
+    }
 }
 
 fn cpu_sgemm(trans: Trans, m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
@@ -116,6 +137,14 @@ fn main() {
     );
     println!("GPU time: Instant around dispatch + block_on(ctx.sync()), nothing subtracted; median after one warm-up.");
     println!(
+        "GF/cpu-s: GFLOP per CPU-second of this process (all threads, 10 ms ticks): what the work costs, \
+         independent of how much of a shared machine the run got"
+    );
+    // The machine may be shared: the load average says how much of it this run had.
+    if let Some(l) = load_average() {
+        println!("load average before: {l}");
+    }
+    println!(
         "matmul kernels: vec4 {}x{} register block, {}x{} workgroup; plain strided kernel where vec4 does not apply",
         matmul::BM,
         matmul::BN,
@@ -124,8 +153,8 @@ fn main() {
     );
     println!();
     println!(
-        "{:<22} {:>7} {:>16} {:>10} {:>11} {:>11} {:>9}",
-        "shape", "variant", "M x N x K", "GPU ms", "GPU GFLOP/s", "CPU GFLOP/s", "GPU/CPU"
+        "{:<22} {:>7} {:>16} {:>10} {:>11} {:>11} {:>9} {:>13} {:>13}",
+        "shape", "variant", "M x N x K", "GPU ms", "GPU GFLOP/s", "CPU GFLOP/s", "GPU/CPU", "GPU GF/cpu-s", "CPU GF/cpu-s"
     );
     let (min_reps, budget) = if quick { (2, Duration::from_millis(500)) } else { (3, Duration::from_secs(2)) };
     for (i, c) in cases(quick).into_iter().enumerate() {
@@ -140,7 +169,7 @@ fn main() {
         let b = random(c.n * c.k, 2 * i as u64 + 2);
         let (at, bt): (Tensor, Tensor) = (ctx.upload_f32(&a, &sa).unwrap(), ctx.upload_f32(&b, &sb).unwrap());
         let out = ctx.empty(&[c.m, c.n], DType::F32).unwrap();
-        let gpu = median_time(
+        let (gpu, gpu_cpu) = median_time(
             || {
                 matmul::matmul_into(&ctx, &at, &bt, c.trans, 1.0, 0.0, &out).unwrap();
                 block_on(ctx.sync()).unwrap();
@@ -149,7 +178,7 @@ fn main() {
             budget,
         );
         let mut cbuf = vec![0f32; c.m * c.n];
-        let cpu = median_time(|| cpu_sgemm(c.trans, c.m, c.n, c.k, &a, &b, &mut cbuf), min_reps.max(3), budget);
+        let (cpu, cpu_cpu) = median_time(|| cpu_sgemm(c.trans, c.m, c.n, c.k, &a, &b, &mut cbuf), min_reps.max(3), budget);
         // A spot check that both computed the same product (a wrong kernel must not look fast).
         let got = block_on(ctx.read_f32(&out)).unwrap();
         let worst = got.iter().zip(&cbuf).map(|(g, w)| (g - w).abs() / (1.0 + w.abs())).fold(0f32, f32::max);
@@ -157,14 +186,25 @@ fn main() {
         let fl = matmul::flops(c.m, c.n, c.k);
         let (gg, cg) = (fl / gpu / 1e9, fl / cpu / 1e9);
         println!(
-            "{:<22} {:>7} {:>16} {:>10.2} {:>11.2} {:>11.1} {:>8.1}%",
+            "{:<22} {:>7} {:>16} {:>10.2} {:>11.2} {:>11.1} {:>8.1}% {:>13} {:>13}",
             c.label,
             variant,
             format!("{}x{}x{}", c.m, c.n, c.k),
             gpu * 1e3,
             gg,
             cg,
-            100.0 * gg / cg
+            100.0 * gg / cg,
+            per_cpu_second(fl, gpu_cpu),
+            per_cpu_second(fl, cpu_cpu)
         );
     }
+    if let Some(l) = load_average() {
+        println!("load average after: {l}");
+    }
+}
+
+/// The 1, 5 and 15 minute load averages (Linux), when readable.
+fn load_average() -> Option<String> {
+    let s = std::fs::read_to_string("/proc/loadavg").ok()?;
+    Some(s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
 }

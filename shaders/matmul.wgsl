@@ -20,8 +20,12 @@
 // Why this shape: on lavapipe (Mesa's CPU Vulkan driver) every storage load becomes a loop over
 // the SIMD lanes with a bounds check per component, so throughput follows the loaded components
 // per multiply-add: a 16 x 16 block does 8 multiply-adds per loaded float (8 x 8: 4), and a vec4
-// load shares the per-lane loop over four components. Staging an operand in workgroup memory
-// only moves the same per-lane loads there (and adds barriers): it was slower on lavapipe.
+// load shares the per-lane loop over four components. Measured there (NT 1024^3, GFLOP per CPU
+// second, one driver thread): plain kernel 0.4, 4 x 4 block 4.7, 8 x 8 8, 16 x 8 9.5, 16 x 16
+// 10.5-11, 16 x 32 and 32 x 16 the same within noise at 2-4x the pipeline compile time (16 x 16
+// compiles in about 5 CPU seconds per entry point, once: Mesa caches it on disk); workgroup side 4:
+// 7, 16: 10; staging A in workgroup memory: 7 (it moves the same per-lane loads there and adds
+// barriers). The loads are still about 70% of the time.
 //
 // matmul_strided: the plain kernel, one invocation per element of C, any shape and any
 // transposes through element strides; dispatch (ceil(N / WG), ceil(M / WG), batch). Used when the
@@ -86,12 +90,22 @@ fn cols_b(i: vec4<u32>) -> mat4x4<f32> {
 // As cols_a / cols_b, with column q zero where live[q] is false (rows past K in TN).
 fn cols_a_live(i: vec4<u32>, live: vec4<bool>) -> mat4x4<f32> {
     let z = vec4(0.0);
-    return mat4x4(select(z, a4[i.x], live.x), select(z, a4[i.y], live.y), select(z, a4[i.z], live.z), select(z, a4[i.w], live.w));
+    return mat4x4(
+        select(z, a4[i.x], live.x),
+        select(z, a4[i.y], live.y),
+        select(z, a4[i.z], live.z),
+        select(z, a4[i.w], live.w),
+    );
 }
 
 fn cols_b_live(i: vec4<u32>, live: vec4<bool>) -> mat4x4<f32> {
     let z = vec4(0.0);
-    return mat4x4(select(z, b4[i.x], live.x), select(z, b4[i.y], live.y), select(z, b4[i.z], live.z), select(z, b4[i.w], live.w));
+    return mat4x4(
+        select(z, b4[i.x], live.x),
+        select(z, b4[i.y], live.y),
+        select(z, b4[i.z], live.z),
+        select(z, b4[i.w], live.w),
+    );
 }
 
 // c + x * w, each product accumulated straight into c in k order (one fma per multiply-add):

@@ -133,7 +133,7 @@ fn vec4_kernels_equal_the_plain_kernel() {
 
 /// Runs a batched product (batch `nb`, `a_batched`/`b_batched`: whether that operand has the
 /// batch dimension) on both kernels and checks each batch against the reference.
-fn check_batched(ctx: &GpuContext, rng: &mut Rng, trans: Trans, nb: usize, m: usize, n: usize, k: usize, a_batched: bool, b_batched: bool) {
+fn check_batched(ctx: &GpuContext, rng: &mut Rng, trans: Trans, nb: usize, (m, n, k): (usize, usize, usize), a_batched: bool, b_batched: bool) {
     let (sa, sb) = shapes(trans, m, n, k);
     let s = (k as f64).powf(-0.25);
     let a = rng.vec(if a_batched { nb } else { 1 } * m * k, s);
@@ -162,7 +162,7 @@ fn batched_with_and_without_broadcast() {
     for trans in ALL {
         for &(m, n, k) in &[(20, 12, 16), (68, 72, 36), (5, 7, 9)] {
             for (ab, bb) in [(true, true), (false, true), (true, false)] {
-                check_batched(&ctx, &mut rng, trans, 3, m, n, k, ab, bb);
+                check_batched(&ctx, &mut rng, trans, 3, (m, n, k), ab, bb);
             }
         }
     }
@@ -289,7 +289,8 @@ fn mismatched_shapes_are_errors() {
     let (a, b) = (z(&[4, 5]), z(&[6, 5]));
     assert!(is_shape_err(matmul::matmul_into(&ctx, &a, &b, Trans::NT, 1.0, 0.0, &z(&[6, 4]))), "out shape");
     assert!(is_shape_err(matmul::matmul_into(&ctx, &a, &b, Trans::NT, 1.0, 0.0, &z(&[2, 4, 6]))), "out rank");
-    assert!(matches!(matmul::matmul_into(&ctx, &a, &b, Trans::NT, 1.0, 0.5, &z(&[4, 6])), Err(Error::Invalid(_))), "beta 0.5");
+    let half_beta = matmul::matmul_into(&ctx, &a, &b, Trans::NT, 1.0, 0.5, &z(&[4, 6]));
+    assert!(matches!(half_beta, Err(Error::Invalid(_))), "beta 0.5");
     assert!(matmul::matmul_into(&ctx, &a, &b, Trans::NT, 1.0, 0.0, &a).is_err(), "out aliasing a");
     assert!(is_shape_err(matmul::x_wt(&ctx, &z(&[2, 3, 5]), &z(&[6, 4]))), "x_wt");
     assert!(is_shape_err(matmul::x_wt(&ctx, &z(&[2, 3, 5]), &z(&[2, 6, 5]))), "x_wt rank-3 w");
@@ -306,4 +307,20 @@ fn empty_inner_dimension_gives_zeros_or_keeps_out() {
     let out = ctx.upload_f32(&[2.0; 12], &[3, 4]).unwrap();
     matmul::matmul_into(&ctx, &a, &b, Trans::NT, 1.0, 1.0, &out).unwrap();
     assert_eq!(read(&ctx, &out), vec![2.0; 12]);
+}
+
+#[test]
+fn block_constants_match_rust() {
+    // The launch geometry in src/ops/matmul.rs mirrors WG, BM and BN of shaders/matmul.wgsl.
+    let (file, src) = qlora_webgpu::gpu::shaders::MATMUL;
+    let m = naga::front::wgsl::parse_str(src).unwrap_or_else(|e| panic!("{}", e.emit_to_string_with_path(src, file)));
+    let get = |name: &str| {
+        m.constants.iter().find_map(|(_, c)| match (c.name.as_deref(), &m.global_expressions[c.init]) {
+            (Some(n), naga::Expression::Literal(naga::Literal::U32(v))) if n == name => Some(*v),
+            _ => None,
+        })
+    };
+    assert_eq!(get("WG"), Some(matmul::WG));
+    assert_eq!(get("BM"), Some(matmul::BM));
+    assert_eq!(get("BN"), Some(matmul::BN));
 }

@@ -121,9 +121,9 @@ fn dims(a: &[usize], b: &[usize], trans: Trans) -> Result<(Dims, Vec<usize>)> {
 /// loads run along are multiples of 4 (NT: K; NN: K and N; TN: M and N).
 pub fn vec4_applies(trans: Trans, m: usize, n: usize, k: usize) -> bool {
     match trans {
-        Trans::NT => k % 4 == 0,
-        Trans::NN => k % 4 == 0 && n % 4 == 0,
-        Trans::TN => m % 4 == 0 && n % 4 == 0,
+        Trans::NT => k.is_multiple_of(4),
+        Trans::NN => k.is_multiple_of(4) && n.is_multiple_of(4),
+        Trans::TN => m.is_multiple_of(4) && n.is_multiple_of(4),
     }
 }
 
@@ -131,6 +131,7 @@ fn to_u32(what: &str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| Error::Limit { op: "matmul", msg: format!("{what} = {v} exceeds u32 indexing") })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn launch(
     ctx: &GpuContext,
     a: &Tensor,
@@ -145,7 +146,12 @@ fn launch(
     if out.shape() != out_shape.as_slice() {
         return Err(Error::shape(
             "matmul",
-            format!("{trans:?}: out has shape {:?}, the product of a {:?} and b {:?} is {out_shape:?}", out.shape(), a.shape(), b.shape()),
+            format!(
+                "{trans:?}: out has shape {:?}, the product of a {:?} and b {:?} is {out_shape:?}",
+                out.shape(),
+                a.shape(),
+                b.shape()
+            ),
         ));
     }
     if beta != 0.0 && beta != 1.0 {
@@ -219,13 +225,29 @@ fn launch(
 /// out = alpha * op(a, b) + beta * out, op by `trans` (see [`Trans`]); a and b have rank 2 or 3
 /// (batch first; a rank-2 operand broadcasts over the other's batch); out (…, M, N) has the
 /// product's shape; beta is 0 (out is overwritten, never read) or 1 (accumulate).
-pub fn matmul_into(ctx: &GpuContext, a: &Tensor, b: &Tensor, trans: Trans, alpha: f32, beta: f32, out: &Tensor) -> Result<()> {
+pub fn matmul_into(
+    ctx: &GpuContext,
+    a: &Tensor,
+    b: &Tensor,
+    trans: Trans,
+    alpha: f32,
+    beta: f32,
+    out: &Tensor,
+) -> Result<()> {
     launch(ctx, a, b, trans, alpha, beta, out, false)
 }
 
 /// As [`matmul_into`], always with the plain strided kernel (one invocation per element): the
 /// oracle the tests hold the fast vec4 kernels against.
-pub fn matmul_plain_into(ctx: &GpuContext, a: &Tensor, b: &Tensor, trans: Trans, alpha: f32, beta: f32, out: &Tensor) -> Result<()> {
+pub fn matmul_plain_into(
+    ctx: &GpuContext,
+    a: &Tensor,
+    b: &Tensor,
+    trans: Trans,
+    alpha: f32,
+    beta: f32,
+    out: &Tensor,
+) -> Result<()> {
     launch(ctx, a, b, trans, alpha, beta, out, true)
 }
 

@@ -4,6 +4,7 @@
 //! tape), `ops` (each op: WGSL launches, tape rule, f64 CPU reference), `quant` (NF4).
 
 pub mod autograd;
+pub mod data;
 pub mod error;
 pub mod gpu;
 pub mod model;

@@ -6,6 +6,7 @@
 pub mod autograd;
 pub mod data;
 pub mod error;
+pub mod generate;
 pub mod gpu;
 pub mod model;
 pub mod ops;

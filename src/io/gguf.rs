@@ -762,6 +762,25 @@ pub struct GgufTokenizer {
     pub chat_template: Option<String>,
 }
 
+impl GgufTokenizer {
+    /// The tokenizer these fields describe (byte-level BPE rebuilt as the equivalent
+    /// tokenizer.json, see `data::tokenizer`).
+    pub fn build(&self) -> Result<crate::data::tokenizer::Tokenizer> {
+        crate::data::tokenizer::Tokenizer::from_gguf(&crate::data::tokenizer::GgufTokenizerSpec {
+            model: self.model.clone(),
+            pre: self.pre.clone(),
+            tokens: self.tokens.clone(),
+            token_types: self.token_types.clone(),
+            merges: self.merges.clone(),
+            bos: self.bos,
+            eos: self.eos,
+            unk: self.unk,
+            pad: self.pad,
+            add_bos: self.add_bos.unwrap_or(false),
+        })
+    }
+}
+
 impl GgufModel {
     /// The metadata value of `key`.
     pub fn get(&self, key: &str) -> Option<&GgufValue> {

@@ -115,7 +115,8 @@ impl Sampler {
         Ok(Self { temperature: cfg.temperature, top_k: cfg.top_k, top_p: cfg.top_p, rng: Pcg32::new(cfg.seed) })
     }
 
-    /// The next id for `logits` [V]. NaN logits or an empty vector are errors.
+    /// The next id for `logits` [V]. NaN logits or an empty vector are errors, and so is an
+    /// infinite largest logit when sampling (T > 0).
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
         if self.temperature == 0.0 {
             return argmax(logits);
@@ -149,6 +150,9 @@ impl Sampler {
         }
         let t = self.temperature as f64;
         let max = logits[order[0] as usize] as f64;
+        if !max.is_finite() {
+            return Err(Error::Invalid(format!("sampling: the largest logit is {max}")));
+        }
         let w: Vec<f64> = order.iter().map(|&i| ((logits[i as usize] as f64 - max) / t).exp()).collect();
         let z: f64 = w.iter().sum();
         let mut kept = order.len();

@@ -164,6 +164,11 @@ fn config_is_validated() {
     assert!(Sampler::new(&cfg(f32::NAN, 0, 1.0, 0)).is_err());
     assert!(Sampler::new(&cfg(1.0, 0, 0.0, 0)).is_err());
     assert!(Sampler::new(&cfg(1.0, 0, 1.5, 0)).is_err());
+    let mut s = Sampler::new(&cfg(1.0, 0, 1.0, 0)).unwrap();
+    assert!(s.sample(&[f32::NEG_INFINITY; 3]).is_err());
+    assert!(s.sample(&[0.0, f32::INFINITY]).is_err());
+    assert!(s.sample(&[0.0, f32::NAN]).is_err());
+    assert_eq!(s.sample(&[f32::NEG_INFINITY, 0.0, f32::NEG_INFINITY]).unwrap(), 1);
     let mut c = cfg(0.0, 0, 1.0, 0);
     c.stop_strings = vec![String::new()];
     assert!(Sampler::new(&c).is_err());

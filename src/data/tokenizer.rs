@@ -218,7 +218,7 @@ impl Tokenizer {
         }
 
         let special_id = |i: usize| {
-            [spec.bos, spec.eos, spec.unk, spec.pad].iter().any(|&s| s == Some(i as u32))
+            [spec.bos, spec.eos, spec.unk, spec.pad].contains(&Some(i as u32))
         };
         let mut added = Vec::new();
         for (i, t) in spec.tokens.iter().enumerate() {

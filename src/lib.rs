@@ -8,8 +8,11 @@ pub mod data;
 pub mod error;
 pub mod generate;
 pub mod gpu;
+pub mod io;
+pub mod lora;
 pub mod model;
 pub mod ops;
 pub mod quant;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -9,7 +9,7 @@ use qlora_webgpu::autograd::{Param, ParamId, Tape};
 use qlora_webgpu::gpu::{GpuContext, Tensor};
 use qlora_webgpu::model::llama::{self, ForwardOpts, LayerWeights, LlamaConfig, LlamaWeights, LoraModule, LoraSet};
 use qlora_webgpu::ops::cross_entropy;
-use qlora_webgpu::ops::lora::LoraRun;
+use qlora_webgpu::ops::lora::{Frozen, LoraRun};
 use qlora_webgpu::ops::rope::{self, RopeTables};
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -212,7 +212,7 @@ fn setup(dropout: f32) -> Setup {
                 attn_norm: up2(n1, &[c.hidden]),
                 proj: std::array::from_fn(|m| {
                     let (o, i) = c.proj_shape(m);
-                    up2(&p[m], &[o, i])
+                    Frozen::F32(up2(&p[m], &[o, i]))
                 }),
                 mlp_norm: up2(n2, &[c.hidden]),
             })
@@ -311,4 +311,26 @@ fn checkpointing_gives_the_same_gradients() {
             assert_eq!(v0, &g1[k], "dropout {dropout}: gradient of {k:?} differs with checkpointing");
         }
     }
+}
+
+#[test]
+fn kv_cache_inference_equals_the_full_forward() {
+    let su = setup(0.1);
+    let ctx = &su.ctx;
+    let t = su.ids.len() / su.batch;
+    let seq = &su.ids[..t];
+    let mut tape = Tape::new(false);
+    let full = llama::forward(&mut tape, ctx, &su.c, &su.w, &su.lora, seq, 1, &su.tables, ForwardOpts::default()).unwrap();
+    let full = read(ctx, full.value());
+    // prompt of 2 tokens, then one token at a time
+    let mut cache = llama::KvCache::new(ctx, &su.c, t).unwrap();
+    let mut got = read(ctx, &llama::forward_cached(ctx, &su.c, &su.w, &su.lora, &seq[..2], &mut cache, &su.tables).unwrap());
+    for i in 2..t {
+        got.extend(read(ctx, &llama::forward_cached(ctx, &su.c, &su.w, &su.lora, &seq[i..i + 1], &mut cache, &su.tables).unwrap()));
+    }
+    assert_eq!(cache.len(), t);
+    let want: Vec<f64> = full.iter().map(|&v| v as f64).collect();
+    assert_close("cached logits vs full forward", &got, &want, 1e-5, 1e-5);
+    let err = llama::forward_cached(ctx, &su.c, &su.w, &su.lora, &seq[..1], &mut cache, &su.tables).err().unwrap();
+    assert!(err.to_string().contains("do not fit the cache"), "{err}");
 }

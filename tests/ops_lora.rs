@@ -5,7 +5,7 @@
 mod common;
 use common::*;
 use qlora_webgpu::autograd::{Param, ParamId, Tape};
-use qlora_webgpu::ops::lora::{self, LoraRun};
+use qlora_webgpu::ops::lora::{self, Frozen, LoraRun};
 
 struct Case {
     rows: usize,
@@ -58,7 +58,7 @@ fn gpu_matches_reference_on_odd_shapes() {
         let pa = Param { id: ParamId(1), value: up(&ctx, &a, &[c.r, c.k]) };
         let pb = Param { id: ParamId(2), value: up(&ctx, &b, &[c.n, c.r]) };
         let (av, bv) = (tape.param(&pa), tape.param(&pb));
-        let w0t = up(&ctx, &w0, &[c.n, c.k]);
+        let w0t = Frozen::F32(up(&ctx, &w0, &[c.n, c.k]));
         let y = lora::lora_linear(&mut tape, &ctx, &xv, &w0t, &av, &bv, &run).unwrap();
         let what = format!("case {i} ({}x{}->{} r{} p{})", c.rows, c.k, c.n, c.r, c.p);
         assert_close(&format!("{what} y"), &read(&ctx, y.value()), &want, 1e-4, 1e-4);

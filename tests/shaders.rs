@@ -50,6 +50,8 @@ fn workgroup_size_constants_match_rust() {
         (shaders::ADAMW, ops::adamw::WG),
         (shaders::ROPE, ops::rope::WG),
         (shaders::ATTENTION, ops::attention::WG),
+        (shaders::MATMUL, ops::matmul::WG),
+        (shaders::NF4, ops::nf4::WG),
     ];
     for ((file, src), rust) in pairs {
         assert_eq!(wg_const(file, src), Some(*rust), "shaders/{file}: WG differs from the Rust constant");

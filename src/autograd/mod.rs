@@ -59,6 +59,7 @@ impl Var {
 pub(crate) enum Op {
     Matmul(matmul::Saved),
     LoraLinear(lora::Saved),
+    Nf4Linear(crate::ops::nf4::Saved),
     RmsNorm(rmsnorm::Saved),
     Rope(rope::Saved),
     Attention(attention::Saved),
@@ -91,6 +92,7 @@ impl Op {
         match self {
             Op::Matmul(s) => s.backward(ctx, g, needs),
             Op::LoraLinear(s) => s.backward(ctx, g, needs),
+            Op::Nf4Linear(s) => s.backward(ctx, g, needs),
             Op::RmsNorm(s) => s.backward(ctx, g, needs),
             Op::Rope(s) => s.backward(ctx, g, needs),
             Op::Attention(s) => s.backward(ctx, g, needs),

@@ -304,6 +304,24 @@ impl GpuContext {
         Ok(())
     }
 
+    /// Copies `elems` elements from `src` at element `src_at` into `dst` at element `dst_at`
+    /// (a KV-cache append). Offsets and sizes must keep 4-byte alignment (all dtypes are 4 bytes).
+    pub fn copy_region(&self, src: &Tensor, src_at: usize, dst: &Tensor, dst_at: usize, elems: usize) -> Result<()> {
+        if src_at + elems > src.numel() || dst_at + elems > dst.numel() {
+            return Err(Error::shape(
+                "copy_region",
+                format!("{elems} elements from {src_at} of {:?} to {dst_at} of {:?}", src.shape(), dst.shape()),
+            ));
+        }
+        let sz = src.dtype().size() as u64;
+        if elems > 0 {
+            self.with_encoder(|enc| {
+                enc.copy_buffer_to_buffer(src.buffer(), src_at as u64 * sz, dst.buffer(), dst_at as u64 * sz, elems as u64 * sz)
+            });
+        }
+        Ok(())
+    }
+
     /// A new tensor holding a copy of `src`.
     pub fn duplicate(&self, src: &Tensor) -> Result<Tensor> {
         let t = self.empty(src.shape(), src.dtype())?;

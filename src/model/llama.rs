@@ -5,7 +5,7 @@
 
 use crate::autograd::{self, BlockFn, Param, Tape, Var};
 use crate::gpu::{GpuContext, Tensor};
-use crate::ops::lora::{self, LoraRun};
+use crate::ops::lora::{self, Frozen, LoraRun};
 use crate::ops::rope::{self, RopeTables};
 use crate::ops::{attention, embedding, matmul, rmsnorm, swiglu};
 use crate::{Error, Result};
@@ -53,8 +53,8 @@ impl LlamaConfig {
 pub struct LayerWeights {
     /// input_layernorm.weight (C).
     pub attn_norm: Tensor,
-    /// q, k, v, o, gate, up, down projection weights, in TARGETS order.
-    pub proj: [Tensor; 7],
+    /// q, k, v, o, gate, up, down projection weights (f32 or NF4), in TARGETS order.
+    pub proj: [Frozen; 7],
     /// post_attention_layernorm.weight (C).
     pub mlp_norm: Tensor,
 }
@@ -70,6 +70,16 @@ pub struct LlamaWeights {
     pub final_norm: Tensor,
     /// lm_head.weight (V, C); None when tied to the embedding.
     pub lm_head: Option<Tensor>,
+}
+
+impl LlamaWeights {
+    /// Bytes the base model takes on the device: (projections, everything else).
+    pub fn device_bytes(&self) -> (usize, usize) {
+        let proj = self.layers.iter().flat_map(|l| l.proj.iter()).map(Frozen::bytes).sum();
+        let norms: usize = self.layers.iter().map(|l| l.attn_norm.byte_len() + l.mlp_norm.byte_len()).sum();
+        let other = self.embed.byte_len() + norms + self.final_norm.byte_len() + self.lm_head.as_ref().map_or(0, Tensor::byte_len);
+        (proj, other)
+    }
 }
 
 /// One adapter: A (r, in), B (out, r), and how it runs (scale, dropout, seed).
@@ -115,6 +125,8 @@ pub struct ForwardOpts {
 
 struct Layer {
     ctx: Rc<GpuContext>,
+    /// Inference: LoRA dropout off.
+    inference: bool,
     cfg: LlamaConfig,
     w: LayerWeights,
     lora: [Option<LoraModule>; 7],
@@ -133,12 +145,10 @@ impl Layer {
                 let a = tape.param(&l.a);
                 let b = tape.param(&l.b);
                 let seed = lora::hash32(self.seed ^ lora::hash32((self.index * 7 + m) as u32 ^ l.run.seed));
-                lora::lora_linear(tape, ctx, x, &self.w.proj[m], &a, &b, &LoraRun { seed, ..l.run })
+                let dropout = if self.inference { 0.0 } else { l.run.dropout };
+                lora::lora_linear(tape, ctx, x, &self.w.proj[m], &a, &b, &LoraRun { seed, dropout, ..l.run })
             }
-            None => {
-                let w = tape.constant(self.w.proj[m].clone());
-                matmul::linear(tape, ctx, x, &w)
-            }
+            None => lora::frozen_linear(tape, ctx, x, &self.w.proj[m]),
         }
     }
 
@@ -155,7 +165,35 @@ impl Layer {
         let q = rope::rope(tape, ctx, &q, &self.rope)?;
         let k = rope::rope(tape, ctx, &k, &self.rope)?;
         let a = attention::attention(tape, ctx, &q, &k, &v)?.reshape(&[b * t, c.heads * hs]);
-        let o = self.linear(tape, &a, 3)?;
+        self.finish(tape, x, &a)
+    }
+
+    /// The same layer for new tokens at positions pos0.. of one sequence, appending their keys
+    /// and values to the cache (B = 1; no tape recording).
+    fn forward_cached(&self, tape: &mut Tape, x: &Var, kc: &Tensor, vc: &Tensor, pos0: usize) -> Result<Var> {
+        let ctx = &*self.ctx;
+        let c = &self.cfg;
+        let (t, hs) = (self.seq, c.head_dim);
+        let n1 = tape.constant(self.w.attn_norm.clone());
+        let h = rmsnorm::rmsnorm(tape, ctx, x, &n1, c.rms_eps)?;
+        let q = self.linear(tape, &h, 0)?.value().reshape(&[1, t, c.heads, hs]);
+        let k = self.linear(tape, &h, 1)?.value().reshape(&[1, t, c.kv_heads, hs]);
+        let v = self.linear(tape, &h, 2)?;
+        let q = rope::forward_rows(ctx, &q, &self.rope, pos0)?;
+        let k = rope::forward_rows(ctx, &k, &self.rope, pos0)?;
+        let row = c.kv_heads * hs;
+        ctx.copy_region(&k, 0, kc, pos0 * row, t * row)?;
+        ctx.copy_region(v.value(), 0, vc, pos0 * row, t * row)?;
+        let a = attention::forward_cached(ctx, &q, kc, vc, pos0)?.reshape(&[t, c.heads * hs]);
+        let a = tape.constant(a);
+        self.finish(tape, x, &a)
+    }
+
+    /// o_proj, residual, and the MLP block: x (rows, C), a = attention output (rows, NH*HS).
+    fn finish(&self, tape: &mut Tape, x: &Var, a: &Var) -> Result<Var> {
+        let ctx = &*self.ctx;
+        let c = &self.cfg;
+        let o = self.linear(tape, a, 3)?;
         let x1 = autograd::add(tape, ctx, x, &o)?;
         let n2 = tape.constant(self.w.mlp_norm.clone());
         let h2 = rmsnorm::rmsnorm(tape, ctx, &x1, &n2, c.rms_eps)?;
@@ -189,6 +227,7 @@ pub fn forward(
     for (i, lw) in w.layers.iter().enumerate() {
         let layer = Layer {
             ctx: ctx.clone(),
+            inference: !tape.is_recording(),
             cfg: cfg.clone(),
             w: lw.clone(),
             lora: lora.layers.get(i).cloned().unwrap_or_default(),
@@ -209,4 +248,80 @@ pub fn forward(
     let h = rmsnorm::rmsnorm(tape, ctx, &x, &nf, cfg.rms_eps)?;
     let head = tape.constant(w.lm_head.clone().unwrap_or_else(|| w.embed.clone()));
     matmul::linear(tape, ctx, &h, &head)
+}
+
+/// Keys and values of every layer for one sequence: (max_len, NKV, HS) each, `len` filled.
+pub struct KvCache {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    len: usize,
+    max: usize,
+}
+
+impl KvCache {
+    /// An empty cache for up to `max_len` positions.
+    pub fn new(ctx: &GpuContext, cfg: &LlamaConfig, max_len: usize) -> Result<Self> {
+        let shape = [1, max_len, cfg.kv_heads, cfg.head_dim];
+        let mk = || (0..cfg.layers).map(|_| ctx.zeros(&shape, crate::gpu::DType::F32)).collect::<Result<Vec<_>>>();
+        Ok(KvCache { k: mk()?, v: mk()?, len: 0, max: max_len })
+    }
+    /// Positions filled.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// True when nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Forgets the cached positions (the buffers are kept).
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+}
+
+/// Inference with a KV cache: feeds `ids` (new tokens of one sequence, at positions cache.len()..)
+/// and returns their logits (n, V). `rope` must hold rows for every position up to the cache's
+/// maximum. LoRA adapters apply without dropout.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_cached(
+    ctx: &Rc<GpuContext>,
+    cfg: &LlamaConfig,
+    w: &LlamaWeights,
+    lora: &LoraSet,
+    ids: &[u32],
+    cache: &mut KvCache,
+    rope: &Rc<RopeTables>,
+) -> Result<Tensor> {
+    let pos0 = cache.len;
+    if ids.is_empty() || pos0 + ids.len() > cache.max || pos0 + ids.len() > rope.rows() {
+        return Err(Error::Invalid(format!(
+            "{} new tokens at position {pos0} do not fit the cache of {} positions (rope tables: {})",
+            ids.len(),
+            cache.max,
+            rope.rows()
+        )));
+    }
+    let mut tape = Tape::new(false);
+    let table = tape.constant(w.embed.clone());
+    let mut x = embedding::embedding(&mut tape, ctx, &table, ids)?;
+    for (i, lw) in w.layers.iter().enumerate() {
+        let layer = Layer {
+            ctx: ctx.clone(),
+            inference: true,
+            cfg: cfg.clone(),
+            w: lw.clone(),
+            lora: lora.layers.get(i).cloned().unwrap_or_default(),
+            rope: rope.clone(),
+            batch: 1,
+            seq: ids.len(),
+            seed: 0,
+            index: i,
+        };
+        x = layer.forward_cached(&mut tape, &x, &cache.k[i], &cache.v[i], pos0)?;
+    }
+    cache.len += ids.len();
+    let nf = tape.constant(w.final_norm.clone());
+    let h = rmsnorm::rmsnorm(&mut tape, ctx, &x, &nf, cfg.rms_eps)?;
+    let head = tape.constant(w.lm_head.clone().unwrap_or_else(|| w.embed.clone()));
+    Ok(matmul::linear(&mut tape, ctx, &h, &head)?.value().clone())
 }

@@ -5,6 +5,7 @@
 use crate::autograd::{Op, Tape, Var};
 use crate::gpu::{groups_2d, groups_for, shaders, DType, GpuContext, Kernel, Tensor};
 use crate::ops::matmul::{self, Trans};
+use crate::ops::nf4::{self, Nf4Weight};
 use crate::ops::rows_cols;
 use crate::{Error, Result};
 
@@ -12,6 +13,58 @@ const DROPOUT_FORWARD: Kernel = shaders::kernel(shaders::LORA, "lora_dropout_for
 const DROPOUT_BACKWARD: Kernel = shaders::kernel(shaders::LORA, "lora_dropout_backward");
 /// Workgroup size of shaders/lora.wgsl (`WG` there).
 pub const WG: u32 = 256;
+
+/// A frozen base weight W0 (out, in): f32, or NF4 dequantized on the fly (QLoRA). It never gets
+/// a gradient; its input gradient is dy·W0.
+#[derive(Clone, Debug)]
+pub enum Frozen {
+    /// f32 (out, in).
+    F32(Tensor),
+    /// NF4 (bitsandbytes layout) on the device.
+    Nf4(Nf4Weight),
+}
+
+impl Frozen {
+    /// (out, in).
+    pub fn shape(&self) -> [usize; 2] {
+        match self {
+            Frozen::F32(t) => [t.shape()[0], t.shape()[1]],
+            Frozen::Nf4(w) => w.shape(),
+        }
+    }
+    /// Bytes the weight takes on the device.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Frozen::F32(t) => t.byte_len(),
+            Frozen::Nf4(w) => w.bytes(),
+        }
+    }
+    /// y (rows, out) = x (rows, in) · W0^T.
+    pub fn forward(&self, ctx: &GpuContext, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Frozen::F32(w) => matmul::matmul(ctx, x, w, Trans::NT, 1.0),
+            Frozen::Nf4(w) => nf4::linear_forward(ctx, x, w),
+        }
+    }
+    /// dx (rows, in) = dy (rows, out) · W0.
+    pub fn backward_input(&self, ctx: &GpuContext, dy: &Tensor) -> Result<Tensor> {
+        match self {
+            Frozen::F32(w) => matmul::matmul(ctx, dy, w, Trans::NN, 1.0),
+            Frozen::Nf4(w) => nf4::linear_backward_input(ctx, dy, w),
+        }
+    }
+}
+
+/// A frozen linear on the tape: y = x·W0^T; only x gets a gradient.
+pub fn frozen_linear(tape: &mut Tape, ctx: &GpuContext, x: &Var, w0: &Frozen) -> Result<Var> {
+    match w0 {
+        Frozen::F32(w) => {
+            let w = tape.constant(w.clone());
+            matmul::linear(tape, ctx, x, &w)
+        }
+        Frozen::Nf4(w) => nf4::nf4_linear(tape, ctx, x, w),
+    }
+}
 
 /// How one LoRA linear runs: the scale s applied to the low-rank product, and dropout on the
 /// branch input (probability `dropout`, mask drawn from `seed`; a new seed per step and layer).
@@ -53,9 +106,9 @@ pub fn dropout_backward_acc(ctx: &GpuContext, dout: &Tensor, dinp: &Tensor, run:
     ctx.dispatch(&DROPOUT_BACKWARD, &[], &dropout_params(n, run), &[(1, dout), (2, dinp)], groups_2d(groups_for(n, WG as usize)))
 }
 
-fn check(x: &Tensor, w0: &Tensor, a: &Tensor, b: &Tensor, run: &LoraRun) -> Result<(usize, usize, usize, usize)> {
+fn check(x: &Tensor, w0: &Frozen, a: &Tensor, b: &Tensor, run: &LoraRun) -> Result<(usize, usize, usize, usize)> {
     let (rows, k) = rows_cols(x.shape());
-    let (&[n, k0], &[r, ka], &[nb, rb]) = (w0.shape(), a.shape(), b.shape()) else {
+    let (&[n, k0], &[r, ka], &[nb, rb]) = (&w0.shape()[..], a.shape(), b.shape()) else {
         return Err(Error::shape("lora_linear", format!("W0 {:?}, A {:?}, B {:?} must be matrices", w0.shape(), a.shape(), b.shape())));
     };
     if k0 != k || ka != k || nb != n || rb != r {
@@ -71,12 +124,12 @@ fn check(x: &Tensor, w0: &Tensor, a: &Tensor, b: &Tensor, run: &LoraRun) -> Resu
 }
 
 /// Forward: returns (y (…, out), h = dropout(x)·A^T (rows, r)).
-pub fn forward(ctx: &GpuContext, x: &Tensor, w0: &Tensor, a: &Tensor, b: &Tensor, run: &LoraRun) -> Result<(Tensor, Tensor)> {
+pub fn forward(ctx: &GpuContext, x: &Tensor, w0: &Frozen, a: &Tensor, b: &Tensor, run: &LoraRun) -> Result<(Tensor, Tensor)> {
     let (rows, k, n, _) = check(x, w0, a, b, run)?;
     let x2 = x.reshape(&[rows, k]);
     let xd = if run.dropout > 0.0 { dropout_forward(ctx, &x2, run)? } else { x2.clone() };
     let h = matmul::matmul(ctx, &xd, a, Trans::NT, 1.0)?;
-    let y = matmul::matmul(ctx, &x2, w0, Trans::NT, 1.0)?;
+    let y = w0.forward(ctx, &x2)?;
     matmul::matmul_into(ctx, &h, b, Trans::NT, run.scale, 1.0, &y)?;
     let mut yshape = x.shape().to_vec();
     *yshape.last_mut().unwrap() = n;
@@ -91,7 +144,7 @@ pub fn backward(
     g: &Tensor,
     x: Option<&Tensor>,
     h: Option<&Tensor>,
-    w0: &Tensor,
+    w0: &Frozen,
     a: &Tensor,
     b: &Tensor,
     run: &LoraRun,
@@ -115,7 +168,7 @@ pub fn backward(
     };
     let dx = match (want[0], &dh) {
         (true, Some(dh)) => {
-            let dx = matmul::matmul(ctx, &g2, w0, Trans::NN, 1.0)?;
+            let dx = w0.backward_input(ctx, &g2)?;
             if run.dropout > 0.0 {
                 let dxd = matmul::matmul(ctx, dh, a, Trans::NN, 1.0)?;
                 dropout_backward_acc(ctx, &dxd, &dx, run)?;
@@ -134,7 +187,7 @@ pub fn backward(
 pub(crate) struct Saved {
     x: Option<Tensor>,
     h: Option<Tensor>,
-    w0: Tensor,
+    w0: Frozen,
     a: Tensor,
     b: Tensor,
     run: LoraRun,
@@ -150,7 +203,7 @@ impl Saved {
 
 /// The LoRA linear on the tape: y = x·W0^T + s·(dropout(x)·A^T)·B^T, W0 frozen. Saves x only
 /// when A needs a gradient and h only when B does.
-pub fn lora_linear(tape: &mut Tape, ctx: &GpuContext, x: &Var, w0: &Tensor, a: &Var, b: &Var, run: &LoraRun) -> Result<Var> {
+pub fn lora_linear(tape: &mut Tape, ctx: &GpuContext, x: &Var, w0: &Frozen, a: &Var, b: &Var, run: &LoraRun) -> Result<Var> {
     let (y, h) = forward(ctx, x.value(), w0, a.value(), b.value(), run)?;
     Ok(tape.record(y, &[x, a, b], || {
         Op::LoraLinear(Saved {

@@ -8,6 +8,7 @@ pub mod elementwise;
 pub mod embedding;
 pub mod lora;
 pub mod matmul;
+pub mod nf4;
 pub mod rmsnorm;
 pub mod rope;
 pub mod swiglu;

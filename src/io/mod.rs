@@ -1,0 +1,257 @@
+//! Model files in, host tensors out (no shader; CPU only, no `std::fs` outside the native-only
+//! helpers): safetensors (`safetensors`), Hugging Face folders (`hf`), GGUF (`gguf`). Both model
+//! loaders produce a [`HostModel`]: the config plus every weight as f32 (or NF4 for
+//! pre-quantized bitsandbytes projections) under its Hugging Face name and PyTorch shape, from
+//! which [`HostModel::upload`] makes the decoder's [`LlamaWeights`].
+
+pub mod gguf;
+pub mod hf;
+pub mod quantized;
+pub mod safetensors;
+
+use crate::gpu::GpuContext;
+use crate::model::config::{names, ModelConfig};
+use crate::ops::lora::Frozen;
+use crate::ops::nf4::Nf4Weight;
+use crate::model::llama::{LayerWeights, LlamaWeights, TARGETS};
+use crate::quant::Nf4Tensor;
+use crate::{Error, Result};
+
+pub use gguf::{load_gguf, GgufFile, GgufModel, GgufValue, GgmlType};
+pub use hf::{load_hf, ModelFiles};
+#[cfg(not(target_arch = "wasm32"))]
+pub use hf::{load_hf_dir, MmapDir};
+pub use safetensors::SafeTensorsFile;
+
+/// An f32 tensor on the host: row-major `data` of `shape` (PyTorch order).
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    /// Shape, PyTorch order.
+    pub shape: Vec<usize>,
+    /// shape.product() values, row-major.
+    pub data: Vec<f32>,
+}
+
+/// A projection weight on the host: f32, or NF4 as read from a bitsandbytes checkpoint.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HostWeight {
+    /// Plain f32 (out, in).
+    F32(HostTensor),
+    /// bitsandbytes NF4 (its `shape` is (out, in)).
+    Nf4(Nf4Tensor),
+}
+
+impl HostWeight {
+    /// The (out, in) shape.
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            HostWeight::F32(t) => &t.shape,
+            HostWeight::Nf4(t) => &t.shape,
+        }
+    }
+    /// The f32 tensor, None for NF4.
+    pub fn as_f32(&self) -> Option<&HostTensor> {
+        match self {
+            HostWeight::F32(t) => Some(t),
+            HostWeight::Nf4(_) => None,
+        }
+    }
+    /// The NF4 tensor, None for f32.
+    pub fn as_nf4(&self) -> Option<&Nf4Tensor> {
+        match self {
+            HostWeight::F32(_) => None,
+            HostWeight::Nf4(t) => Some(t),
+        }
+    }
+    /// The values as f32 (NF4 dequantized: code[q] * absmax[block], as bitsandbytes does).
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self {
+            HostWeight::F32(t) => t.data.clone(),
+            HostWeight::Nf4(t) => t.dequantize(),
+        }
+    }
+}
+
+/// One decoder layer on the host.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostLayer {
+    /// `input_layernorm.weight` (C).
+    pub attn_norm: HostTensor,
+    /// q, k, v, o, gate, up, down weights (out, in), in [`TARGETS`] order.
+    pub proj: [HostWeight; 7],
+    /// The bias (out) of each projection that has one ([`ModelConfig::proj_has_bias`]).
+    pub proj_bias: [Option<HostTensor>; 7],
+    /// `post_attention_layernorm.weight` (C).
+    pub mlp_norm: HostTensor,
+}
+
+/// A borrowed tensor of a [`HostModel`], looked up by Hugging Face name.
+#[derive(Clone, Copy, Debug)]
+pub enum TensorRef<'a> {
+    /// An f32 tensor.
+    F32(&'a HostTensor),
+    /// An NF4 projection weight.
+    Nf4(&'a Nf4Tensor),
+}
+
+/// A whole model on the host, every tensor checked against its config.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostModel {
+    /// The parsed config (from config.json, or built from GGUF metadata).
+    pub config: ModelConfig,
+    /// `model.embed_tokens.weight` (V, C).
+    pub embed: HostTensor,
+    /// The decoder layers.
+    pub layers: Vec<HostLayer>,
+    /// `model.norm.weight` (C).
+    pub final_norm: HostTensor,
+    /// `lm_head.weight` (V, C); None when tied to the embedding.
+    pub lm_head: Option<HostTensor>,
+    /// Tensors of the files that the model does not use (e.g. an `lm_head.weight` stored next
+    /// to tied embeddings, `rotary_emb.inv_freq`), by their name in the file (Hugging Face names
+    /// for folders, llama.cpp names for GGUF), sorted.
+    pub unused: Vec<String>,
+}
+
+/// Where [`HostModel::build`] gets each tensor: `fetch(name, shape, projection)` returns the
+/// tensor `name` (a Hugging Face name) of PyTorch shape `shape`, or an error naming the file and
+/// tensor when it is missing or has another shape. Only projection weights may be NF4.
+pub(crate) trait TensorSource {
+    fn fetch(&mut self, name: &str, shape: &[usize], projection: bool) -> Result<HostWeight>;
+}
+
+impl HostModel {
+    /// Assembles the model from `src`, asking for every tensor of
+    /// [`ModelConfig::tensor_shapes`].
+    pub(crate) fn build(config: ModelConfig, src: &mut dyn TensorSource) -> Result<Self> {
+        let c = config.hidden_size;
+        let plain = |src: &mut dyn TensorSource, name: &str, shape: &[usize]| -> Result<HostTensor> {
+            match src.fetch(name, shape, false)? {
+                HostWeight::F32(t) => Ok(t),
+                HostWeight::Nf4(_) => Err(Error::Invalid(format!("tensor `{name}` cannot be NF4"))),
+            }
+        };
+        let embed = plain(src, names::EMBED, &[config.vocab_size, c])?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let attn_norm = plain(src, &names::attn_norm(i), &[c])?;
+            let mut proj = Vec::with_capacity(7);
+            let mut proj_bias: [Option<HostTensor>; 7] = Default::default();
+            for (m, bias) in proj_bias.iter_mut().enumerate() {
+                let (o, inp) = config.proj_shape(m);
+                proj.push(src.fetch(&names::proj(i, m), &[o, inp], true)?);
+                if config.proj_has_bias(m) {
+                    *bias = Some(plain(src, &names::proj_bias(i, m), &[o])?);
+                }
+            }
+            let mlp_norm = plain(src, &names::mlp_norm(i), &[c])?;
+            let proj: [HostWeight; 7] = proj.try_into().expect("seven projections");
+            layers.push(HostLayer { attn_norm, proj, proj_bias, mlp_norm });
+        }
+        let final_norm = plain(src, names::FINAL_NORM, &[c])?;
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(plain(src, names::LM_HEAD, &[config.vocab_size, c])?)
+        };
+        Ok(HostModel { config, embed, layers, final_norm, lm_head, unused: Vec::new() })
+    }
+
+    /// The tensor with Hugging Face name `name` (e.g. `model.layers.0.self_attn.q_proj.weight`),
+    /// None if the model has no such tensor.
+    pub fn get(&self, name: &str) -> Option<TensorRef<'_>> {
+        match name {
+            names::EMBED => return Some(TensorRef::F32(&self.embed)),
+            names::FINAL_NORM => return Some(TensorRef::F32(&self.final_norm)),
+            names::LM_HEAD => return self.lm_head.as_ref().map(TensorRef::F32),
+            _ => {}
+        }
+        let rest = name.strip_prefix("model.layers.")?;
+        let (idx, rest) = rest.split_once('.')?;
+        let canonical = !idx.is_empty() && idx.bytes().all(|b| b.is_ascii_digit()) && (idx == "0" || !idx.starts_with('0'));
+        if !canonical {
+            return None;
+        }
+        let l = self.layers.get(idx.parse::<usize>().ok()?)?;
+        match rest {
+            "input_layernorm.weight" => return Some(TensorRef::F32(&l.attn_norm)),
+            "post_attention_layernorm.weight" => return Some(TensorRef::F32(&l.mlp_norm)),
+            _ => {}
+        }
+        let (module, kind) = rest.rsplit_once('.')?;
+        let m = (0..TARGETS.len()).find(|&m| module == names::proj_local(m))?;
+        match kind {
+            "weight" => Some(match &l.proj[m] {
+                HostWeight::F32(t) => TensorRef::F32(t),
+                HostWeight::Nf4(t) => TensorRef::Nf4(t),
+            }),
+            "bias" => l.proj_bias[m].as_ref().map(TensorRef::F32),
+            _ => None,
+        }
+    }
+
+    /// The tensor `name` as f32 values (NF4 dequantized), None if absent.
+    pub fn get_f32(&self, name: &str) -> Option<Vec<f32>> {
+        self.get(name).map(|t| match t {
+            TensorRef::F32(t) => t.data.clone(),
+            TensorRef::Nf4(t) => t.dequantize(),
+        })
+    }
+
+    /// Whether any projection is NF4.
+    pub fn has_nf4(&self) -> bool {
+        self.layers.iter().any(|l| l.proj.iter().any(|p| p.as_nf4().is_some()))
+    }
+
+    /// Uploads the weights for the decoder in their PyTorch shapes. Projections stored as NF4
+    /// (a bitsandbytes checkpoint) stay NF4 on the device. `Error::Invalid` for a model with
+    /// projection biases (Qwen2, Llama with attention_bias/mlp_bias): `LlamaWeights` has no bias
+    /// fields yet.
+    pub fn upload(&self, ctx: &GpuContext) -> Result<LlamaWeights> {
+        self.upload_with(ctx, None)
+    }
+
+    /// Uploads for QLoRA: every f32 projection is quantized to NF4 first (`blocksize`, double
+    /// quantization when `double_quant`), bit-exact with bitsandbytes; norms, the embedding and
+    /// the lm_head stay f32 (see docs/nf4.md). Projections already NF4 are kept as they are.
+    pub fn upload_nf4(&self, ctx: &GpuContext, blocksize: usize, double_quant: bool) -> Result<LlamaWeights> {
+        self.upload_with(ctx, Some((blocksize, double_quant)))
+    }
+
+    fn upload_with(&self, ctx: &GpuContext, quantize: Option<(usize, bool)>) -> Result<LlamaWeights> {
+        if let Some((i, m)) = self.layers.iter().enumerate().find_map(|(i, l)| {
+            l.proj_bias.iter().position(Option::is_some).map(|m| (i, m))
+        }) {
+            return Err(Error::Invalid(format!(
+                "`{}`: this {:?} model has projection biases, which the decoder's LlamaWeights cannot hold yet",
+                names::proj_bias(i, m),
+                self.config.architecture
+            )));
+        }
+        let up = |t: &HostTensor| ctx.upload_f32(&t.data, &t.shape);
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            let mut proj = Vec::with_capacity(7);
+            for p in &l.proj {
+                proj.push(match (p, quantize) {
+                    (HostWeight::F32(t), None) => Frozen::F32(up(t)?),
+                    (HostWeight::F32(t), Some((bs, dq))) => {
+                        Frozen::Nf4(Nf4Weight::upload(ctx, &crate::quant::nf4::quantize_nf4(&t.data, &t.shape, bs, dq)?)?)
+                    }
+                    (HostWeight::Nf4(t), _) => Frozen::Nf4(Nf4Weight::upload(ctx, t)?),
+                });
+            }
+            layers.push(LayerWeights {
+                attn_norm: up(&l.attn_norm)?,
+                proj: proj.try_into().map_err(|_| Error::Invalid("seven projections".into()))?,
+                mlp_norm: up(&l.mlp_norm)?,
+            });
+        }
+        Ok(LlamaWeights {
+            embed: up(&self.embed)?,
+            layers,
+            final_norm: up(&self.final_norm)?,
+            lm_head: self.lm_head.as_ref().map(up).transpose()?,
+        })
+    }
+}

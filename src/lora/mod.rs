@@ -1,0 +1,169 @@
+//! LoRA adapters as PEFT defines them: the configuration (`config`: PEFT's `LoraConfig`, its
+//! target matching, ranks, scales and seeded initialization), PEFT's files (`peft`:
+//! adapter_config.json + adapter_model.safetensors, read and written), and merging an adapter
+//! into its base weights (`merge`). No shader of its own: the LoRA linear is ops::lora.
+//!
+//! Names: PEFT names a module by its path in the transformers model
+//! (`model.layers.{i}.self_attn.q_proj`, `model.layers.{i}.mlp.gate_proj`) and saves its
+//! weights under `base_model.model.{module}.lora_A.weight` / `.lora_B.weight`; A is (r, in) and
+//! B is (out, r), f32. The library's device form is `model::llama::LoraSet` (one optional
+//! `LoraModule` per layer and projection, in `TARGETS` order); the host form is [`HostAdapter`].
+
+pub mod config;
+pub mod merge;
+pub mod peft;
+
+pub use config::{init_host_adapter, init_lora_set, InitLoraWeights, LoraConfig, TargetModules};
+
+use crate::autograd::{Param, ParamId};
+use crate::gpu::GpuContext;
+use crate::model::llama::{LlamaConfig, LoraModule, LoraSet, TARGETS};
+use crate::ops::lora::LoraRun;
+use crate::{Error, Result};
+
+/// PEFT's module name of projection `m` (index into TARGETS) of layer `layer`:
+/// `model.layers.{layer}.self_attn.{q,k,v,o}_proj` or `model.layers.{layer}.mlp.{gate,up,down}_proj`.
+pub fn module_name(layer: usize, m: usize) -> String {
+    let parent = if m < 4 { "self_attn" } else { "mlp" };
+    format!("model.layers.{layer}.{parent}.{}", TARGETS[m])
+}
+
+/// The key PEFT saves the A (`b` false) or B (`b` true) weight of a module under:
+/// `base_model.model.{module_name}.lora_{A,B}.weight`.
+pub fn peft_key(layer: usize, m: usize, b: bool) -> String {
+    format!("base_model.model.{}.lora_{}.weight", module_name(layer, m), if b { "B" } else { "A" })
+}
+
+/// The stable id of a LoRA parameter: ParamId(2·(7·layer + m) + [b]), so ids (and the
+/// optimizer state keyed by them) do not depend on which modules are targeted.
+pub fn param_id(layer: usize, m: usize, b: bool) -> ParamId {
+    ParamId((2 * (7 * layer + m) + b as usize) as u64)
+}
+
+/// Inverse of [`param_id`]: (layer, m, b).
+pub fn param_of(id: ParamId) -> (usize, usize, bool) {
+    let k = id.0 as usize;
+    (k / 14, (k / 2) % 7, k % 2 == 1)
+}
+
+/// One adapter on the host: A (r, in) and B (out, r), row-major f32.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostLora {
+    /// The rank r.
+    pub r: usize,
+    /// in_features of the projection.
+    pub in_features: usize,
+    /// out_features of the projection.
+    pub out_features: usize,
+    /// lora_A, (r, in).
+    pub a: Vec<f32>,
+    /// lora_B, (out, r).
+    pub b: Vec<f32>,
+}
+
+/// An adapter on the host: its configuration and, per layer and projection (TARGETS order), the
+/// optional A and B.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostAdapter {
+    /// The configuration (PEFT's adapter_config.json).
+    pub config: LoraConfig,
+    /// layers[l][m]: the adapter of projection m in layer l.
+    pub layers: Vec<[Option<HostLora>; 7]>,
+}
+
+impl HostAdapter {
+    /// Uploads A and B of every module as trainable parameters (ids from [`param_id`]); each
+    /// module runs with its configured scale (alpha/r or alpha/√r) and dropout. The dropout
+    /// seed of each `LoraRun` is 0: the per-step seed comes from `ForwardOpts::seed`.
+    pub fn upload(&self, ctx: &GpuContext) -> Result<LoraSet> {
+        let mut set = LoraSet { layers: Vec::with_capacity(self.layers.len()) };
+        for (l, mods) in self.layers.iter().enumerate() {
+            let mut row: [Option<LoraModule>; 7] = Default::default();
+            for (m, h) in mods.iter().enumerate() {
+                let Some(h) = h else { continue };
+                let name = module_name(l, m);
+                let a = ctx.upload_f32(&h.a, &[h.r, h.in_features])?;
+                let b = ctx.upload_f32(&h.b, &[h.out_features, h.r])?;
+                row[m] = Some(LoraModule {
+                    a: Param { id: param_id(l, m, false), value: a },
+                    b: Param { id: param_id(l, m, true), value: b },
+                    run: LoraRun {
+                        scale: self.config.scale_for(&name),
+                        dropout: self.config.lora_dropout as f32,
+                        seed: 0,
+                    },
+                });
+            }
+            set.layers.push(row);
+        }
+        Ok(set)
+    }
+
+    /// Reads every A and B of `set` back to the host (the current values on the device).
+    pub async fn download(ctx: &GpuContext, config: &LoraConfig, set: &LoraSet) -> Result<HostAdapter> {
+        let mut layers = Vec::with_capacity(set.layers.len());
+        for mods in &set.layers {
+            let mut row: [Option<HostLora>; 7] = Default::default();
+            for (m, lm) in mods.iter().enumerate() {
+                let Some(lm) = lm else { continue };
+                let (&[r, inp], &[out, rb]) = (lm.a.value.shape(), lm.b.value.shape()) else {
+                    return Err(Error::shape("lora download", format!("A {:?}, B {:?}", lm.a.value.shape(), lm.b.value.shape())));
+                };
+                if rb != r {
+                    return Err(Error::shape("lora download", format!("A {:?}, B {:?}: ranks differ", lm.a.value.shape(), lm.b.value.shape())));
+                }
+                let a = ctx.read_f32(&lm.a.value).await?;
+                let b = ctx.read_f32(&lm.b.value).await?;
+                row[m] = Some(HostLora { r, in_features: inp, out_features: out, a, b });
+            }
+            layers.push(row);
+        }
+        Ok(HostAdapter { config: config.clone(), layers })
+    }
+
+    /// Checks that every module's shapes fit `model` (A (r, in), B (out, r) with (out, in) of
+    /// the projection and r the configured rank) and that the data lengths match the shapes.
+    pub fn check(&self, model: &LlamaConfig) -> Result<()> {
+        if self.layers.len() != model.layers {
+            return Err(Error::Invalid(format!("adapter has {} layers, the model {}", self.layers.len(), model.layers)));
+        }
+        for (l, mods) in self.layers.iter().enumerate() {
+            for (m, h) in mods.iter().enumerate() {
+                let Some(h) = h else { continue };
+                let (out, inp) = model.proj_shape(m);
+                let r = self.config.rank_for(&module_name(l, m));
+                if h.r != r || h.in_features != inp || h.out_features != out || h.a.len() != r * inp || h.b.len() != out * r {
+                    return Err(Error::Invalid(format!(
+                        "{}: A {}x{} ({} values), B {}x{} ({} values); the model and config want A {r}x{inp}, B {out}x{r}",
+                        module_name(l, m),
+                        h.r,
+                        h.in_features,
+                        h.a.len(),
+                        h.out_features,
+                        h.r,
+                        h.b.len()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes `bytes` to `path` so that a crash never leaves a half-written file there: the bytes go
+/// to `path.tmp` (synced to disk), which is then renamed over `path` (atomic on POSIX and on
+/// NTFS within one directory).
+#[cfg(not(target_arch = "wasm32"))]
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let io = |what: &str, e: std::io::Error| Error::format(path.display().to_string(), format!("{what}: {e}"));
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    {
+        let mut f = std::fs::File::create(&tmp).map_err(|e| io("create temporary file", e))?;
+        f.write_all(bytes).map_err(|e| io("write", e))?;
+        f.sync_all().map_err(|e| io("sync", e))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| io("rename into place", e))
+}

@@ -1,0 +1,185 @@
+//! The trainer: one model (frozen base, f32 or NF4), one LoRA adapter, AdamW with a schedule,
+//! gradient accumulation over micro-batches, optional clipping and per-layer checkpointing, and
+//! the state a checkpoint needs to resume bit for bit (step, RNG, data position).
+
+use crate::autograd::{Tape, Var};
+use crate::gpu::{GpuContext, Tensor};
+use crate::lora::config::LoraConfig;
+use crate::model::llama::{self, ForwardOpts, LlamaConfig, LlamaWeights, LoraSet};
+use crate::ops::adamw::AdamW;
+use crate::ops::cross_entropy::{self, IGNORE_INDEX};
+use crate::ops::rope::{self, RopeTables};
+use crate::train::{train_step, Checkpoint, DataPosition, LoraOptimizer, Schedule, SplitMix64, StepReport, TrainState};
+use crate::{Error, Result};
+use std::rc::Rc;
+
+/// A frozen base model on the device with its RoPE tables.
+pub struct Model {
+    /// Architecture.
+    pub cfg: LlamaConfig,
+    /// Frozen weights.
+    pub weights: LlamaWeights,
+    /// cos/sin for positions 0..max_len.
+    pub rope: Rc<RopeTables>,
+}
+
+impl Model {
+    /// Wraps uploaded weights; RoPE tables cover positions 0..max_len (rope_scaling applied).
+    pub fn new(ctx: &GpuContext, cfg: LlamaConfig, weights: LlamaWeights, scaling: Option<&rope::RopeScaling>, max_len: usize) -> Result<Self> {
+        let inv = rope::inv_freq(cfg.rope_theta, cfg.head_dim, scaling);
+        let pos: Vec<u32> = (0..max_len as u32).collect();
+        let rope = Rc::new(RopeTables::new(ctx, &inv, &pos)?);
+        Ok(Model { cfg, weights, rope })
+    }
+
+    /// Logits (B*T, V) of `ids` (B sequences) on `tape`.
+    pub fn logits(&self, tape: &mut Tape, ctx: &Rc<GpuContext>, lora: &LoraSet, ids: &[u32], batch: usize, opts: ForwardOpts) -> Result<Var> {
+        let seq = ids.len() / batch.max(1);
+        if seq > self.rope.rows() {
+            return Err(Error::Invalid(format!("sequence of {seq} tokens is longer than the {} positions prepared", self.rope.rows())));
+        }
+        llama::forward(tape, ctx, &self.cfg, &self.weights, lora, ids, batch, &self.rope, opts)
+    }
+}
+
+/// A micro-batch of token ids with next-token targets already shifted (target[b, t] is the label
+/// of position t + 1; -100 where nothing is scored), B sequences of T tokens, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenBatch {
+    /// Ids (B*T).
+    pub ids: Vec<u32>,
+    /// Targets (B*T), -100 = ignored.
+    pub targets: Vec<i32>,
+    /// B.
+    pub batch: usize,
+}
+
+impl TokenBatch {
+    /// Targets that count (not -100).
+    pub fn n_tokens(&self) -> usize {
+        self.targets.iter().filter(|&&t| t != IGNORE_INDEX).count()
+    }
+}
+
+/// Hyperparameters of a run that are not the adapter's.
+#[derive(Clone, Copy, Debug)]
+pub struct TrainOpts {
+    /// AdamW hyperparameters (lr is taken from the schedule each step).
+    pub adamw: AdamW,
+    /// Learning-rate schedule.
+    pub schedule: Schedule,
+    /// Clip the global gradient norm to this, if set.
+    pub max_grad_norm: Option<f32>,
+    /// Recompute each decoder layer in backward (less memory, same gradients).
+    pub checkpoint_layers: bool,
+    /// The run's seed (data order, dropout masks).
+    pub seed: u64,
+}
+
+/// A training run in memory.
+pub struct Trainer {
+    ctx: Rc<GpuContext>,
+    model: Rc<Model>,
+    /// The adapter's configuration.
+    pub lora_cfg: LoraConfig,
+    /// The adapter's parameters (updated in place).
+    pub set: LoraSet,
+    opt: LoraOptimizer,
+    /// Step, RNG, data position, schedule.
+    pub state: TrainState,
+    checkpoint_layers: bool,
+}
+
+impl Trainer {
+    /// A fresh run from an initial adapter.
+    pub fn new(ctx: Rc<GpuContext>, model: Rc<Model>, lora_cfg: LoraConfig, set: LoraSet, opts: TrainOpts) -> Self {
+        let state = TrainState {
+            step: 0,
+            rng: SplitMix64::new(opts.seed),
+            data: DataPosition::default(),
+            schedule: opts.schedule,
+            max_grad_norm: opts.max_grad_norm,
+        };
+        Trainer { ctx, model, lora_cfg, set, opt: LoraOptimizer::new(opts.adamw), state, checkpoint_layers: opts.checkpoint_layers }
+    }
+
+    /// A run resumed from a checkpoint: the adapter, optimizer moments, step, RNG and data
+    /// position come back exactly.
+    pub fn resume(ctx: Rc<GpuContext>, model: Rc<Model>, ck: &Checkpoint, checkpoint_layers: bool) -> Result<Self> {
+        let (lora_cfg, set, opt) = ck.restore(&ctx)?;
+        Ok(Trainer { ctx, model, lora_cfg, set, opt, state: ck.state, checkpoint_layers })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Rc<Model> {
+        &self.model
+    }
+
+    /// One optimizer step over `micro` (gradient accumulation: the result is the step of the
+    /// concatenated batch, with one mean over all its counted tokens). `data_after` is where the
+    /// data stream stands once these batches are consumed (saved in checkpoints). A NaN or
+    /// infinite loss returns an error and changes nothing.
+    pub async fn step(&mut self, micro: &[TokenBatch], data_after: DataPosition) -> Result<StepReport> {
+        if micro.is_empty() {
+            return Err(Error::Invalid("a training step needs at least one micro-batch".into()));
+        }
+        let tokens: Vec<usize> = micro.iter().map(TokenBatch::n_tokens).collect();
+        if tokens.iter().sum::<usize>() == 0 {
+            return Err(Error::Invalid(format!("step {}: no target token counts in this batch (all labels are -100)", self.state.step + 1)));
+        }
+        let mut rng = self.state.rng;
+        let seed = rng.next_u32();
+        let lr = self.state.schedule.lr(self.state.step);
+        let opts = ForwardOpts { checkpoint: self.checkpoint_layers, seed };
+        let (ctx, model, set) = (&self.ctx, &self.model, &self.set);
+        let report = train_step(
+            ctx,
+            set,
+            &mut self.opt,
+            &tokens,
+            |tape, i| {
+                let b = &micro[i];
+                let logits = model.logits(tape, ctx, set, &b.ids, b.batch, opts)?;
+                cross_entropy::cross_entropy(tape, ctx, &logits, &b.targets)
+            },
+            lr,
+            self.state.max_grad_norm,
+        )
+        .await?;
+        self.state.step += 1;
+        self.state.rng = rng;
+        self.state.data = data_after;
+        Ok(report)
+    }
+
+    /// Mean loss over every counted token of `batches` (no dropout, nothing recorded): the
+    /// validation loss; perplexity is its exp.
+    pub async fn eval_loss(&self, batches: &[TokenBatch]) -> Result<f64> {
+        eval_loss(&self.ctx, &self.model, &self.set, batches).await
+    }
+
+    /// The run's state as a checkpoint (adapter, optimizer, step, RNG, data position).
+    pub async fn checkpoint(&self) -> Result<Checkpoint> {
+        Checkpoint::capture(&self.ctx, &self.lora_cfg, &self.set, &self.opt, &self.state).await
+    }
+}
+
+/// Token-weighted mean loss of `batches` under adapter `set` (inference: no dropout).
+pub async fn eval_loss(ctx: &Rc<GpuContext>, model: &Model, set: &LoraSet, batches: &[TokenBatch]) -> Result<f64> {
+    let (mut sum, mut n) = (0.0f64, 0usize);
+    for b in batches {
+        let k = b.n_tokens();
+        if k == 0 {
+            continue;
+        }
+        let mut tape = Tape::new(false);
+        let logits = model.logits(&mut tape, ctx, set, &b.ids, b.batch, ForwardOpts::default())?;
+        let (loss, _, _): (Tensor, Tensor, Tensor) = cross_entropy::forward(ctx, logits.value(), &b.targets)?;
+        sum += ctx.read_f32(&loss).await?[0] as f64 * k as f64;
+        n += k;
+    }
+    if n == 0 {
+        return Err(Error::Invalid("evaluation data has no counted target tokens".into()));
+    }
+    Ok(sum / n as f64)
+}

@@ -1,0 +1,326 @@
+//! Matmul: every variant (NT, NN, TN) against the f64 reference on odd shapes (1, 3, 63, 65,
+//! 1001, one dimension at a time) and on multiples of 4 that are not multiples of the tile, so
+//! both the vec4 kernels (with edge tiles) and the plain strided kernel run; batches with and
+//! without broadcasting; alpha and beta = 1 accumulation; the vec4 kernels against the plain
+//! kernel; the linear layer on the tape against the reference backward, which passes a
+//! finite-difference check; shape errors.
+//!
+//! Tolerances: inputs are scaled by K^-1/4 so entries of C are O(1); f32 results must then be
+//! within 1e-5 abs + 1e-4 rel of the f64 reference (f32 rounding of a K-term sum is about
+//! 6e-8 * sqrt(K) here), and the vec4 kernels within 1e-6 abs + 1e-5 rel of the plain kernel.
+
+mod common;
+use common::*;
+use qlora_webgpu::autograd::{Param, ParamId, Tape};
+use qlora_webgpu::gpu::{DType, GpuContext, Tensor};
+use qlora_webgpu::ops::matmul::{self, cpu, Trans};
+use qlora_webgpu::Error;
+
+const ALL: [Trans; 3] = [Trans::NT, Trans::NN, Trans::TN];
+const ATOL: f64 = 1e-5;
+const RTOL: f64 = 1e-4;
+
+/// Stored shapes of A and B for an (M, N, K) product of `trans`.
+fn shapes(trans: Trans, m: usize, n: usize, k: usize) -> ([usize; 2], [usize; 2]) {
+    match trans {
+        Trans::NT => ([m, k], [n, k]),
+        Trans::NN => ([m, k], [k, n]),
+        Trans::TN => ([k, m], [k, n]),
+    }
+}
+
+/// Random A and B for an (M, N, K) product, scaled so that C is O(1).
+fn operands(rng: &mut Rng, m: usize, n: usize, k: usize) -> (Vec<f64>, Vec<f64>) {
+    let s = (k.max(1) as f64).powf(-0.25);
+    (rng.vec(m * k, s), rng.vec(n * k, s))
+}
+
+fn with_batch(b: Option<usize>, s: [usize; 2]) -> Vec<usize> {
+    match b {
+        Some(b) => vec![b, s[0], s[1]],
+        None => s.to_vec(),
+    }
+}
+
+#[test]
+fn reference_is_a_plain_product() {
+    // A (2, 3) = [[1, 2, 3], [4, 5, 6]], B (3, 2) = [[7, 8], [9, 10], [11, 12]]: A B = [[58, 64], [139, 154]].
+    let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+    let b = [7.0, 8.0, 9.0, 10.0, 11.0, 12.0];
+    let bt = [7.0, 9.0, 11.0, 8.0, 10.0, 12.0];
+    let at = [1.0, 4.0, 2.0, 5.0, 3.0, 6.0];
+    let want = vec![58.0, 64.0, 139.0, 154.0];
+    assert_eq!(cpu::matmul(&a, &b, 2, 2, 3, Trans::NN), want);
+    assert_eq!(cpu::matmul(&a, &bt, 2, 2, 3, Trans::NT), want);
+    assert_eq!(cpu::matmul(&at, &b, 2, 2, 3, Trans::TN), want);
+}
+
+#[test]
+fn reference_linear_backward_passes_finite_differences() {
+    let mut rng = Rng::new(1);
+    let (rows, n, k) = (3, 4, 5);
+    let x = rng.vec(rows * k, 1.0);
+    let w = rng.vec(n * k, 1.0);
+    let dy = rng.vec(rows * n, 1.0);
+    let (dx, dw) = cpu::linear_backward(&dy, &x, &w, rows, n, k);
+    gradcheck("linear dx", &|x| cpu::linear(x, &w, rows, n, k), &x, &dy, &dx);
+    gradcheck("linear dw", &|w| cpu::linear(&x, w, rows, n, k), &w, &dy, &dw);
+}
+
+/// (M, N, K): each of 1, 3, 63, 65, 1001 in one dimension at a time, and multiples of 4 that are
+/// not multiples of the 64 x 64 tile (vec4 kernels with edge tiles on every side).
+const SHAPES: &[(usize, usize, usize)] = &[
+    (1, 1, 1),
+    (3, 3, 3),
+    (1, 20, 16),
+    (20, 1, 16),
+    (20, 16, 1),
+    (63, 20, 16),
+    (20, 65, 16),
+    (20, 16, 63),
+    (65, 63, 64),
+    (1001, 12, 8),
+    (12, 1001, 8),
+    (12, 8, 1001),
+    (68, 132, 260),
+    (64, 128, 4),
+    (4, 4, 4),
+];
+
+#[test]
+fn every_variant_matches_reference() {
+    let ctx = gpu();
+    let mut rng = Rng::new(2);
+    for trans in ALL {
+        let (mut vec4_runs, mut plain_runs) = (0, 0);
+        for &(m, n, k) in SHAPES {
+            let (a, b) = operands(&mut rng, m, n, k);
+            let (sa, sb) = shapes(trans, m, n, k);
+            let got = matmul::matmul(&ctx, &up(&ctx, &a, &sa), &up(&ctx, &b, &sb), trans, 1.0).unwrap();
+            assert_eq!(got.shape(), [m, n]);
+            let want = cpu::matmul(&a, &b, m, n, k, trans);
+            assert_close(&format!("{trans:?} {m}x{n}x{k}"), &read(&ctx, &got), &want, ATOL, RTOL);
+            if matmul::vec4_applies(trans, m, n, k) {
+                vec4_runs += 1;
+            } else {
+                plain_runs += 1;
+            }
+        }
+        assert!(vec4_runs >= 5 && plain_runs >= 2, "{trans:?}: {vec4_runs} vec4, {plain_runs} plain shapes");
+    }
+}
+
+#[test]
+fn vec4_kernels_equal_the_plain_kernel() {
+    let ctx = gpu();
+    let mut rng = Rng::new(3);
+    for trans in ALL {
+        for &(m, n, k) in &[(68, 132, 260), (129, 76, 36), (12, 8, 1001), (1001, 12, 8), (4, 4, 4)] {
+            if !matmul::vec4_applies(trans, m, n, k) {
+                continue;
+            }
+            let (a, b) = operands(&mut rng, m, n, k);
+            let (sa, sb) = shapes(trans, m, n, k);
+            let (at, bt) = (up(&ctx, &a, &sa), up(&ctx, &b, &sb));
+            let fast = matmul::matmul(&ctx, &at, &bt, trans, 0.75).unwrap();
+            let plain = ctx.empty(&[m, n], DType::F32).unwrap();
+            matmul::matmul_plain_into(&ctx, &at, &bt, trans, 0.75, 0.0, &plain).unwrap();
+            let p: Vec<f64> = read(&ctx, &plain).iter().map(|&v| v as f64).collect();
+            assert_close(&format!("{trans:?} {m}x{n}x{k} vec4 vs plain"), &read(&ctx, &fast), &p, 1e-6, 1e-5);
+        }
+    }
+}
+
+/// Runs a batched product (batch `nb`, `a_batched`/`b_batched`: whether that operand has the
+/// batch dimension) on both kernels and checks each batch against the reference.
+fn check_batched(ctx: &GpuContext, rng: &mut Rng, trans: Trans, nb: usize, (m, n, k): (usize, usize, usize), a_batched: bool, b_batched: bool) {
+    let (sa, sb) = shapes(trans, m, n, k);
+    let s = (k as f64).powf(-0.25);
+    let a = rng.vec(if a_batched { nb } else { 1 } * m * k, s);
+    let b = rng.vec(if b_batched { nb } else { 1 } * n * k, s);
+    let at = up(ctx, &a, &with_batch(a_batched.then_some(nb), sa));
+    let bt = up(ctx, &b, &with_batch(b_batched.then_some(nb), sb));
+    let mut want = Vec::new();
+    for z in 0..nb {
+        let az = if a_batched { &a[z * m * k..(z + 1) * m * k] } else { &a[..] };
+        let bz = if b_batched { &b[z * n * k..(z + 1) * n * k] } else { &b[..] };
+        want.extend(cpu::matmul(az, bz, m, n, k, trans));
+    }
+    let what = format!("{trans:?} batch {nb} (a {a_batched}, b {b_batched}) {m}x{n}x{k}");
+    let got = matmul::matmul(ctx, &at, &bt, trans, 1.0).unwrap();
+    assert_eq!(got.shape(), [nb, m, n], "{what}");
+    assert_close(&what, &read(ctx, &got), &want, ATOL, RTOL);
+    let plain = ctx.empty(&[nb, m, n], DType::F32).unwrap();
+    matmul::matmul_plain_into(ctx, &at, &bt, trans, 1.0, 0.0, &plain).unwrap();
+    assert_close(&format!("{what} plain"), &read(ctx, &plain), &want, ATOL, RTOL);
+}
+
+#[test]
+fn batched_with_and_without_broadcast() {
+    let ctx = gpu();
+    let mut rng = Rng::new(4);
+    for trans in ALL {
+        for &(m, n, k) in &[(20, 12, 16), (68, 72, 36), (5, 7, 9)] {
+            for (ab, bb) in [(true, true), (false, true), (true, false)] {
+                check_batched(&ctx, &mut rng, trans, 3, (m, n, k), ab, bb);
+            }
+        }
+    }
+}
+
+#[test]
+fn alpha_and_beta_accumulate() {
+    let ctx = gpu();
+    let mut rng = Rng::new(5);
+    for trans in ALL {
+        for &(m, n, k) in &[(68, 132, 36), (7, 5, 3)] {
+            let (a, b) = operands(&mut rng, m, n, k);
+            let (sa, sb) = shapes(trans, m, n, k);
+            let (at, bt) = (up(&ctx, &a, &sa), up(&ctx, &b, &sb));
+            let c0 = rng.vec(m * n, 1.0);
+            let ab = cpu::matmul(&a, &b, m, n, k, trans);
+            let alpha = -0.375;
+            let want: Vec<f64> = c0.iter().zip(&ab).map(|(c, p)| c + alpha * p).collect();
+            for plain in [false, true] {
+                let out = up(&ctx, &c0, &[m, n]);
+                let run = if plain { matmul::matmul_plain_into } else { matmul::matmul_into };
+                run(&ctx, &at, &bt, trans, alpha as f32, 1.0, &out).unwrap();
+                assert_close(&format!("{trans:?} {m}x{n}x{k} beta=1 plain={plain}"), &read(&ctx, &out), &want, ATOL, RTOL);
+                // beta = 0 never reads out: NaN there must not leak into the result.
+                let nan = ctx.upload_f32(&vec![f32::NAN; m * n], &[m, n]).unwrap();
+                run(&ctx, &at, &bt, trans, alpha as f32, 0.0, &nan).unwrap();
+                let scaled: Vec<f64> = ab.iter().map(|p| alpha * p).collect();
+                assert_close(&format!("{trans:?} {m}x{n}x{k} beta=0 plain={plain}"), &read(&ctx, &nan), &scaled, ATOL, RTOL);
+            }
+        }
+    }
+}
+
+#[test]
+fn training_wrappers_fold_leading_dims() {
+    let ctx = gpu();
+    let mut rng = Rng::new(6);
+    // (B, T) = (2, 3) folds into 6 rows; K = 20 and N = 12 take the vec4 kernels, K = 7 and
+    // N = 5 the plain one.
+    for (n, k) in [(12, 20), (5, 7)] {
+        let rows = 6;
+        let x = rng.vec(rows * k, 0.5);
+        let w = rng.vec(n * k, 0.5);
+        let g = rng.vec(rows * n, 0.5);
+        let (xt, wt, gt) = (up(&ctx, &x, &[2, 3, k]), up(&ctx, &w, &[n, k]), up(&ctx, &g, &[2, 3, n]));
+        let y = matmul::x_wt(&ctx, &xt, &wt).unwrap();
+        assert_eq!(y.shape(), [2, 3, n]);
+        assert_close("x_wt", &read(&ctx, &y), &cpu::linear(&x, &w, rows, n, k), ATOL, RTOL);
+        let (dx_ref, dw_ref) = cpu::linear_backward(&g, &x, &w, rows, n, k);
+        let dx = matmul::g_w(&ctx, &gt, &wt).unwrap();
+        assert_eq!(dx.shape(), [2, 3, k]);
+        assert_close("g_w", &read(&ctx, &dx), &dx_ref, ATOL, RTOL);
+        let dw = matmul::gt_x(&ctx, &gt, &xt).unwrap();
+        assert_eq!(dw.shape(), [n, k]);
+        assert_close("gt_x", &read(&ctx, &dw), &dw_ref, ATOL, RTOL);
+    }
+}
+
+fn param(id: u64, t: Tensor) -> Param {
+    Param { id: ParamId(id), value: t }
+}
+
+#[test]
+fn linear_on_the_tape_gives_reference_gradients() {
+    let ctx = gpu();
+    let mut rng = Rng::new(7);
+    for (n, k) in [(24, 36), (3, 65)] {
+        let (bsz, t) = (2, 5);
+        let rows = bsz * t;
+        let x = rng.vec(rows * k, 0.5);
+        let w = rng.vec(n * k, 0.5);
+        let dy = rng.vec(rows * n, 1.0);
+        let (dx_ref, dw_ref) = cpu::linear_backward(&dy, &x, &w, rows, n, k);
+
+        // x and W both need gradients.
+        let mut tape = Tape::new(true);
+        let xv = tape.input(up(&ctx, &x, &[bsz, t, k]));
+        let wv = tape.param(&param(1, up(&ctx, &w, &[n, k])));
+        let y = matmul::linear(&mut tape, &ctx, &xv, &wv).unwrap();
+        assert_eq!(y.shape(), [bsz, t, n]);
+        assert_close("linear y", &read(&ctx, y.value()), &cpu::linear(&x, &w, rows, n, k), ATOL, RTOL);
+        let seed = up(&ctx, &dy, &[bsz, t, n]);
+        let (pg, wrt) = tape.backward_from(&ctx, &y, seed.clone(), &[&xv]).unwrap();
+        let dx = wrt[0].as_ref().expect("dx");
+        assert_eq!(dx.shape(), [bsz, t, k]);
+        assert_close("linear dx", &read(&ctx, dx), &dx_ref, ATOL, RTOL);
+        assert_close("linear dW", &read(&ctx, &pg[&ParamId(1)]), &dw_ref, ATOL, RTOL);
+
+        // Frozen W (a base weight): dx still flows, no weight gradient.
+        let mut tape = Tape::new(true);
+        let xv = tape.input(up(&ctx, &x, &[bsz, t, k]));
+        let wv = tape.constant(up(&ctx, &w, &[n, k]));
+        let y = matmul::linear(&mut tape, &ctx, &xv, &wv).unwrap();
+        let (pg, wrt) = tape.backward_from(&ctx, &y, seed.clone(), &[&xv]).unwrap();
+        assert!(pg.is_empty());
+        assert_close("linear dx (frozen W)", &read(&ctx, wrt[0].as_ref().unwrap()), &dx_ref, ATOL, RTOL);
+
+        // Constant input x (data): only dW.
+        let mut tape = Tape::new(true);
+        let xv = tape.constant(up(&ctx, &x, &[bsz, t, k]));
+        let wv = tape.param(&param(2, up(&ctx, &w, &[n, k])));
+        let y = matmul::linear(&mut tape, &ctx, &xv, &wv).unwrap();
+        let (pg, wrt) = tape.backward_from(&ctx, &y, seed, &[&xv]).unwrap();
+        assert!(wrt[0].is_none());
+        assert_close("linear dW (constant x)", &read(&ctx, &pg[&ParamId(2)]), &dw_ref, ATOL, RTOL);
+    }
+}
+
+fn is_shape_err<T: std::fmt::Debug>(r: Result<T, Error>) -> bool {
+    matches!(r, Err(Error::Shape { .. }))
+}
+
+#[test]
+fn mismatched_shapes_are_errors() {
+    let ctx = gpu();
+    let z = |s: &[usize]| ctx.zeros(s, DType::F32).unwrap();
+    let mm = |a: &[usize], b: &[usize], t: Trans| matmul::matmul(&ctx, &z(a), &z(b), t, 1.0);
+    assert!(is_shape_err(mm(&[4, 5], &[6, 4], Trans::NT)), "NT inner dims");
+    assert!(is_shape_err(mm(&[4, 5], &[4, 6], Trans::NN)), "NN inner dims");
+    assert!(is_shape_err(mm(&[4, 5], &[5, 6], Trans::TN)), "TN inner dims");
+    assert!(is_shape_err(mm(&[2, 4, 5], &[3, 6, 5], Trans::NT)), "batch sizes");
+    assert!(is_shape_err(mm(&[5], &[6, 5], Trans::NT)), "rank 1");
+    assert!(is_shape_err(mm(&[1, 2, 4, 5], &[6, 5], Trans::NT)), "rank 4");
+    let (a, b) = (z(&[4, 5]), z(&[6, 5]));
+    assert!(is_shape_err(matmul::matmul_into(&ctx, &a, &b, Trans::NT, 1.0, 0.0, &z(&[6, 4]))), "out shape");
+    assert!(is_shape_err(matmul::matmul_into(&ctx, &a, &b, Trans::NT, 1.0, 0.0, &z(&[2, 4, 6]))), "out rank");
+    let half_beta = matmul::matmul_into(&ctx, &a, &b, Trans::NT, 1.0, 0.5, &z(&[4, 6]));
+    assert!(matches!(half_beta, Err(Error::Invalid(_))), "beta 0.5");
+    assert!(matmul::matmul_into(&ctx, &a, &b, Trans::NT, 1.0, 0.0, &a).is_err(), "out aliasing a");
+    assert!(is_shape_err(matmul::x_wt(&ctx, &z(&[2, 3, 5]), &z(&[6, 4]))), "x_wt");
+    assert!(is_shape_err(matmul::x_wt(&ctx, &z(&[2, 3, 5]), &z(&[2, 6, 5]))), "x_wt rank-3 w");
+    assert!(is_shape_err(matmul::g_w(&ctx, &z(&[2, 3, 5]), &z(&[6, 4]))), "g_w");
+    assert!(is_shape_err(matmul::gt_x(&ctx, &z(&[2, 3, 6]), &z(&[2, 4, 5]))), "gt_x rows");
+}
+
+#[test]
+fn empty_inner_dimension_gives_zeros_or_keeps_out() {
+    let ctx = gpu();
+    let (a, b) = (ctx.zeros(&[3, 0], DType::F32).unwrap(), ctx.zeros(&[4, 0], DType::F32).unwrap());
+    let c = matmul::matmul(&ctx, &a, &b, Trans::NT, 1.0).unwrap();
+    assert_eq!(read(&ctx, &c), vec![0.0; 12]);
+    let out = ctx.upload_f32(&[2.0; 12], &[3, 4]).unwrap();
+    matmul::matmul_into(&ctx, &a, &b, Trans::NT, 1.0, 1.0, &out).unwrap();
+    assert_eq!(read(&ctx, &out), vec![2.0; 12]);
+}
+
+#[test]
+fn block_constants_match_rust() {
+    // The launch geometry in src/ops/matmul.rs mirrors WG, BM and BN of shaders/matmul.wgsl.
+    let (file, src) = qlora_webgpu::gpu::shaders::MATMUL;
+    let m = naga::front::wgsl::parse_str(src).unwrap_or_else(|e| panic!("{}", e.emit_to_string_with_path(src, file)));
+    let get = |name: &str| {
+        m.constants.iter().find_map(|(_, c)| match (c.name.as_deref(), &m.global_expressions[c.init]) {
+            (Some(n), naga::Expression::Literal(naga::Literal::U32(v))) if n == name => Some(*v),
+            _ => None,
+        })
+    };
+    assert_eq!(get("WG"), Some(matmul::WG));
+    assert_eq!(get("BM"), Some(matmul::BM));
+    assert_eq!(get("BN"), Some(matmul::BN));
+}

@@ -46,7 +46,10 @@ impl SamplingConfig {
     /// Checks the ranges: temperature finite and >= 0, top_p in (0, 1], no empty stop string.
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return Err(Error::Invalid(format!("temperature must be finite and >= 0, got {}", self.temperature)));
+            return Err(Error::Invalid(format!(
+                "temperature must be finite and >= 0, got {}",
+                self.temperature
+            )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(Error::Invalid(format!("top_p must be in (0, 1], got {}", self.top_p)));
@@ -112,10 +115,16 @@ impl Sampler {
     /// A sampler with the config's temperature, top_k, top_p and seed.
     pub fn new(cfg: &SamplingConfig) -> Result<Self> {
         cfg.validate()?;
-        Ok(Self { temperature: cfg.temperature, top_k: cfg.top_k, top_p: cfg.top_p, rng: Pcg32::new(cfg.seed) })
+        Ok(Self {
+            temperature: cfg.temperature,
+            top_k: cfg.top_k,
+            top_p: cfg.top_p,
+            rng: Pcg32::new(cfg.seed),
+        })
     }
 
-    /// The next id for `logits` [V]. NaN logits or an empty vector are errors.
+    /// The next id for `logits` [V]. NaN logits or an empty vector are errors, and so is an
+    /// infinite largest logit when sampling (T > 0).
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
         if self.temperature == 0.0 {
             return argmax(logits);
@@ -149,6 +158,9 @@ impl Sampler {
         }
         let t = self.temperature as f64;
         let max = logits[order[0] as usize] as f64;
+        if !max.is_finite() {
+            return Err(Error::Invalid(format!("sampling: the largest logit is {max}")));
+        }
         let w: Vec<f64> = order.iter().map(|&i| ((logits[i as usize] as f64 - max) / t).exp()).collect();
         let z: f64 = w.iter().sum();
         let mut kept = order.len();

@@ -104,7 +104,9 @@ fn tokenizer_config_template_string_or_named_list() {
     assert!(ChatTemplate::from_tokenizer_config(&serde_json::to_vec(&no_default).unwrap()).is_err());
     assert!(ChatTemplate::from_tokenizer_config(b"{}").unwrap().is_none());
     // The fixture's tokenizer_config.json has no template (it lives in chat_template.jinja).
-    assert!(ChatTemplate::from_tokenizer_config(&read("tiny-llama/model/tokenizer_config.json")).unwrap().is_none());
+    assert!(ChatTemplate::from_tokenizer_config(&read("tiny-llama/model/tokenizer_config.json"))
+        .unwrap()
+        .is_none());
 }
 
 #[test]
@@ -160,11 +162,8 @@ fn loop_controls_python_methods_and_generation_blocks() {
                {%- generation %}<{{ m.content.strip().upper() }}>{% endgeneration %}\
                {%- endfor %}{{ tools is none }}{{ documents is none }}";
     let t = ChatTemplate::new(src).unwrap();
-    let m = [
-        Message::new("system", "s"),
-        Message::new("user", "  hello "),
-        Message::new("assistant", "never"),
-    ];
+    let m =
+        [Message::new("system", "s"), Message::new("user", "  hello "), Message::new("assistant", "never")];
     assert_eq!(t.render(&m, false, &ChatContext::default()).unwrap(), "<HELLO>TrueTrue");
 }
 

@@ -2,7 +2,9 @@
 //! fixture tokenizer: greedy, seeding, top-k, top-p, temperature, eos and stop strings, streaming.
 
 use qlora_webgpu::data::Tokenizer;
-use qlora_webgpu::generate::{argmax, generate, GenerationOutput, Pcg32, Sampler, SamplingConfig, StopReason};
+use qlora_webgpu::generate::{
+    argmax, generate, GenerationOutput, Pcg32, Sampler, SamplingConfig, StopReason,
+};
 use qlora_webgpu::Result;
 use std::sync::OnceLock;
 
@@ -102,7 +104,8 @@ fn top_p_keeps_the_smallest_sufficient_set() {
     // id 2 = 0.04.
     let probs = [0.25, 0.06, 0.04, 0.5, 0.15];
     let l = logits_of(&probs);
-    let kept = |p: f32| -> Vec<(u32, f64)> { Sampler::new(&cfg(1.0, 0, p, 0)).unwrap().distribution(&l).unwrap() };
+    let kept =
+        |p: f32| -> Vec<(u32, f64)> { Sampler::new(&cfg(1.0, 0, p, 0)).unwrap().distribution(&l).unwrap() };
     let ids = |d: &[(u32, f64)]| d.iter().map(|x| x.0).collect::<Vec<_>>();
     assert_eq!(ids(&kept(0.3)), vec![3]); // 0.5 >= 0.3 already
     assert_eq!(ids(&kept(0.7)), vec![3, 0]); // 0.75
@@ -111,7 +114,7 @@ fn top_p_keeps_the_smallest_sufficient_set() {
     assert_eq!(ids(&kept(0.99)), vec![3, 0, 4, 1, 2]);
     assert_eq!(ids(&kept(1.0)), vec![3, 0, 4, 1, 2]);
     assert_eq!(ids(&kept(1e-6)), vec![3]); // at least one token
-    // Renormalized over the kept set.
+                                           // Renormalized over the kept set.
     let d = kept(0.85);
     for (&(id, p), z) in d.iter().zip([0.9; 3]) {
         assert!((p - probs[id as usize] / z).abs() < 1e-6, "{id} {p}");
@@ -164,6 +167,11 @@ fn config_is_validated() {
     assert!(Sampler::new(&cfg(f32::NAN, 0, 1.0, 0)).is_err());
     assert!(Sampler::new(&cfg(1.0, 0, 0.0, 0)).is_err());
     assert!(Sampler::new(&cfg(1.0, 0, 1.5, 0)).is_err());
+    let mut s = Sampler::new(&cfg(1.0, 0, 1.0, 0)).unwrap();
+    assert!(s.sample(&[f32::NEG_INFINITY; 3]).is_err());
+    assert!(s.sample(&[0.0, f32::INFINITY]).is_err());
+    assert!(s.sample(&[0.0, f32::NAN]).is_err());
+    assert_eq!(s.sample(&[f32::NEG_INFINITY, 0.0, f32::NEG_INFINITY]).unwrap(), 1);
     let mut c = cfg(0.0, 0, 1.0, 0);
     c.stop_strings = vec![String::new()];
     assert!(Sampler::new(&c).is_err());
@@ -202,7 +210,8 @@ fn run(script_text_ids: Vec<u32>, c: &SamplingConfig) -> (GenerationOutput, Vec<
     let prompt = [1u32, 4093, 198];
     let mut fake = Script::new(&prompt, script_text_ids);
     let mut pieces = Vec::new();
-    let out = generate(&prompt, |ids, pos| fake.step(ids, pos), tok(), c, |s| pieces.push(s.to_string())).unwrap();
+    let out =
+        generate(&prompt, |ids, pos| fake.step(ids, pos), tok(), c, |s| pieces.push(s.to_string())).unwrap();
     assert_eq!(pieces.concat(), out.text, "streamed pieces must concatenate to the text");
     assert!(pieces.iter().all(|p| !p.is_empty()));
     (out, pieces, fake.calls)
@@ -223,7 +232,7 @@ fn stops_on_eos_without_its_text() {
     want.push(2);
     assert_eq!(out.ids, want);
     assert_eq!(calls, body.len() + 1); // the prompt, then every token but the eos
-    // Without eos ids, special tokens are skipped from the text (skip_special_tokens) or kept.
+                                       // Without eos ids, special tokens are skipped from the text (skip_special_tokens) or kept.
     c.eos_ids.clear();
     c.max_new_tokens = body.len() + 3;
     let (out, _, _) = run([body.clone(), vec![2, 198, 1]].concat(), &c);

@@ -200,7 +200,8 @@ fn incremental_decoding_waits_for_complete_characters() {
 /// GPT-2's byte -> printable character map (bytes that are printable Latin-1 map to themselves,
 /// the others to U+0100 upwards in order).
 fn byte_level_char(b: u8) -> char {
-    let printable = |x: u8| (b'!'..=b'~').contains(&x) || (0xA1..=0xAC).contains(&x) || (0xAE..=0xFF).contains(&x);
+    let printable =
+        |x: u8| (b'!'..=b'~').contains(&x) || (0xA1..=0xAC).contains(&x) || (0xAE..=0xFF).contains(&x);
     if printable(b) {
         return b as char;
     }
@@ -214,7 +215,16 @@ fn gguf_spec_builds_the_same_tokenizer_json() {
     // metadata must give the same document.
     let built = Tokenizer::gguf_tokenizer_json(&gguf_spec("smollm")).unwrap();
     let want = tokenizer_json();
-    for key in ["version", "truncation", "padding", "added_tokens", "normalizer", "pre_tokenizer", "post_processor", "decoder"] {
+    for key in [
+        "version",
+        "truncation",
+        "padding",
+        "added_tokens",
+        "normalizer",
+        "pre_tokenizer",
+        "post_processor",
+        "decoder",
+    ] {
         assert_eq!(built[key], want[key], "{key}");
     }
     for key in want["model"].as_object().unwrap().keys() {
@@ -242,7 +252,10 @@ fn gguf_spec_encodes_like_tokenizer_json() {
         assert_eq!(b.decode(&ia, false).unwrap(), a.decode(&ia, false).unwrap());
         assert_eq!(b.decode(&ia, true).unwrap(), a.decode(&ia, true).unwrap());
     }
-    assert_eq!(b.encode(r["chat"]["templated_text"].as_str().unwrap(), false).unwrap(), ids(&r["chat"]["prompt_ids"]));
+    assert_eq!(
+        b.encode(r["chat"]["templated_text"].as_str().unwrap(), false).unwrap(),
+        ids(&r["chat"]["prompt_ids"])
+    );
 }
 
 #[test]

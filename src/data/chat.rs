@@ -60,7 +60,8 @@ impl ChatContext {
         let cfg: serde_json::Value = serde_json::from_slice(tokenizer_config)
             .map_err(|e| Error::format("tokenizer_config.json", e.to_string()))?;
         let get = |k: &str| cfg.get(k).and_then(token_content);
-        let mut ctx = ChatContext { bos_token: get("bos_token"), eos_token: get("eos_token"), ..Default::default() };
+        let mut ctx =
+            ChatContext { bos_token: get("bos_token"), eos_token: get("eos_token"), ..Default::default() };
         for k in ["unk_token", "pad_token"] {
             if let Some(s) = get(k) {
                 ctx.extra.insert(k.to_string(), serde_json::Value::String(s));
@@ -171,11 +172,14 @@ impl ChatTemplate {
     /// Renders `messages` (with `add_generation_prompt`, `bos_token`, `eos_token`, `tools` and
     /// `documents` = none, and `ctx.extra`). `raise_exception` and other render failures are
     /// `Invalid` errors carrying the template's message.
-    pub fn render(&self, messages: &[Message], add_generation_prompt: bool, ctx: &ChatContext) -> Result<String> {
-        let mut vars: Vec<(String, Value)> = vec![
-            ("tools".into(), Value::from(())),
-            ("documents".into(), Value::from(())),
-        ];
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        ctx: &ChatContext,
+    ) -> Result<String> {
+        let mut vars: Vec<(String, Value)> =
+            vec![("tools".into(), Value::from(())), ("documents".into(), Value::from(()))];
         if let Some(b) = &ctx.bos_token {
             vars.push(("bos_token".into(), Value::from(b.as_str())));
         }
@@ -226,9 +230,8 @@ fn rewrite_generation_tags(src: &str) -> String {
         while i < b.len() && b[i].is_ascii_whitespace() {
             i += 1;
         }
-        let word_end = rest[i..]
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .map_or(rest.len(), |j| i + j);
+        let word_end =
+            rest[i..].find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).map_or(rest.len(), |j| i + j);
         let word = &rest[i..word_end];
         let tail = rest[word_end..].trim_start();
         let closes = tail.starts_with("%}") || tail.starts_with("-%}") || tail.starts_with("+%}");
@@ -304,7 +307,12 @@ fn tojson(
     Ok(Value::from_safe_string(out))
 }
 
-fn write_json(out: &mut String, v: &Value, o: &JsonOpts, level: usize) -> std::result::Result<(), minijinja::Error> {
+fn write_json(
+    out: &mut String,
+    v: &Value,
+    o: &JsonOpts,
+    level: usize,
+) -> std::result::Result<(), minijinja::Error> {
     match v.kind() {
         ValueKind::None => out.push_str("null"),
         ValueKind::Undefined => {
@@ -344,7 +352,9 @@ fn write_json(out: &mut String, v: &Value, o: &JsonOpts, level: usize) -> std::r
         }
         ValueKind::Seq | ValueKind::Iterable => {
             let items: Vec<Value> = v.try_iter()?.collect();
-            write_container(out, '[', ']', items.len(), o, level, |out, i| write_json(out, &items[i], o, level + 1))?;
+            write_container(out, '[', ']', items.len(), o, level, |out, i| {
+                write_json(out, &items[i], o, level + 1)
+            })?;
         }
         _ => {
             return Err(minijinja::Error::new(

@@ -181,10 +181,7 @@ impl Tokenizer {
         if !spec.token_types.is_empty() && spec.token_types.len() != n {
             return Err(Error::format(
                 GGUF_FILE,
-                format!(
-                    "tokenizer.ggml.token_type has {} entries for {n} tokens",
-                    spec.token_types.len()
-                ),
+                format!("tokenizer.ggml.token_type has {} entries for {n} tokens", spec.token_types.len()),
             ));
         }
         for (name, id) in [("bos", spec.bos), ("eos", spec.eos), ("unk", spec.unk), ("pad", spec.pad)] {
@@ -217,9 +214,7 @@ impl Tokenizer {
             }
         }
 
-        let special_id = |i: usize| {
-            [spec.bos, spec.eos, spec.unk, spec.pad].iter().any(|&s| s == Some(i as u32))
-        };
+        let special_id = |i: usize| [spec.bos, spec.eos, spec.unk, spec.pad].contains(&Some(i as u32));
         let mut added = Vec::new();
         for (i, t) in spec.tokens.iter().enumerate() {
             let ty = spec.token_types.get(i).copied().unwrap_or(1);
@@ -323,9 +318,9 @@ impl Tokenizer {
     fn check_ids(&self, ids: &[u32]) -> Result<()> {
         let n = self.vocab_size();
         match ids.iter().find(|&&id| id as usize >= n) {
-            Some(id) => Err(Error::Invalid(format!(
-                "tokenizer: token id {id} is outside the vocabulary of {n}"
-            ))),
+            Some(id) => {
+                Err(Error::Invalid(format!("tokenizer: token id {id} is outside the vocabulary of {n}")))
+            }
             None => Ok(()),
         }
     }

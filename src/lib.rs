@@ -4,7 +4,9 @@
 //! tape), `ops` (each op: WGSL launches, tape rule, f64 CPU reference), `quant` (NF4).
 
 pub mod autograd;
+pub mod data;
 pub mod error;
+pub mod generate;
 pub mod gpu;
 pub mod io;
 pub mod lora;

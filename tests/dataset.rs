@@ -248,6 +248,10 @@ fn alpaca_with_and_without_chat_template() {
         assert_eq!(ex.ids, tok.encode(&tmpl.render(&m, false, &ctx).unwrap(), false).unwrap());
         assert_eq!(counted_runs(&tok, ex), vec![format!("{output}<|im_end|>")]);
     }
+    // A value containing a placeholder's text is inserted as is.
+    let rec = Record::Alpaca { instruction: "Explain {input}".into(), input: "{instruction}".into(), output: "ok".into() };
+    let ex = Encoder::new(&tok, None, opts()).unwrap().encode(&rec).unwrap();
+    assert!(tok.decode(&ex.ids, false).unwrap().contains("### Instruction:\nExplain {input}\n\n### Input:\n{instruction}\n\n"));
     // Without a template: the Alpaca prompt text, then the output and eos counted.
     let td = ds.tokenize(&Encoder::new(&tok, None, opts()).unwrap()).unwrap();
     let prompts = [
@@ -257,6 +261,7 @@ fn alpaca_with_and_without_chat_template() {
     for (i, p) in prompts.iter().enumerate() {
         let ex = &td.examples()[i];
         let Record::Alpaca { output, .. } = &ds.records()[i] else { unreachable!() };
+        assert_eq!(tok.decode(&ex.ids[..ex.labels.iter().take_while(|&&l| l == IGNORE).count()], false).unwrap(), *p);
         let mut ids = tok.encode(&format!("{p}{output}"), true).unwrap();
         ids.push(IM_END);
         assert_eq!(ex.ids, ids);
@@ -369,6 +374,9 @@ fn truncation_keeps_the_beginning() {
     assert_eq!(cut.stats().truncated, n_cut);
     assert_eq!(full.stats().truncated, 0);
     assert_eq!(cut.stats().max_tokens, max_len);
+    let lossless = cut.examples().iter().filter(|e| e.n_counted() == 0).count();
+    assert!(lossless >= 1, "some answer lies entirely past {max_len} tokens");
+    assert_eq!((cut.stats().without_loss, full.stats().without_loss), (lossless, 0));
     // A truncated text example loses its eos.
     let ds = load("text.jsonl", Format::Auto);
     let td = ds.tokenize(&Encoder::new(&tok, None, EncodeOptions { max_len: 4, ..opts() }).unwrap()).unwrap();

@@ -512,11 +512,8 @@ impl<'a> Encoder<'a> {
                     self.chat(&[Message::new("user", user), Message::new("assistant", output.clone())])?
                 }
                 None => {
-                    let prompt = if input.is_empty() {
-                        ALPACA_PROMPT_NO_INPUT.replace("{instruction}", instruction)
-                    } else {
-                        ALPACA_PROMPT.replace("{instruction}", instruction).replace("{input}", input)
-                    };
+                    let vars = [("{instruction}", instruction.as_str()), ("{input}", input.as_str())];
+                    let prompt = fill(if input.is_empty() { ALPACA_PROMPT_NO_INPUT } else { ALPACA_PROMPT }, &vars);
                     self.prompt_completion(&prompt, output)
                 }
             },
@@ -578,7 +575,7 @@ impl<'a> Encoder<'a> {
             gen.len()
         } else {
             let prev = if i == 0 { String::new() } else { before(false)? };
-            let base = common_prefix(q, &prev).max(if q.starts_with(&gen) { gen.len() } else { 0 });
+            let base = common_prefix(q, &prev);
             let needle = content.trim();
             if needle.is_empty() {
                 base
@@ -617,6 +614,22 @@ impl<'a> Encoder<'a> {
     }
 }
 
+/// `template` with each placeholder replaced by its value in one left-to-right pass (so a value
+/// that contains a placeholder's text is left as it is).
+fn fill(template: &str, vars: &[(&str, &str)]) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some((pos, key, value)) =
+        vars.iter().filter_map(|&(k, v)| rest.find(k).map(|p| (p, k, v))).min_by_key(|&(p, _, _)| p)
+    {
+        out.push_str(&rest[..pos]);
+        out.push_str(value);
+        rest = &rest[pos + key.len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
 fn common_prefix(a: &str, b: &str) -> usize {
     let n = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
     // Back up to a char boundary of both.
@@ -637,6 +650,9 @@ pub struct DatasetStats {
     pub max_tokens: usize,
     /// Examples cut to `max_len`.
     pub truncated: usize,
+    /// Examples with no scored token (e.g. a conversation whose assistant turns were all cut
+    /// off by truncation): they cost compute and teach nothing.
+    pub without_loss: usize,
 }
 
 /// Tokenized examples, in the order of their records.
@@ -667,7 +683,8 @@ impl TokenizedDataset {
         self.examples.is_empty()
     }
 
-    /// Examples, tokens, counted tokens, the longest example, and how many were truncated.
+    /// Examples, tokens, counted tokens, the longest example, how many were truncated and how
+    /// many have no scored token.
     pub fn stats(&self) -> DatasetStats {
         DatasetStats {
             examples: self.examples.len(),
@@ -675,6 +692,7 @@ impl TokenizedDataset {
             counted_tokens: self.examples.iter().map(Example::n_counted).sum(),
             max_tokens: self.examples.iter().map(|e| e.ids.len()).max().unwrap_or(0),
             truncated: self.truncated,
+            without_loss: self.examples.iter().filter(|e| e.n_counted() == 0).count(),
         }
     }
 

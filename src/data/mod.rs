@@ -3,6 +3,7 @@
 //! renders them).
 
 pub mod chat;
+pub mod dataset;
 pub mod tokenizer;
 
 pub use chat::{ChatContext, ChatTemplate, Message};

@@ -3,17 +3,22 @@
 //! both the vec4 kernels (with edge tiles) and the plain strided kernel run; batches with and
 //! without broadcasting; alpha and beta = 1 accumulation; the vec4 kernels against the plain
 //! kernel; the linear layer on the tape against the reference backward, which passes a
-//! finite-difference check; shape errors.
+//! finite-difference check; shape errors. The subgroup kernels (shaders/matmul_subgroup.wgsl),
+//! forced through `matmul_into_path`, on the same shapes, batches and beta = 1 cases against the
+//! reference and the plain kernel, in both their branches (shared and own loads of A); which
+//! path the dispatcher picks, and QLORA_NO_SUBGROUPS. The subgroup tests FAIL on a device without
+//! subgroups instead of skipping: lavapipe, the driver these tests run on here, has them.
 //!
 //! Tolerances: inputs are scaled by K^-1/4 so entries of C are O(1); f32 results must then be
 //! within 1e-5 abs + 1e-4 rel of the f64 reference (f32 rounding of a K-term sum is about
-//! 6e-8 * sqrt(K) here), and the vec4 kernels within 1e-6 abs + 1e-5 rel of the plain kernel.
+//! 6e-8 * sqrt(K) here), and the vec4 and subgroup kernels within 1e-6 abs + 1e-5 rel of the
+//! plain kernel.
 
 mod common;
 use common::*;
 use qlora_webgpu::autograd::{Param, ParamId, Tape};
 use qlora_webgpu::gpu::{DType, GpuContext, Tensor};
-use qlora_webgpu::ops::matmul::{self, cpu, Trans};
+use qlora_webgpu::ops::matmul::{self, cpu, Path, Trans};
 use qlora_webgpu::Error;
 
 const ALL: [Trans; 3] = [Trans::NT, Trans::NN, Trans::TN];
@@ -122,7 +127,9 @@ fn vec4_kernels_equal_the_plain_kernel() {
             let (a, b) = operands(&mut rng, m, n, k);
             let (sa, sb) = shapes(trans, m, n, k);
             let (at, bt) = (up(&ctx, &a, &sa), up(&ctx, &b, &sb));
-            let fast = matmul::matmul(&ctx, &at, &bt, trans, 0.75).unwrap();
+            // Forced: on a device with subgroups, matmul() would take the subgroup kernels.
+            let fast = ctx.empty(&[m, n], DType::F32).unwrap();
+            matmul::matmul_into_path(&ctx, &at, &bt, trans, 0.75, 0.0, &fast, Path::Vec4).unwrap();
             let plain = ctx.empty(&[m, n], DType::F32).unwrap();
             matmul::matmul_plain_into(&ctx, &at, &bt, trans, 0.75, 0.0, &plain).unwrap();
             let p: Vec<f64> = read(&ctx, &plain).iter().map(|&v| v as f64).collect();
@@ -132,7 +139,8 @@ fn vec4_kernels_equal_the_plain_kernel() {
 }
 
 /// Runs a batched product (batch `nb`, `a_batched`/`b_batched`: whether that operand has the
-/// batch dimension) on both kernels and checks each batch against the reference.
+/// batch dimension) through the dispatcher, the vec4 kernels (where they apply) and the plain
+/// kernel, and checks each batch against the reference.
 fn check_batched(ctx: &GpuContext, rng: &mut Rng, trans: Trans, nb: usize, (m, n, k): (usize, usize, usize), a_batched: bool, b_batched: bool) {
     let (sa, sb) = shapes(trans, m, n, k);
     let s = (k as f64).powf(-0.25);
@@ -153,6 +161,11 @@ fn check_batched(ctx: &GpuContext, rng: &mut Rng, trans: Trans, nb: usize, (m, n
     let plain = ctx.empty(&[nb, m, n], DType::F32).unwrap();
     matmul::matmul_plain_into(ctx, &at, &bt, trans, 1.0, 0.0, &plain).unwrap();
     assert_close(&format!("{what} plain"), &read(ctx, &plain), &want, ATOL, RTOL);
+    if matmul::vec4_applies(trans, m, n, k) {
+        let v = ctx.empty(&[nb, m, n], DType::F32).unwrap();
+        matmul::matmul_into_path(ctx, &at, &bt, trans, 1.0, 0.0, &v, Path::Vec4).unwrap();
+        assert_close(&format!("{what} vec4"), &read(ctx, &v), &want, ATOL, RTOL);
+    }
 }
 
 #[test]
@@ -181,16 +194,20 @@ fn alpha_and_beta_accumulate() {
             let ab = cpu::matmul(&a, &b, m, n, k, trans);
             let alpha = -0.375;
             let want: Vec<f64> = c0.iter().zip(&ab).map(|(c, p)| c + alpha * p).collect();
-            for plain in [false, true] {
+            // Auto (the dispatcher's choice), and each kernel family forced where it applies.
+            let mut paths = vec![Path::Auto, Path::Plain];
+            if matmul::vec4_applies(trans, m, n, k) {
+                paths.push(Path::Vec4);
+            }
+            for path in paths {
                 let out = up(&ctx, &c0, &[m, n]);
-                let run = if plain { matmul::matmul_plain_into } else { matmul::matmul_into };
-                run(&ctx, &at, &bt, trans, alpha as f32, 1.0, &out).unwrap();
-                assert_close(&format!("{trans:?} {m}x{n}x{k} beta=1 plain={plain}"), &read(&ctx, &out), &want, ATOL, RTOL);
+                matmul::matmul_into_path(&ctx, &at, &bt, trans, alpha as f32, 1.0, &out, path).unwrap();
+                assert_close(&format!("{trans:?} {m}x{n}x{k} beta=1 {path:?}"), &read(&ctx, &out), &want, ATOL, RTOL);
                 // beta = 0 never reads out: NaN there must not leak into the result.
                 let nan = ctx.upload_f32(&vec![f32::NAN; m * n], &[m, n]).unwrap();
-                run(&ctx, &at, &bt, trans, alpha as f32, 0.0, &nan).unwrap();
+                matmul::matmul_into_path(&ctx, &at, &bt, trans, alpha as f32, 0.0, &nan, path).unwrap();
                 let scaled: Vec<f64> = ab.iter().map(|p| alpha * p).collect();
-                assert_close(&format!("{trans:?} {m}x{n}x{k} beta=0 plain={plain}"), &read(&ctx, &nan), &scaled, ATOL, RTOL);
+                assert_close(&format!("{trans:?} {m}x{n}x{k} beta=0 {path:?}"), &read(&ctx, &nan), &scaled, ATOL, RTOL);
             }
         }
     }
@@ -309,18 +326,185 @@ fn empty_inner_dimension_gives_zeros_or_keeps_out() {
     assert_eq!(read(&ctx, &out), vec![2.0; 12]);
 }
 
-#[test]
-fn block_constants_match_rust() {
-    // The launch geometry in src/ops/matmul.rs mirrors WG, BM and BN of shaders/matmul.wgsl.
-    let (file, src) = qlora_webgpu::gpu::shaders::MATMUL;
-    let m = naga::front::wgsl::parse_str(src).unwrap_or_else(|e| panic!("{}", e.emit_to_string_with_path(src, file)));
+/// The u32 module-scope constants `names` of a shader file (None where missing).
+fn wgsl_consts(file: (&str, &'static str), names: &[&str]) -> Vec<Option<u32>> {
+    let src = qlora_webgpu::gpu::shaders::for_target(file.1);
+    let m = naga::front::wgsl::parse_str(src).unwrap_or_else(|e| panic!("{}", e.emit_to_string_with_path(src, file.0)));
     let get = |name: &str| {
         m.constants.iter().find_map(|(_, c)| match (c.name.as_deref(), &m.global_expressions[c.init]) {
             (Some(n), naga::Expression::Literal(naga::Literal::U32(v))) if n == name => Some(*v),
             _ => None,
         })
     };
-    assert_eq!(get("WG"), Some(matmul::WG));
-    assert_eq!(get("BM"), Some(matmul::BM));
-    assert_eq!(get("BN"), Some(matmul::BN));
+    names.iter().map(|n| get(n)).collect()
+}
+
+#[test]
+fn block_constants_match_rust() {
+    // The launch geometry in src/ops/matmul.rs mirrors WG, BM and BN of shaders/matmul.wgsl and
+    // of shaders/matmul_subgroup.wgsl.
+    use qlora_webgpu::gpu::shaders::{MATMUL, MATMUL_SUBGROUP};
+    let names = ["WG", "BM", "BN"];
+    assert_eq!(wgsl_consts(MATMUL, &names), [Some(matmul::WG), Some(matmul::BM), Some(matmul::BN)]);
+    assert_eq!(wgsl_consts(MATMUL_SUBGROUP, &names), [Some(matmul::SG_WG), Some(matmul::SG_BM), Some(matmul::SG_BN)]);
+}
+
+// ---- The subgroup kernels -------------------------------------------------------------------
+
+/// A context whose device has subgroups, or a panic saying why the test cannot run: these tests
+/// check the subgroup path and must not pass vacuously (lavapipe, the driver here, has them).
+fn gpu_with_subgroups() -> std::rc::Rc<GpuContext> {
+    let ctx = gpu();
+    assert!(
+        ctx.info().subgroups,
+        "this test needs a device with subgroups (lavapipe has them), got {}",
+        ctx.info()
+    );
+    ctx
+}
+
+const SUBGROUP_PATHS: [Path; 2] = [Path::Subgroup, Path::SubgroupOwnLoads];
+
+/// C = alpha * op(a, b) through `path` in a new (…, M, N) tensor.
+fn run_path(ctx: &GpuContext, a: &Tensor, b: &Tensor, trans: Trans, alpha: f32, out_shape: &[usize], path: Path) -> Vec<f32> {
+    let out = ctx.empty(out_shape, DType::F32).unwrap();
+    matmul::matmul_into_path(ctx, a, b, trans, alpha, 0.0, &out, path).unwrap();
+    read(ctx, &out)
+}
+
+#[test]
+fn subgroup_kernels_match_reference_and_plain() {
+    // The vec4 shapes of SHAPES and of vec4_kernels_equal_the_plain_kernel: edges on every side
+    // of the 32 x 512 workgroup tile, K = 4 .. 1001, M and N of 1 and 12.
+    let ctx = gpu_with_subgroups();
+    let mut rng = Rng::new(8);
+    let extra = [(68, 132, 260), (129, 76, 36), (12, 8, 1001), (1001, 12, 8), (4, 4, 4), (40, 1100, 12)];
+    for trans in ALL {
+        let mut runs = 0;
+        for &(m, n, k) in SHAPES.iter().chain(&extra) {
+            if !matmul::vec4_applies(trans, m, n, k) {
+                continue;
+            }
+            let (a, b) = operands(&mut rng, m, n, k);
+            let (sa, sb) = shapes(trans, m, n, k);
+            let (at, bt) = (up(&ctx, &a, &sa), up(&ctx, &b, &sb));
+            let want: Vec<f64> = cpu::matmul(&a, &b, m, n, k, trans).iter().map(|v| 0.75 * v).collect();
+            let plain: Vec<f64> = run_path(&ctx, &at, &bt, trans, 0.75, &[m, n], Path::Plain).iter().map(|&v| v as f64).collect();
+            for path in SUBGROUP_PATHS {
+                let got = run_path(&ctx, &at, &bt, trans, 0.75, &[m, n], path);
+                let what = format!("{trans:?} {m}x{n}x{k} {path:?}");
+                assert_close(&what, &got, &want, ATOL, RTOL);
+                assert_close(&format!("{what} vs plain"), &got, &plain, 1e-6, 1e-5);
+            }
+            runs += 1;
+        }
+        assert!(runs >= 8, "{trans:?}: only {runs} shapes took the subgroup kernels");
+    }
+}
+
+#[test]
+fn subgroup_kernels_batched_with_and_without_broadcast() {
+    let ctx = gpu_with_subgroups();
+    let mut rng = Rng::new(9);
+    let nb = 3;
+    for trans in ALL {
+        for &(m, n, k) in &[(20, 12, 16), (68, 72, 36), (36, 520, 8)] {
+            if !matmul::vec4_applies(trans, m, n, k) {
+                continue;
+            }
+            for (a_batched, b_batched) in [(true, true), (false, true), (true, false)] {
+                let (sa, sb) = shapes(trans, m, n, k);
+                let s = (k as f64).powf(-0.25);
+                let a = rng.vec(if a_batched { nb } else { 1 } * m * k, s);
+                let b = rng.vec(if b_batched { nb } else { 1 } * n * k, s);
+                let at = up(&ctx, &a, &with_batch(a_batched.then_some(nb), sa));
+                let bt = up(&ctx, &b, &with_batch(b_batched.then_some(nb), sb));
+                let mut want = Vec::new();
+                for z in 0..nb {
+                    let az = if a_batched { &a[z * m * k..(z + 1) * m * k] } else { &a[..] };
+                    let bz = if b_batched { &b[z * n * k..(z + 1) * n * k] } else { &b[..] };
+                    want.extend(cpu::matmul(az, bz, m, n, k, trans));
+                }
+                for path in SUBGROUP_PATHS {
+                    let what = format!("{trans:?} batch {nb} (a {a_batched}, b {b_batched}) {m}x{n}x{k} {path:?}");
+                    assert_close(&what, &run_path(&ctx, &at, &bt, trans, 1.0, &[nb, m, n], path), &want, ATOL, RTOL);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn subgroup_kernels_alpha_and_beta_accumulate() {
+    let ctx = gpu_with_subgroups();
+    let mut rng = Rng::new(10);
+    for trans in ALL {
+        let (m, n, k) = (68, 132, 36);
+        let (a, b) = operands(&mut rng, m, n, k);
+        let (sa, sb) = shapes(trans, m, n, k);
+        let (at, bt) = (up(&ctx, &a, &sa), up(&ctx, &b, &sb));
+        let c0 = rng.vec(m * n, 1.0);
+        let ab = cpu::matmul(&a, &b, m, n, k, trans);
+        let alpha = -0.375;
+        let want: Vec<f64> = c0.iter().zip(&ab).map(|(c, p)| c + alpha * p).collect();
+        let scaled: Vec<f64> = ab.iter().map(|p| alpha * p).collect();
+        for path in SUBGROUP_PATHS {
+            let out = up(&ctx, &c0, &[m, n]);
+            matmul::matmul_into_path(&ctx, &at, &bt, trans, alpha as f32, 1.0, &out, path).unwrap();
+            assert_close(&format!("{trans:?} beta=1 {path:?}"), &read(&ctx, &out), &want, ATOL, RTOL);
+            // beta = 0 never reads out: NaN there must not leak into the result.
+            let nan = ctx.upload_f32(&vec![f32::NAN; m * n], &[m, n]).unwrap();
+            matmul::matmul_into_path(&ctx, &at, &bt, trans, alpha as f32, 0.0, &nan, path).unwrap();
+            assert_close(&format!("{trans:?} beta=0 {path:?}"), &read(&ctx, &nan), &scaled, ATOL, RTOL);
+        }
+    }
+}
+
+#[test]
+fn dispatcher_picks_the_subgroup_kernels_here() {
+    let ctx = gpu_with_subgroups();
+    assert!(
+        std::env::var_os(matmul::NO_SUBGROUPS_ENV).is_none(),
+        "unset QLORA_NO_SUBGROUPS to run this test (it turns the subgroup kernels off)"
+    );
+    for trans in ALL {
+        assert_eq!(matmul::chosen_path(&ctx, trans, 64, 64, 64), Path::Subgroup, "{trans:?}");
+        assert_eq!(matmul::chosen_path(&ctx, trans, 7, 5, 3), Path::Plain, "{trans:?}");
+    }
+    // Forcing a path where it does not apply is an error, not a silent fallback.
+    let (a, b) = (ctx.zeros(&[4, 3], DType::F32).unwrap(), ctx.zeros(&[5, 3], DType::F32).unwrap());
+    for path in [Path::Vec4, Path::Subgroup, Path::SubgroupOwnLoads] {
+        let out = ctx.empty(&[4, 5], DType::F32).unwrap();
+        let r = matmul::matmul_into_path(&ctx, &a, &b, Trans::NT, 1.0, 0.0, &out, path);
+        assert!(matches!(r, Err(Error::Invalid(_))), "{path:?} on K = 3: {r:?}");
+    }
+}
+
+/// Run by `no_subgroups_env_turns_the_subgroup_kernels_off` in a child process with
+/// QLORA_NO_SUBGROUPS=1; ignored otherwise.
+#[test]
+#[ignore = "runs in a child process with QLORA_NO_SUBGROUPS=1"]
+fn child_no_subgroups_env() {
+    assert_eq!(std::env::var(matmul::NO_SUBGROUPS_ENV).as_deref(), Ok("1"), "run through the parent test");
+    // chosen_path is what matmul_into dispatches for Auto; the vec4 kernels themselves are
+    // checked above (no dispatch here: a child process would compile its pipelines again).
+    let ctx = gpu_with_subgroups();
+    for trans in ALL {
+        assert_eq!(matmul::chosen_path(&ctx, trans, 64, 64, 64), Path::Vec4, "{trans:?}");
+        assert_eq!(matmul::chosen_path(&ctx, trans, 7, 5, 3), Path::Plain, "{trans:?}");
+    }
+}
+
+#[test]
+fn no_subgroups_env_turns_the_subgroup_kernels_off() {
+    // Set in a child process: setting it here would race with the other tests' dispatches.
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new(exe)
+        .args(["--exact", "child_no_subgroups_env", "--ignored", "--test-threads=1"])
+        .env(matmul::NO_SUBGROUPS_ENV, "1")
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "child failed:\n{text}");
+    assert!(text.contains("1 passed"), "the child ran no test:\n{text}");
 }

@@ -1,5 +1,7 @@
 //! The WGSL sources, one file per kernel family, compiled into the library with `include_str!`.
-//! `ALL` lists every file so the naga test validates each one.
+//! `ALL` lists every file so the naga test validates each one; `NEEDS_SUBGROUPS` names those that
+//! use the optional `subgroups` feature (validated with naga's subgroup capabilities, and only
+//! dispatched on a device created with it).
 
 macro_rules! shader {
     ($name:ident, $file:literal) => {
@@ -9,6 +11,7 @@ macro_rules! shader {
 }
 
 shader!(MATMUL, "matmul.wgsl");
+shader!(MATMUL_SUBGROUP, "matmul_subgroup.wgsl");
 shader!(NF4, "nf4.wgsl");
 shader!(LORA, "lora.wgsl");
 shader!(RMSNORM, "rmsnorm.wgsl");
@@ -22,10 +25,40 @@ shader!(ELEMENTWISE, "elementwise.wgsl");
 
 /// Every shader file: (file name, source).
 pub const ALL: &[(&str, &str)] = &[
-    MATMUL, NF4, LORA, RMSNORM, ROPE, ATTENTION, SWIGLU, EMBEDDING, CROSS_ENTROPY, ADAMW, ELEMENTWISE,
+    MATMUL, MATMUL_SUBGROUP, NF4, LORA, RMSNORM, ROPE, ATTENTION, SWIGLU, EMBEDDING, CROSS_ENTROPY, ADAMW, ELEMENTWISE,
 ];
 
-/// The kernel `entry` of shader file `file` (one of the constants above).
+/// File names (in `ALL`) that start with `enable subgroups;` ([`ENABLE_SUBGROUPS`]).
+pub const NEEDS_SUBGROUPS: &[&str] = &[MATMUL_SUBGROUP.0];
+
+/// The directive a `NEEDS_SUBGROUPS` file starts with.
+pub const ENABLE_SUBGROUPS: &str = "enable subgroups;";
+
+/// The text of a shader file as this target's WGSL compiler takes it. In the browser (wasm32) the
+/// file itself: the browser requires `enable subgroups;` before subgroup builtins. Natively, naga
+/// 30 rejects that directive as not yet implemented (gfx-rs/wgpu#5555) while it accepts the
+/// builtins without it (the device feature gates them), so a leading `enable subgroups;` is cut
+/// off; the rest of its line stays, so naga's line numbers still match the file.
+pub const fn for_target(src: &'static str) -> &'static str {
+    if cfg!(target_arch = "wasm32") {
+        return src;
+    }
+    let (s, d) = (src.as_bytes(), ENABLE_SUBGROUPS.as_bytes());
+    if s.len() < d.len() {
+        return src;
+    }
+    let mut i = 0;
+    while i < d.len() {
+        if s[i] != d[i] {
+            return src;
+        }
+        i += 1;
+    }
+    src.split_at(d.len()).1
+}
+
+/// The kernel `entry` of shader file `file` (one of the constants above), its source as
+/// [`for_target`] gives it.
 pub const fn kernel(file: (&'static str, &'static str), entry: &'static str) -> super::Kernel {
-    super::Kernel { file: file.0, source: file.1, entry }
+    super::Kernel { file: file.0, source: for_target(file.1), entry }
 }

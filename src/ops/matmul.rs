@@ -2,9 +2,13 @@
 //! needs (X W^T, G W, G^T X) with no materialised transpose, alpha scaling and beta accumulation;
 //! the linear layer y = x W^T on the tape.
 //!
-//! Kernel choice: the register-blocked vec4 kernel of a variant runs when the dimensions its
-//! vec4 loads run along are multiples of 4 (`vec4_applies`); otherwise the plain strided kernel,
-//! which is also the tests' oracle for the vec4 kernels (`matmul_plain_into`).
+//! Kernel choice ([`Path`], [`chosen_path`]): where the dimensions the vec4 loads run along are
+//! multiples of 4 (`vec4_applies`), the subgroup kernels of shaders/matmul_subgroup.wgsl when the
+//! device has subgroups (`GpuInfo::subgroups`), else the register-blocked vec4 kernels of
+//! shaders/matmul.wgsl; otherwise the plain strided kernel, which is also the tests' oracle
+//! (`matmul_plain_into`). Setting the environment variable `QLORA_NO_SUBGROUPS=1` (any value
+//! but empty or `0`) turns the subgroup kernels off for debugging: the vec4 kernels run instead.
+//! [`matmul_into_path`] forces one path (tests, benchmarks).
 
 use crate::autograd::{Op, Tape, Var};
 use crate::gpu::{groups_for, shaders, DType, GpuContext, Kernel, Tensor};
@@ -14,6 +18,9 @@ const NT_VEC4: Kernel = shaders::kernel(shaders::MATMUL, "matmul_nt_vec4");
 const NN_VEC4: Kernel = shaders::kernel(shaders::MATMUL, "matmul_nn_vec4");
 const TN_VEC4: Kernel = shaders::kernel(shaders::MATMUL, "matmul_tn_vec4");
 const STRIDED: Kernel = shaders::kernel(shaders::MATMUL, "matmul_strided");
+const NT_SUBGROUP: Kernel = shaders::kernel(shaders::MATMUL_SUBGROUP, "matmul_nt_subgroup");
+const NN_SUBGROUP: Kernel = shaders::kernel(shaders::MATMUL_SUBGROUP, "matmul_nn_subgroup");
+const TN_SUBGROUP: Kernel = shaders::kernel(shaders::MATMUL_SUBGROUP, "matmul_tn_subgroup");
 
 /// Workgroup side of shaders/matmul.wgsl (`WG` there): every entry point runs WG x WG invocations.
 pub const WG: u32 = 8;
@@ -21,6 +28,34 @@ pub const WG: u32 = 8;
 pub const BM: u32 = 16;
 /// Columns of C per invocation in the vec4 kernels (`BN` in shaders/matmul.wgsl).
 pub const BN: u32 = 16;
+
+/// Invocations per workgroup of shaders/matmul_subgroup.wgsl (`WG` there), all in x.
+pub const SG_WG: u32 = 64;
+/// Rows of C per invocation in the subgroup kernels (`BM` in shaders/matmul_subgroup.wgsl).
+pub const SG_BM: u32 = 32;
+/// Columns of C per invocation in the subgroup kernels (`BN` in shaders/matmul_subgroup.wgsl).
+pub const SG_BN: u32 = 8;
+
+/// Environment variable that turns the subgroup kernels off (`QLORA_NO_SUBGROUPS=1`).
+pub const NO_SUBGROUPS_ENV: &str = "QLORA_NO_SUBGROUPS";
+
+/// Which kernel family computes a product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// What [`matmul_into`] picks ([`chosen_path`]).
+    Auto,
+    /// The plain strided kernel: any shape (the oracle).
+    Plain,
+    /// The register-blocked vec4 kernels of shaders/matmul.wgsl (`vec4_applies` must hold).
+    Vec4,
+    /// The subgroup kernels of shaders/matmul_subgroup.wgsl (`vec4_applies` must hold and the
+    /// device must have subgroups).
+    Subgroup,
+    /// The subgroup kernels with every lane loading its own rows of A (`own_loads` there): the
+    /// branch they take on a subgroup without lanes 0..7 (size 4), which a device of larger
+    /// subgroups never takes by itself; for tests.
+    SubgroupOwnLoads,
+}
 
 /// Which operand is read transposed. C (M, N) = op(A, B):
 /// `NT`: A (M, K), B (N, K), C = A B^T; `NN`: A (M, K), B (K, N), C = A B;
@@ -41,7 +76,8 @@ struct Params {
     m: u32,
     n: u32,
     k: u32,
-    _pad0: u32,
+    // `own_loads` in shaders/matmul_subgroup.wgsl (Path::SubgroupOwnLoads); padding elsewhere.
+    own_loads: u32,
     a_batch: u32,
     b_batch: u32,
     c_batch: u32,
@@ -127,6 +163,24 @@ pub fn vec4_applies(trans: Trans, m: usize, n: usize, k: usize) -> bool {
     }
 }
 
+/// Whether `QLORA_NO_SUBGROUPS` is set to something other than empty or `0`.
+fn subgroups_disabled() -> bool {
+    std::env::var_os(NO_SUBGROUPS_ENV).is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// The path [`matmul_into`] takes for an (M, N, K) product of `trans` on `ctx` (never `Auto`):
+/// `Subgroup` when `vec4_applies`, the device has subgroups and `QLORA_NO_SUBGROUPS` is not set;
+/// `Vec4` when `vec4_applies` otherwise; else `Plain`.
+pub fn chosen_path(ctx: &GpuContext, trans: Trans, m: usize, n: usize, k: usize) -> Path {
+    if !vec4_applies(trans, m, n, k) {
+        Path::Plain
+    } else if ctx.info().subgroups && !subgroups_disabled() {
+        Path::Subgroup
+    } else {
+        Path::Vec4
+    }
+}
+
 fn to_u32(what: &str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| Error::Limit { op: "matmul", msg: format!("{what} = {v} exceeds u32 indexing") })
 }
@@ -140,7 +194,7 @@ fn launch(
     alpha: f32,
     beta: f32,
     out: &Tensor,
-    plain: bool,
+    path: Path,
 ) -> Result<()> {
     let (d, out_shape) = dims(a.shape(), b.shape(), trans)?;
     if out.shape() != out_shape.as_slice() {
@@ -164,6 +218,22 @@ fn launch(
     }
     if out.same_buffer(a) || out.same_buffer(b) {
         return Err(Error::Invalid("matmul: out must not share a buffer with a or b".into()));
+    }
+    match path {
+        Path::Auto | Path::Plain => {}
+        Path::Vec4 | Path::Subgroup | Path::SubgroupOwnLoads if !vec4_applies(trans, d.m, d.n, d.k) => {
+            return Err(Error::Invalid(format!(
+                "matmul: path {path:?} needs the vec4 conditions, which {trans:?} {}x{}x{} (M x N x K) does not meet",
+                d.m, d.n, d.k
+            )));
+        }
+        Path::Subgroup | Path::SubgroupOwnLoads if !ctx.info().subgroups => {
+            return Err(Error::Invalid(format!(
+                "matmul: path {path:?} needs the subgroups feature, which {} does not offer",
+                ctx.info().name
+            )));
+        }
+        Path::Vec4 | Path::Subgroup | Path::SubgroupOwnLoads => {}
     }
     if d.m == 0 || d.n == 0 || d.batch == 0 {
         return Ok(());
@@ -190,7 +260,7 @@ fn launch(
         m: d.m as u32,
         n: d.n as u32,
         k: d.k as u32,
-        _pad0: 0,
+        own_loads: u32::from(path == Path::SubgroupOwnLoads),
         a_batch: d.a_batch as u32,
         b_batch: d.b_batch as u32,
         c_batch: (d.m * d.n) as u32,
@@ -205,21 +275,38 @@ fn launch(
         _pad3: 0,
     };
     let batch = to_u32("batch", d.batch)?;
-    if plain || !vec4_applies(trans, d.m, d.n, d.k) {
-        let groups = [groups_for(d.n, WG as usize), groups_for(d.m, WG as usize), batch];
-        return ctx.dispatch(&STRIDED, &[], &p, &[(1, a), (2, b), (5, out)], groups);
-    }
-    let kernel = match trans {
-        Trans::NT => &NT_VEC4,
-        Trans::NN => &NN_VEC4,
-        Trans::TN => &TN_VEC4,
+    let path = match path {
+        Path::Auto => chosen_path(ctx, trans, d.m, d.n, d.k),
+        p => p,
     };
-    let groups = [
-        groups_for(d.n, (WG * BN) as usize),
-        groups_for(d.m, (WG * BM) as usize),
-        batch,
-    ];
-    ctx.dispatch(kernel, &[], &p, &[(3, a), (4, b), (5, out)], groups)
+    match path {
+        Path::Plain | Path::Auto => {
+            let groups = [groups_for(d.n, WG as usize), groups_for(d.m, WG as usize), batch];
+            ctx.dispatch(&STRIDED, &[], &p, &[(1, a), (2, b), (5, out)], groups)
+        }
+        Path::Vec4 => {
+            let kernel = match trans {
+                Trans::NT => &NT_VEC4,
+                Trans::NN => &NN_VEC4,
+                Trans::TN => &TN_VEC4,
+            };
+            let groups = [
+                groups_for(d.n, (WG * BN) as usize),
+                groups_for(d.m, (WG * BM) as usize),
+                batch,
+            ];
+            ctx.dispatch(kernel, &[], &p, &[(3, a), (4, b), (5, out)], groups)
+        }
+        Path::Subgroup | Path::SubgroupOwnLoads => {
+            let kernel = match trans {
+                Trans::NT => &NT_SUBGROUP,
+                Trans::NN => &NN_SUBGROUP,
+                Trans::TN => &TN_SUBGROUP,
+            };
+            let groups = [groups_for(d.n, (SG_WG * SG_BN) as usize), groups_for(d.m, SG_BM as usize), batch];
+            ctx.dispatch(kernel, &[], &p, &[(1, a), (2, b), (3, out)], groups)
+        }
+    }
 }
 
 /// out = alpha * op(a, b) + beta * out, op by `trans` (see [`Trans`]); a and b have rank 2 or 3
@@ -234,7 +321,25 @@ pub fn matmul_into(
     beta: f32,
     out: &Tensor,
 ) -> Result<()> {
-    launch(ctx, a, b, trans, alpha, beta, out, false)
+    launch(ctx, a, b, trans, alpha, beta, out, Path::Auto)
+}
+
+/// As [`matmul_into`] through the kernel family `path`: `Auto` as `matmul_into`; `Plain` any
+/// shape; `Vec4`, `Subgroup` and `SubgroupOwnLoads` return `Error::Invalid` where `vec4_applies`
+/// fails, the subgroup ones also where the device has no subgroups (never a silent fallback: tests and benchmarks use it
+/// to run one path for sure). `QLORA_NO_SUBGROUPS` affects `Auto` only.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_into_path(
+    ctx: &GpuContext,
+    a: &Tensor,
+    b: &Tensor,
+    trans: Trans,
+    alpha: f32,
+    beta: f32,
+    out: &Tensor,
+    path: Path,
+) -> Result<()> {
+    launch(ctx, a, b, trans, alpha, beta, out, path)
 }
 
 /// As [`matmul_into`], always with the plain strided kernel (one invocation per element): the
@@ -248,7 +353,7 @@ pub fn matmul_plain_into(
     beta: f32,
     out: &Tensor,
 ) -> Result<()> {
-    launch(ctx, a, b, trans, alpha, beta, out, true)
+    launch(ctx, a, b, trans, alpha, beta, out, Path::Plain)
 }
 
 /// C = alpha * op(a, b) in a new tensor of shape (…, M, N) (see [`matmul_into`]).

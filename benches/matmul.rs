@@ -1,8 +1,11 @@
-//! Matmul throughput: the GPU kernels of src/ops/matmul.rs (shaders/matmul.wgsl) next to the CPU
-//! BLAS-like `matrixmultiply::sgemm` (threaded) on the same shapes in the same run.
+//! Matmul throughput: the GPU kernels of src/ops/matmul.rs (shaders/matmul.wgsl and, where the
+//! device has subgroups, shaders/matmul_subgroup.wgsl), one row per kernel path for every shape,
+//! next to the CPU BLAS-like `matrixmultiply::sgemm` (threaded) on the same shape in the same run
+//! (timed once per shape; every path's row repeats that figure).
 //!
-//! `cargo bench --bench matmul [-- FILTER] [-- --quick]`: FILTER keeps the rows whose label or
-//! variant contains it; `--quick` drops the largest shapes and takes fewer repetitions.
+//! `cargo bench --bench matmul [-- FILTER] [-- --quick]`: FILTER keeps the rows whose label,
+//! variant or path equals or contains it; `--quick` drops the largest shapes and takes fewer
+//! repetitions.
 //! Timing: std::time::Instant around the dispatch and `block_on(ctx.sync())` (submit, execute,
 //! wait for the queue); nothing is subtracted, so per-dispatch overhead is included. One warm-up
 //! run (it also compiles the pipeline), then the median of several runs.
@@ -12,7 +15,7 @@
 //! (N x K from M x N and M x K).
 
 use qlora_webgpu::gpu::{block_on, DType, GpuContext, Tensor};
-use qlora_webgpu::ops::matmul::{self, Trans};
+use qlora_webgpu::ops::matmul::{self, Path, Trans};
 use std::time::{Duration, Instant};
 
 struct Case {
@@ -145,22 +148,39 @@ fn main() {
         println!("load average before: {l}");
     }
     println!(
-        "matmul kernels: vec4 {}x{} register block, {}x{} workgroup; plain strided kernel where vec4 does not apply",
+        "matmul kernels: vec4 {}x{} register block, {}x{} workgroup; subgroup {}x{} register block, {} x 1 workgroup \
+         sharing A over the subgroup; plain strided kernel where vec4 does not apply",
         matmul::BM,
         matmul::BN,
         matmul::WG,
-        matmul::WG
+        matmul::WG,
+        matmul::SG_BM,
+        matmul::SG_BN,
+        matmul::SG_WG
     );
+    let subgroups = ctx.info().subgroups;
+    if !subgroups {
+        println!("(no subgroups on this device: the subgroup rows are left out)");
+    }
     println!();
     println!(
-        "{:<22} {:>7} {:>16} {:>10} {:>11} {:>11} {:>9} {:>13} {:>13}",
-        "shape", "variant", "M x N x K", "GPU ms", "GPU GFLOP/s", "CPU GFLOP/s", "GPU/CPU", "GPU GF/cpu-s", "CPU GF/cpu-s"
+        "{:<22} {:>7} {:>8} {:>16} {:>10} {:>11} {:>11} {:>9} {:>13} {:>13}",
+        "shape", "variant", "path", "M x N x K", "GPU ms", "GPU GFLOP/s", "CPU GFLOP/s", "GPU/CPU", "GPU GF/cpu-s", "CPU GF/cpu-s"
     );
     let (min_reps, budget) = if quick { (2, Duration::from_millis(500)) } else { (3, Duration::from_secs(2)) };
     for (i, c) in cases(quick).into_iter().enumerate() {
         let variant = format!("{:?}", c.trans);
+        let paths: Vec<Path> = if !matmul::vec4_applies(c.trans, c.m, c.n, c.k) {
+            vec![Path::Plain]
+        } else if subgroups {
+            vec![Path::Vec4, Path::Subgroup]
+        } else {
+            vec![Path::Vec4]
+        };
+        let path_name = |p: Path| format!("{p:?}").to_lowercase();
         if let Some(f) = &filter {
-            if !c.label.contains(f.as_str()) && variant != *f {
+            let hit = c.label.contains(f.as_str()) || variant == *f || paths.iter().any(|&p| path_name(p) == *f);
+            if !hit {
                 continue;
             }
         }
@@ -168,35 +188,45 @@ fn main() {
         let a = random(c.m * c.k, 2 * i as u64 + 1);
         let b = random(c.n * c.k, 2 * i as u64 + 2);
         let (at, bt): (Tensor, Tensor) = (ctx.upload_f32(&a, &sa).unwrap(), ctx.upload_f32(&b, &sb).unwrap());
-        let out = ctx.empty(&[c.m, c.n], DType::F32).unwrap();
-        let (gpu, gpu_cpu) = median_time(
-            || {
-                matmul::matmul_into(&ctx, &at, &bt, c.trans, 1.0, 0.0, &out).unwrap();
-                block_on(ctx.sync()).unwrap();
-            },
-            min_reps,
-            budget,
-        );
         let mut cbuf = vec![0f32; c.m * c.n];
         let (cpu, cpu_cpu) = median_time(|| cpu_sgemm(c.trans, c.m, c.n, c.k, &a, &b, &mut cbuf), min_reps.max(3), budget);
-        // A spot check that both computed the same product (a wrong kernel must not look fast).
-        let got = block_on(ctx.read_f32(&out)).unwrap();
-        let worst = got.iter().zip(&cbuf).map(|(g, w)| (g - w).abs() / (1.0 + w.abs())).fold(0f32, f32::max);
-        assert!(worst < 1e-3, "{} {variant}: GPU and CPU results differ (worst {worst:e})", c.label);
         let fl = matmul::flops(c.m, c.n, c.k);
-        let (gg, cg) = (fl / gpu / 1e9, fl / cpu / 1e9);
-        println!(
-            "{:<22} {:>7} {:>16} {:>10.2} {:>11.2} {:>11.1} {:>8.1}% {:>13} {:>13}",
-            c.label,
-            variant,
-            format!("{}x{}x{}", c.m, c.n, c.k),
-            gpu * 1e3,
-            gg,
-            cg,
-            100.0 * gg / cg,
-            per_cpu_second(fl, gpu_cpu),
-            per_cpu_second(fl, cpu_cpu)
-        );
+        let cg = fl / cpu / 1e9;
+        for path in paths {
+            if let Some(f) = &filter {
+                // A path filter keeps only that path's rows.
+                if (f == "vec4" || f == "subgroup" || f == "plain") && path_name(path) != *f {
+                    continue;
+                }
+            }
+            let out = ctx.empty(&[c.m, c.n], DType::F32).unwrap();
+            let (gpu, gpu_cpu) = median_time(
+                || {
+                    matmul::matmul_into_path(&ctx, &at, &bt, c.trans, 1.0, 0.0, &out, path).unwrap();
+                    block_on(ctx.sync()).unwrap();
+                },
+                min_reps,
+                budget,
+            );
+            // A spot check that both computed the same product (a wrong kernel must not look fast).
+            let got = block_on(ctx.read_f32(&out)).unwrap();
+            let worst = got.iter().zip(&cbuf).map(|(g, w)| (g - w).abs() / (1.0 + w.abs())).fold(0f32, f32::max);
+            assert!(worst < 1e-3, "{} {variant} {path:?}: GPU and CPU results differ (worst {worst:e})", c.label);
+            let gg = fl / gpu / 1e9;
+            println!(
+                "{:<22} {:>7} {:>8} {:>16} {:>10.2} {:>11.2} {:>11.1} {:>8.1}% {:>13} {:>13}",
+                c.label,
+                variant,
+                path_name(path),
+                format!("{}x{}x{}", c.m, c.n, c.k),
+                gpu * 1e3,
+                gg,
+                cg,
+                100.0 * gg / cg,
+                per_cpu_second(fl, gpu_cpu),
+                per_cpu_second(fl, cpu_cpu)
+            );
+        }
     }
     if let Some(l) = load_average() {
         println!("load average after: {l}");

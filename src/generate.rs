@@ -230,7 +230,8 @@ pub struct GenerationOutput {
 /// against eos ids, decoded incrementally, and the text checked for stop strings; `on_text`
 /// receives text as soon as it is complete UTF-8 and cannot be the start of a stop string (text
 /// that might be is held back until it is decided). Stops on an eos id, a stop string (text cut
-/// before it) or after `max_new_tokens`. An empty prompt is an error.
+/// before it) or after `max_new_tokens`. An empty prompt is an error. (The same loop as
+/// [`Generation`], for a synchronous `step`.)
 pub fn generate(
     prompt_ids: &[u32],
     mut step: impl FnMut(&[u32], usize) -> Result<Vec<f32>>,
@@ -238,36 +239,83 @@ pub fn generate(
     cfg: &SamplingConfig,
     mut on_text: impl FnMut(&str),
 ) -> Result<GenerationOutput> {
-    let mut sampler = Sampler::new(cfg)?;
-    if prompt_ids.is_empty() {
-        return Err(Error::Invalid("generate: the prompt is empty".into()));
+    let mut g = Generation::new(prompt_ids, tok, cfg)?;
+    while let Some((ids, pos)) = g.next_input() {
+        let logits = step(&ids, pos)?;
+        g.push_logits(&logits, &mut on_text)?;
     }
-    let mut ids = Vec::new();
-    let mut stream = TextStream::new(cfg, tok);
-    if cfg.max_new_tokens == 0 {
-        return Ok(GenerationOutput { ids, text: String::new(), stop_reason: StopReason::MaxNewTokens });
+    g.finish()
+}
+
+/// The generation loop of [`generate`] turned inside out, for callers whose model step is
+/// asynchronous (the browser): `next_input()` says what to feed the model (ids and their first
+/// position), `push_logits` takes the logits [V] of the last of them, samples, streams text
+/// and decides whether to stop; `finish()` gives the output.
+pub struct Generation<'a> {
+    sampler: Sampler,
+    stream: TextStream<'a>,
+    cfg: &'a SamplingConfig,
+    prompt: Vec<u32>,
+    ids: Vec<u32>,
+    pos: usize,
+    stop: Option<StopReason>,
+}
+
+impl<'a> Generation<'a> {
+    /// A generation after `prompt_ids` (not empty); checks `cfg`.
+    pub fn new(prompt_ids: &[u32], tok: &'a Tokenizer, cfg: &'a SamplingConfig) -> Result<Self> {
+        let sampler = Sampler::new(cfg)?;
+        if prompt_ids.is_empty() {
+            return Err(Error::Invalid("generate: the prompt is empty".into()));
+        }
+        let stop = (cfg.max_new_tokens == 0).then_some(StopReason::MaxNewTokens);
+        Ok(Generation { sampler, stream: TextStream::new(cfg, tok), cfg, prompt: prompt_ids.to_vec(), ids: Vec::new(), pos: 0, stop })
     }
-    let mut logits = step(prompt_ids, 0)?;
-    let mut pos = prompt_ids.len();
-    let stop_reason = loop {
-        let id = sampler.sample(&logits)?;
-        ids.push(id);
-        if cfg.eos_ids.contains(&id) {
-            break StopReason::Eos(id);
+
+    /// The ids to feed next and the position of the first (the prompt at 0, then each new
+    /// token), or None once generation has stopped.
+    pub fn next_input(&self) -> Option<(Vec<u32>, usize)> {
+        if self.stop.is_some() {
+            return None;
         }
-        if let Some(s) = stream.push(id, &mut on_text)? {
-            break StopReason::StopString(s);
+        match self.ids.last() {
+            None => Some((self.prompt.clone(), 0)),
+            Some(&id) => Some((vec![id], self.pos)),
         }
-        if ids.len() >= cfg.max_new_tokens {
-            break StopReason::MaxNewTokens;
-        }
-        logits = step(&[id], pos)?;
-        pos += 1;
-    };
-    if !matches!(stop_reason, StopReason::StopString(_)) {
-        stream.finish(&mut on_text)?;
     }
-    Ok(GenerationOutput { ids, text: stream.text, stop_reason })
+
+    /// Takes the logits [V] of the last fed position: samples the next id, streams its text to
+    /// `on_text`, and returns true when generation has stopped.
+    pub fn push_logits(&mut self, logits: &[f32], on_text: &mut impl FnMut(&str)) -> Result<bool> {
+        if self.stop.is_some() {
+            return Err(Error::Invalid("generate: logits pushed after generation stopped".into()));
+        }
+        self.pos = self.prompt.len() + self.ids.len();
+        let id = self.sampler.sample(logits)?;
+        self.ids.push(id);
+        if self.cfg.eos_ids.contains(&id) {
+            self.stop = Some(StopReason::Eos(id));
+        } else if let Some(s) = self.stream.push(id, on_text)? {
+            self.stop = Some(StopReason::StopString(s));
+        } else if self.ids.len() >= self.cfg.max_new_tokens {
+            self.stop = Some(StopReason::MaxNewTokens);
+        }
+        if self.stop.is_some() && !matches!(self.stop, Some(StopReason::StopString(_))) {
+            self.stream.finish(on_text)?;
+        }
+        Ok(self.stop.is_some())
+    }
+
+    /// The ids generated so far.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    /// The output; an error if generation has not stopped yet.
+    pub fn finish(self) -> Result<GenerationOutput> {
+        let stop_reason = self.stop.ok_or_else(|| Error::Invalid("generate: finish() before generation stopped".into()))?;
+        Ok(GenerationOutput { ids: self.ids, text: self.stream.text, stop_reason })
+    }
 }
 
 /// Incremental text with stop-string detection and hold-back for streaming.

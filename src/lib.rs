@@ -13,6 +13,7 @@ pub mod lora;
 pub mod model;
 pub mod ops;
 pub mod quant;
+pub mod session;
 pub mod train;
 
 pub use error::{Error, Result};

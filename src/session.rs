@@ -1,0 +1,590 @@
+//! The pipeline that the command line (`src/bin/qlora.rs`) and the browser API (`src/web.rs`)
+//! share, so that both run the same code: a base model with its tokenizer and chat template from
+//! a GGUF file or Hugging Face files ([`ModelSource`]), uploaded with an f32 or NF4 base
+//! ([`LoadedModel`]); a training run over a JSONL data set ([`TrainSession`]: tokenize, hold out
+//! a validation split, batch, step, evaluate, adapter out, checkpoint); prompts and streamed
+//! generation on a KV cache. Files come in as bytes and everything that touches the GPU is
+//! async, so the same code runs natively and in wasm.
+
+use crate::data::chat::{ChatContext, ChatTemplate, Message};
+use crate::data::dataset::{self, BatchSampler, Dataset, DatasetStats, EncodeOptions, Encoder, SamplerState, Split, TokenizedDataset};
+use crate::data::tokenizer::Tokenizer;
+use crate::generate::{Generation, GenerationOutput, SamplingConfig};
+use crate::gpu::GpuContext;
+use crate::io::hf::ModelFiles;
+use crate::io::HostModel;
+use crate::lora::config::{init_lora_set, LoraConfig};
+use crate::lora::HostAdapter;
+use crate::model::config::ModelConfig;
+use crate::model::llama::{self, KvCache, LoraSet};
+use crate::ops::adamw::AdamW;
+use crate::train::checkpoint::Checkpoint;
+use crate::train::trainer::{Model, TokenBatch, TrainOpts, Trainer};
+use crate::train::{Schedule, ScheduleKind};
+use crate::{Error, Result};
+use std::rc::Rc;
+
+/// How the frozen base projections are held on the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BaseQuant {
+    /// f32 (plain LoRA).
+    F32,
+    /// 4-bit NormalFloat, bit-exact with bitsandbytes (QLoRA); norms, embedding and lm_head stay
+    /// f32.
+    Nf4 {
+        /// Elements per absmax block (bitsandbytes' default 64).
+        blocksize: usize,
+        /// Double quantization of the block scales.
+        double_quant: bool,
+    },
+}
+
+impl BaseQuant {
+    /// QLoRA's defaults: NF4, block 64, double quantization (the QLoRA paper's setup).
+    pub const QLORA: BaseQuant = BaseQuant::Nf4 { blocksize: 64, double_quant: true };
+
+    /// "f32", "nf4" or "nf4-dq".
+    pub fn name(self) -> &'static str {
+        match self {
+            BaseQuant::F32 => "f32",
+            BaseQuant::Nf4 { double_quant: false, .. } => "nf4",
+            BaseQuant::Nf4 { double_quant: true, .. } => "nf4-dq",
+        }
+    }
+}
+
+/// Where a model came from, for messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceKind {
+    /// A GGUF file.
+    Gguf,
+    /// A Hugging Face folder (config.json, safetensors, tokenizer.json).
+    HfFolder,
+}
+
+/// A base model on the host with what is needed to talk to it: tokenizer, chat template and
+/// the variables the template sees.
+pub struct ModelSource {
+    /// The file or folder name (for messages and metadata).
+    pub name: String,
+    /// GGUF or Hugging Face folder.
+    pub kind: SourceKind,
+    /// The weights, checked against the config.
+    pub host: HostModel,
+    /// The tokenizer (tokenizer.json, or rebuilt from GGUF metadata).
+    pub tokenizer: Tokenizer,
+    /// The chat template, if the model has one.
+    pub template: Option<ChatTemplate>,
+    /// What the template sees besides the messages (bos/eos/unk/pad tokens).
+    pub chat_ctx: ChatContext,
+    /// config.json as given (Hugging Face folders), kept for merged output folders.
+    pub config_json: Option<Vec<u8>>,
+    /// Files of the folder that a merged model folder carries over unchanged (tokenizer files,
+    /// generation_config.json, chat_template.jinja), as (name, bytes).
+    pub side_files: Vec<(String, Vec<u8>)>,
+}
+
+/// Files of a Hugging Face folder that travel with a merged model.
+pub const SIDE_FILES: [&str; 6] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+];
+
+impl ModelSource {
+    /// A GGUF file's model, tokenizer and chat template; `name` names the file in errors.
+    pub fn from_gguf(name: &str, bytes: &[u8]) -> Result<Self> {
+        let g = crate::io::gguf::load_gguf(name, bytes)?;
+        let gt = g.tokenizer(name)?;
+        let tokenizer = gt.build().map_err(|e| Error::format(name, format!("tokenizer from tokenizer.ggml.* metadata: {e}")))?;
+        let template = match gt.chat_template.as_deref() {
+            Some(src) => Some(ChatTemplate::new(src).map_err(|e| Error::format(name, format!("tokenizer.chat_template: {e}")))?),
+            None => None,
+        };
+        let chat_ctx = ChatContext::from_tokenizer(&tokenizer);
+        Ok(ModelSource { name: name.to_owned(), kind: SourceKind::Gguf, host: g.model, tokenizer, template, chat_ctx, config_json: None, side_files: Vec::new() })
+    }
+
+    /// A Hugging Face folder given as files: config.json, model.safetensors (or an index and its
+    /// shards), tokenizer.json (required), tokenizer_config.json (special tokens, chat
+    /// template) and chat_template.jinja (preferred over tokenizer_config's template, as
+    /// transformers 5 does). `name` names the folder in messages.
+    pub fn from_hf(name: &str, files: &dyn ModelFiles) -> Result<Self> {
+        let host = crate::io::hf::load_hf(files)?;
+        let tok_json = files.file("tokenizer.json").ok_or_else(|| {
+            Error::format(files.display("tokenizer.json"), "file not found in the model folder (training and generation need the tokenizer)")
+        })?;
+        let tok_cfg = files.file("tokenizer_config.json");
+        let tokenizer = Tokenizer::from_hf_files(tok_json, tok_cfg)?;
+        let template = if let Some(j) = files.file("chat_template.jinja") {
+            Some(ChatTemplate::from_jinja_bytes(j).map_err(|e| Error::format(files.display("chat_template.jinja"), e.to_string()))?)
+        } else if let Some(c) = tok_cfg {
+            ChatTemplate::from_tokenizer_config(c).map_err(|e| Error::format(files.display("tokenizer_config.json"), e.to_string()))?
+        } else {
+            None
+        };
+        let chat_ctx = match tok_cfg {
+            Some(c) => ChatContext::from_tokenizer_config(c)?,
+            None => ChatContext::from_tokenizer(&tokenizer),
+        };
+        let side_files = SIDE_FILES.iter().filter_map(|&f| files.file(f).map(|b| (f.to_owned(), b.to_vec()))).collect();
+        let config_json = files.file("config.json").map(<[u8]>::to_vec);
+        Ok(ModelSource { name: name.to_owned(), kind: SourceKind::HfFolder, host, tokenizer, template, chat_ctx, config_json, side_files })
+    }
+
+    /// Uploads the base (projections as `quant` says) and builds the RoPE tables for
+    /// `max_positions` positions; the host weights are dropped.
+    pub fn upload(self, ctx: &Rc<GpuContext>, quant: BaseQuant, max_positions: usize) -> Result<LoadedModel> {
+        let cfg = self.host.config.to_llama();
+        let weights = match quant {
+            BaseQuant::F32 => self.host.upload(ctx)?,
+            BaseQuant::Nf4 { blocksize, double_quant } => self.host.upload_nf4(ctx, blocksize, double_quant)?,
+        };
+        let model = Model::new(ctx, cfg, weights, self.host.config.rope_scaling.as_ref(), max_positions)?;
+        Ok(LoadedModel {
+            name: self.name,
+            config: self.host.config,
+            model: Rc::new(model),
+            tokenizer: self.tokenizer,
+            template: self.template,
+            chat_ctx: self.chat_ctx,
+            quant,
+            max_positions,
+        })
+    }
+}
+
+/// What to generate from: chat messages rendered with the model's chat template (with the
+/// assistant prompt appended), or raw text tokenized with the tokenizer's special tokens.
+#[derive(Clone, Debug)]
+pub enum Prompt {
+    /// Messages for the chat template.
+    Chat(Vec<Message>),
+    /// Raw text.
+    Raw(String),
+}
+
+/// A base model on the device with its tokenizer and chat template.
+pub struct LoadedModel {
+    /// The file or folder it came from.
+    pub name: String,
+    /// The parsed config.
+    pub config: ModelConfig,
+    /// The decoder and its frozen weights.
+    pub model: Rc<Model>,
+    /// The tokenizer.
+    pub tokenizer: Tokenizer,
+    /// The chat template, if any.
+    pub template: Option<ChatTemplate>,
+    /// What the template sees besides the messages.
+    pub chat_ctx: ChatContext,
+    /// How the base projections are held.
+    pub quant: BaseQuant,
+    /// Positions the RoPE tables cover (prompt + generated tokens, or a training example, must
+    /// fit).
+    pub max_positions: usize,
+}
+
+impl LoadedModel {
+    /// The ids that end generation: the tokenizer's eos and config.json's eos ids.
+    pub fn eos_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self.tokenizer.eos_id().into_iter().collect();
+        for &i in &self.config.eos_token_ids {
+            if !ids.contains(&i) {
+                ids.push(i);
+            }
+        }
+        ids
+    }
+
+    /// The token ids of a prompt: chat messages through the chat template (with the generation
+    /// prompt; the rendered text is tokenized without adding special tokens, as transformers'
+    /// `apply_chat_template` does), or raw text with the tokenizer's special tokens.
+    pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>> {
+        match prompt {
+            Prompt::Chat(messages) => {
+                let t = self.template.as_ref().ok_or_else(|| {
+                    Error::Invalid(format!("{}: the model has no chat template; give a raw prompt instead", self.name))
+                })?;
+                let text = t.render(messages, true, &self.chat_ctx)?;
+                self.tokenizer.encode(&text, false)
+            }
+            Prompt::Raw(text) => self.tokenizer.encode(text, true),
+        }
+    }
+
+    /// A data set encoder for this model (its tokenizer, chat template and template variables).
+    pub fn encoder(&self, opts: EncodeOptions) -> Result<Encoder<'_>> {
+        Ok(Encoder::new(&self.tokenizer, self.template.as_ref(), opts)?.with_chat_context(self.chat_ctx.clone()))
+    }
+
+    /// Generates after `prompt_ids` with adapter `lora` (an empty set for the base model) on a
+    /// fresh KV cache, streaming text to `on_text`. eos ids default to [`LoadedModel::eos_ids`]
+    /// when `cfg.eos_ids` is empty. The prompt plus `max_new_tokens` must fit `max_positions`.
+    pub async fn generate(
+        &self,
+        ctx: &Rc<GpuContext>,
+        lora: &LoraSet,
+        prompt_ids: &[u32],
+        cfg: &SamplingConfig,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<GenerationOutput> {
+        let mut cfg = cfg.clone();
+        if cfg.eos_ids.is_empty() {
+            cfg.eos_ids = self.eos_ids();
+        }
+        let need = prompt_ids.len() + cfg.max_new_tokens;
+        if need > self.max_positions {
+            return Err(Error::Invalid(format!(
+                "the prompt ({} tokens) plus max_new_tokens ({}) exceeds the {} positions the model was loaded for",
+                prompt_ids.len(),
+                cfg.max_new_tokens,
+                self.max_positions
+            )));
+        }
+        let m = &self.model;
+        let mut cache = KvCache::new(ctx, &m.cfg, need.max(1))?;
+        let mut g = Generation::new(prompt_ids, &self.tokenizer, &cfg)?;
+        let v = m.cfg.vocab;
+        while let Some((ids, _pos)) = g.next_input() {
+            let logits = llama::forward_cached(ctx, &m.cfg, &m.weights, lora, &ids, &mut cache, &m.rope)?;
+            let last = ctx.read_f32(&logits).await?;
+            g.push_logits(&last[(ids.len() - 1) * v..], &mut on_text)?;
+        }
+        g.finish()
+    }
+}
+
+/// A training run's settings. [`TrainConfig::default`] follows established practice for
+/// LoRA / QLoRA fine-tuning (the QLoRA paper, Unsloth's and mlx-lm's defaults): r 16, alpha 16,
+/// all seven projections, dropout 0, AdamW lr 2e-4 without weight decay, a cosine schedule after
+/// a linear warmup over 3% of the steps, gradients clipped to norm 1.0, batch 4.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainConfig {
+    /// The adapter (ignored when training starts from an existing adapter, whose own config
+    /// is used).
+    pub lora: LoraConfig,
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step (one mean over all their counted tokens).
+    pub grad_accum: usize,
+    /// Longest example in tokens (longer ones are cut).
+    pub max_len: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Schedule after the warmup.
+    pub schedule: ScheduleKind,
+    /// Linear warmup steps; None: 3% of `steps`, rounded up.
+    pub warmup_steps: Option<u64>,
+    /// AdamW's decoupled weight decay.
+    pub weight_decay: f64,
+    /// AdamW's (beta1, beta2).
+    pub betas: (f64, f64),
+    /// AdamW's eps.
+    pub eps: f64,
+    /// Clip the global gradient norm to this (None: no clipping).
+    pub max_grad_norm: Option<f32>,
+    /// Seed of the adapter init, dropout masks, the validation split and the data order.
+    pub seed: u64,
+    /// Shuffle the data every epoch (off: the file's order, epoch after epoch).
+    pub shuffle: bool,
+    /// Count the loss on prompts and user turns too.
+    pub train_on_prompt: bool,
+    /// Append eos to text / prompt-completion examples.
+    pub append_eos: bool,
+    /// Recompute each decoder layer in the backward pass instead of keeping its activations.
+    pub grad_checkpoint: bool,
+    /// Examples held out for validation (None: no validation).
+    pub validation: Option<Split>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        let mut lora = LoraConfig::new(16, 16.0);
+        lora.lora_dropout = 0.0;
+        TrainConfig {
+            lora,
+            steps: 100,
+            batch_size: 4,
+            grad_accum: 1,
+            max_len: 512,
+            lr: 2e-4,
+            schedule: ScheduleKind::Cosine,
+            warmup_steps: None,
+            weight_decay: 0.0,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            max_grad_norm: Some(1.0),
+            seed: 0,
+            shuffle: true,
+            train_on_prompt: false,
+            append_eos: true,
+            grad_checkpoint: false,
+            validation: None,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Warmup steps (the explicit count, else ⌈0.03 · steps⌉).
+    pub fn warmup(&self) -> u64 {
+        self.warmup_steps.unwrap_or_else(|| Schedule::warmup_from_ratio(0.03, self.steps))
+    }
+
+    /// Checks the ranges that need no model.
+    pub fn validate(&self) -> Result<()> {
+        self.lora.validate()?;
+        let bad = |what: String| Err(Error::Invalid(what));
+        if self.steps == 0 {
+            return bad("steps must be at least 1".into());
+        }
+        if self.batch_size == 0 || self.grad_accum == 0 {
+            return bad(format!("batch size {} and gradient accumulation {} must be at least 1", self.batch_size, self.grad_accum));
+        }
+        if self.max_len < 2 {
+            return bad(format!("max_len {} must be at least 2", self.max_len));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad(format!("learning rate {} must be positive", self.lr));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad(format!("weight decay {} must be >= 0", self.weight_decay));
+        }
+        if self.warmup() > self.steps {
+            return bad(format!("warmup of {} steps is longer than the run of {}", self.warmup(), self.steps));
+        }
+        if let Some(n) = self.max_grad_norm {
+            if !(n.is_finite() && n > 0.0) {
+                return bad(format!("max_grad_norm {n} must be positive"));
+            }
+        }
+        Ok(())
+    }
+
+    fn opts(&self) -> TrainOpts {
+        TrainOpts {
+            adamw: AdamW { lr: self.lr, beta1: self.betas.0, beta2: self.betas.1, eps: self.eps, weight_decay: self.weight_decay },
+            schedule: Schedule::new(self.schedule, self.lr, self.warmup(), self.steps),
+            max_grad_norm: self.max_grad_norm,
+            checkpoint_layers: self.grad_checkpoint,
+            seed: self.seed,
+        }
+    }
+}
+
+/// What one step of a [`TrainSession`] did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepInfo {
+    /// The step just taken, from 1.
+    pub step: u64,
+    /// Its loss (mean over its counted tokens).
+    pub loss: f64,
+    /// The learning rate it used.
+    pub lr: f64,
+    /// The gradient norm before clipping (None without clipping).
+    pub grad_norm: Option<f32>,
+    /// Tokens the loss counted.
+    pub counted_tokens: usize,
+    /// Tokens fed to the model (padding included).
+    pub input_tokens: usize,
+    /// The epoch the next batch comes from (from 0).
+    pub epoch: u64,
+}
+
+/// A training run over a tokenized data set: the trainer, the batch order and the validation
+/// batches.
+pub struct TrainSession {
+    trainer: Trainer,
+    train: TokenizedDataset,
+    val: Vec<TokenBatch>,
+    sampler: BatchSampler,
+    pad: u32,
+    cfg: TrainConfig,
+    stats: DatasetStats,
+    val_examples: usize,
+}
+
+impl TrainSession {
+    /// Tokenizes `data` for `model`, holds out the validation split, and starts a run from
+    /// `init` (an existing adapter, trained further with its own config) or from a fresh
+    /// adapter initialized from `cfg.lora` and `cfg.seed`. Examples longer than the model's
+    /// positions, a data set with no counted token, and an adapter that does not fit the model
+    /// are errors.
+    pub fn new(ctx: &Rc<GpuContext>, model: &LoadedModel, data: &Dataset, cfg: TrainConfig, init: Option<&HostAdapter>) -> Result<Self> {
+        cfg.validate()?;
+        let lcfg = &model.model.cfg;
+        let (lora_cfg, set) = match init {
+            Some(h) => {
+                h.check(lcfg)?;
+                (h.config.clone(), h.upload(ctx)?)
+            }
+            None => {
+                cfg.lora.targets(lcfg)?;
+                (cfg.lora.clone(), init_lora_set(ctx, lcfg, &cfg.lora, cfg.seed)?)
+            }
+        };
+        let trainer = Trainer::new(ctx.clone(), model.model.clone(), lora_cfg, set, cfg.opts());
+        Self::with_trainer(model, data, cfg, trainer, None)
+    }
+
+    /// Continues the run saved in `ck` (adapter, optimizer, step, RNG and data position) over
+    /// the same data set and settings.
+    pub fn resume(ctx: &Rc<GpuContext>, model: &LoadedModel, data: &Dataset, cfg: TrainConfig, ck: &Checkpoint) -> Result<Self> {
+        cfg.validate()?;
+        let trainer = Trainer::resume(ctx.clone(), model.model.clone(), ck, cfg.grad_checkpoint)?;
+        let pos = ck.state.data;
+        Self::with_trainer(model, data, cfg, trainer, Some(pos))
+    }
+
+    fn with_trainer(
+        model: &LoadedModel,
+        data: &Dataset,
+        cfg: TrainConfig,
+        trainer: Trainer,
+        resume_at: Option<crate::train::DataPosition>,
+    ) -> Result<Self> {
+        if cfg.max_len > model.max_positions {
+            return Err(Error::Invalid(format!(
+                "max_len {} exceeds the {} positions the model was loaded for",
+                cfg.max_len, model.max_positions
+            )));
+        }
+        let enc = model.encoder(EncodeOptions { max_len: cfg.max_len, train_on_prompt: cfg.train_on_prompt, append_eos: cfg.append_eos })?;
+        let all = data.tokenize(&enc)?;
+        let stats = all.stats();
+        if stats.counted_tokens == 0 {
+            return Err(Error::format(data.file(), "no example has a token the loss counts (check the format and --train-on-prompt)"));
+        }
+        let (train, val) = match cfg.validation {
+            Some(split) => all.split_validation(split, cfg.seed)?,
+            None => (all, TokenizedDataset::from_examples(Vec::new())),
+        };
+        let pad = dataset::pad_id(&model.tokenizer);
+        let val_examples = val.len();
+        let val = (0..val.len())
+            .step_by(cfg.batch_size)
+            .map(|i| {
+                let idx: Vec<usize> = (i..(i + cfg.batch_size).min(val.len())).collect();
+                val.batch(&idx, pad).map(|b| TokenBatch { ids: b.ids, targets: b.targets, batch: b.batch })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let sampler = match resume_at {
+            None => BatchSampler::new(train.len(), cfg.batch_size, cfg.shuffle, cfg.seed)?,
+            Some(p) => BatchSampler::resume(
+                SamplerState { seed: cfg.seed, epoch: p.epoch, position: p.index, n_examples: train.len() as u64, shuffle: cfg.shuffle },
+                train.len(),
+                cfg.batch_size,
+            )?,
+        };
+        Ok(TrainSession { trainer, train, val, sampler, pad, cfg, stats, val_examples })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+
+    /// Statistics of the whole tokenized data set (before the validation split).
+    pub fn data_stats(&self) -> DatasetStats {
+        self.stats
+    }
+
+    /// (training examples, validation examples).
+    pub fn split_sizes(&self) -> (usize, usize) {
+        (self.train.len(), self.val_examples)
+    }
+
+    /// Steps taken so far.
+    pub fn step_count(&self) -> u64 {
+        self.trainer.state.step
+    }
+
+    /// True once `cfg.steps` steps are done.
+    pub fn done(&self) -> bool {
+        self.trainer.state.step >= self.cfg.steps
+    }
+
+    /// The adapter's config.
+    pub fn lora_config(&self) -> &LoraConfig {
+        &self.trainer.lora_cfg
+    }
+
+    /// The adapter's parameters on the device (for generation with the adapter).
+    pub fn lora_set(&self) -> &LoraSet {
+        &self.trainer.set
+    }
+
+    /// One optimizer step over the next `grad_accum` batches.
+    pub async fn step(&mut self) -> Result<StepInfo> {
+        let mut micro = Vec::with_capacity(self.cfg.grad_accum);
+        let mut input_tokens = 0;
+        for _ in 0..self.cfg.grad_accum {
+            let idx = self.sampler.next_batch();
+            let b = self.train.batch(&idx, self.pad)?;
+            input_tokens += b.ids.len();
+            micro.push(TokenBatch { ids: b.ids, targets: b.targets, batch: b.batch });
+        }
+        let counted_tokens = micro.iter().map(TokenBatch::n_tokens).sum();
+        let pos = self.sampler.state().data_position();
+        let r = self.trainer.step(&micro, pos).await?;
+        Ok(StepInfo {
+            step: self.trainer.state.step,
+            loss: r.loss,
+            lr: r.lr,
+            grad_norm: r.grad_norm,
+            counted_tokens,
+            input_tokens,
+            epoch: pos.epoch,
+        })
+    }
+
+    /// The validation loss (mean over the counted tokens of the held-out examples), None when
+    /// nothing is held out.
+    pub async fn validation_loss(&self) -> Result<Option<f64>> {
+        if self.val.is_empty() {
+            return Ok(None);
+        }
+        self.trainer.eval_loss(&self.val).await.map(Some)
+    }
+
+    /// The adapter as it stands, on the host.
+    pub async fn adapter(&self, ctx: &GpuContext) -> Result<HostAdapter> {
+        HostAdapter::download(ctx, &self.trainer.lora_cfg, &self.trainer.set).await
+    }
+
+    /// The adapter as PEFT's two files: (adapter_config.json text, adapter_model.safetensors
+    /// bytes).
+    pub async fn adapter_files(&self, ctx: &GpuContext, base_model_name: Option<&str>) -> Result<(String, Vec<u8>)> {
+        let mut h = self.adapter(ctx).await?;
+        if let Some(n) = base_model_name {
+            h.config.base_model_name_or_path = Some(n.to_owned());
+        }
+        crate::lora::peft::host_adapter_to_bytes(&h, &self.trainer.model().cfg)
+    }
+
+    /// The run's state as a checkpoint (adapter, optimizer moments, step, RNG, data position).
+    pub async fn checkpoint(&self) -> Result<Checkpoint> {
+        self.trainer.checkpoint().await
+    }
+}
+
+/// Mean loss and perplexity of `data` under `lora` (no dropout): (loss, counted tokens).
+pub async fn evaluate(ctx: &Rc<GpuContext>, model: &LoadedModel, lora: &LoraSet, data: &Dataset, max_len: usize, batch_size: usize) -> Result<(f64, usize)> {
+    let enc = model.encoder(EncodeOptions { max_len, ..EncodeOptions::default() })?;
+    let t = data.tokenize(&enc)?;
+    let pad = dataset::pad_id(&model.tokenizer);
+    let mut batches = Vec::new();
+    for i in (0..t.len()).step_by(batch_size.max(1)) {
+        let idx: Vec<usize> = (i..(i + batch_size.max(1)).min(t.len())).collect();
+        let b = t.batch(&idx, pad)?;
+        batches.push(TokenBatch { ids: b.ids, targets: b.targets, batch: b.batch });
+    }
+    let n = batches.iter().map(TokenBatch::n_tokens).sum();
+    let loss = crate::train::trainer::eval_loss(ctx, &model.model, lora, &batches).await?;
+    Ok((loss, n))
+}

@@ -15,5 +15,6 @@ pub mod ops;
 pub mod quant;
 pub mod session;
 pub mod train;
+pub mod web;
 
 pub use error::{Error, Result};

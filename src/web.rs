@@ -1,0 +1,852 @@
+//! The browser API (wasm32 only; built into the npm package in web/ by scripts/build-web.sh):
+//! a thin wasm-bindgen layer over [`crate::session`], the same pipeline the command line runs.
+//! `Gpu.open()` finds WebGPU, `Model.fromGguf` / `Model.fromHuggingFace` load a base model from
+//! bytes, `Dataset.fromJsonl` parses a data set, `new Training(model, dataset, options)` runs
+//! LoRA steps (`step()`, or `train(n, onProgress)`, which yields to the page between steps),
+//! `exportAdapter()` gives PEFT's two files, `Adapter.load` reads them back, and
+//! `generate(prompt, options, onText)` streams text. No shader here: the kernels are the
+//! library's.
+//!
+//! Errors reach JavaScript as `Error` objects: `message` says what was being done, `cause`
+//! holds the library's error (and its own `cause`s, down the chain), and the innermost one has a
+//! `kind` ("webgpu-missing", "no-adapter", "device", "limit", "format", "invalid", "shape",
+//! "busy", "callback"). The option objects are parsed by [`options`] (every target).
+
+pub mod options;
+
+#[cfg(target_arch = "wasm32")]
+pub use api::*;
+
+#[cfg(target_arch = "wasm32")]
+mod api {
+    use super::options;
+    use crate::data::chat::Message;
+    use crate::data::dataset::{Dataset as JsonlDataset, Format};
+    use crate::generate::{GenerationOutput, StopReason};
+    use crate::gpu::{GpuContext, GpuInfo};
+    use crate::lora::peft::{host_adapter_from_bytes, host_adapter_to_bytes};
+    use crate::lora::HostAdapter;
+    use crate::model::llama::LoraSet;
+    use crate::session::{LoadedModel, ModelSource, Prompt, StepInfo, TrainSession};
+    use js_sys::{Function, Object, Reflect, Uint8Array};
+    use serde_json::{json, Value};
+    use std::cell::{Cell, RefCell};
+    use std::collections::BTreeMap;
+    use std::rc::Rc;
+    use wasm_bindgen::prelude::*;
+    use wasm_bindgen::JsCast;
+    use wasm_bindgen_futures::{future_to_promise, JsFuture};
+
+    #[wasm_bindgen(typescript_custom_section)]
+    const TS_TYPES: &'static str = r#"
+    /** What the GPU adapter is and can do (`Gpu.info`). */
+    export interface GpuInfo {
+      name: string; backend: string; deviceType: string; driver: string;
+      shaderF16: boolean; subgroups: boolean; timestampQuery: boolean;
+      /** Largest storage-buffer binding, bytes: the largest tensor a model may have. */
+      maxStorageBufferBindingSize: number; maxBufferSize: number;
+      maxComputeWorkgroupStorageSize: number; maxComputeInvocationsPerWorkgroup: number;
+    }
+    /** How a base model is loaded. */
+    export interface ModelOptions {
+      /** Base projections: "f32" (LoRA, default), "nf4" or "nf4-dq" (QLoRA, NF4 with double quantization). */
+      quant?: "f32" | "nf4" | "nf4-dq";
+      /** NF4 block size (default 64). */
+      blocksize?: number;
+      /** Positions to prepare (a training example, or a prompt plus its answer, must fit); default
+       *  the model's max_position_embeddings, at most 2048. */
+      maxPositions?: number;
+      /** The model's name in messages and in the adapter's base_model_name_or_path. */
+      name?: string;
+    }
+    /** What `Model.info` reports. */
+    export interface ModelInfo {
+      name: string; architecture: string; layers: number; hidden: number; intermediate: number;
+      heads: number; kvHeads: number; headDim: number; vocab: number; tiedEmbeddings: boolean;
+      quant: "f32" | "nf4" | "nf4-dq"; maxPositions: number; chatTemplate: boolean;
+      /** Bytes on the device: the projections, and the rest (embedding, norms, lm_head). */
+      deviceBytes: { projections: number; other: number };
+    }
+    /** A training run's settings; every field is optional (defaults: r 16, alpha 16, the seven
+     *  projections, dropout 0, AdamW lr 2e-4, cosine schedule after 3% warmup, grad-norm clip 1.0,
+     *  batch 4, max length 512, 100 steps, seed 0). */
+    export interface TrainOptions {
+      rank?: number; alpha?: number; dropout?: number;
+      /** "all-linear" (default), module names ["q_proj", "v_proj"], or a regular expression. */
+      targetModules?: "all-linear" | string[] | string;
+      useRslora?: boolean; layersToTransform?: number[];
+      steps?: number; batchSize?: number; gradAccum?: number; maxLen?: number; lr?: number;
+      schedule?: "constant" | "linear" | "cosine"; warmupSteps?: number; weightDecay?: number;
+      beta1?: number; beta2?: number; eps?: number;
+      /** Clip the global gradient norm (0: no clipping). */
+      maxGradNorm?: number;
+      seed?: number; shuffle?: boolean; trainOnPrompt?: boolean; appendEos?: boolean; gradCheckpoint?: boolean;
+      /** Held-out examples: a fraction in (0, 1) or a count (0: none). */
+      validation?: number;
+    }
+    /** What one optimizer step did. */
+    export interface StepReport {
+      step: number; totalSteps: number; loss: number; lr: number; gradNorm: number | null;
+      countedTokens: number; inputTokens: number; epoch: number;
+      /** Wall time of the step, milliseconds (the GPU work included: the loss is read back). */
+      ms: number;
+    }
+    /** Called after each step of `Training.train`; return false to stop after this step. */
+    export type ProgressCallback = (report: StepReport) => boolean | void;
+    /** PEFT's two adapter files. */
+    export interface AdapterFiles {
+      /** adapter_config.json */
+      adapterConfig: string;
+      /** adapter_model.safetensors */
+      adapterModel: Uint8Array;
+    }
+    /** A chat message for the model's chat template. */
+    export interface ChatMessage { role: string; content: string }
+    /** A string (one user turn through the chat template, or raw text when the model has none),
+     *  chat messages, or raw text. */
+    export type Prompt = string | ChatMessage[] | { messages: ChatMessage[] } | { text: string };
+    /** Sampling settings (default: greedy, 128 new tokens, stop at the model's eos). */
+    export interface GenerateOptions {
+      maxNewTokens?: number; temperature?: number; topK?: number; topP?: number; seed?: number;
+      stop?: string[]; skipSpecialTokens?: boolean;
+    }
+    export interface GenerateResult {
+      text: string; tokens: number[]; promptTokens: number;
+      stopReason: "eos" | "stop-string" | "max-new-tokens"; ms: number;
+    }
+    /** A data set's token counts for one model. */
+    export interface DatasetStats {
+      examples: number; tokens: number; countedTokens: number; maxTokens: number; truncated: number; withoutLoss: number;
+    }
+    /** The error kinds the library's errors carry (on the innermost `cause`). */
+    export type ErrorKind = "webgpu-missing" | "no-adapter" | "device" | "limit" | "format" | "invalid" | "shape" | "busy" | "callback";
+    "#;
+
+    /// Installs the panic hook once (from every entry point that reaches the library). A panic is a
+    /// bug (input errors are `Error`s): the console then says where it happened, since JavaScript
+    /// only sees "unreachable".
+    fn hook() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            std::panic::set_hook(Box::new(|p| web_sys::console::error_1(&format!("qlora-webgpu panicked: {p}").into())));
+        });
+    }
+
+    // ---- errors -------------------------------------------------------------------------------
+
+    fn kind_of(e: &crate::Error) -> &'static str {
+        use crate::Error as E;
+        match e {
+            E::NoAdapter { .. } => "no-adapter",
+            E::Device(_) => "device",
+            E::Shape { .. } => "shape",
+            E::Limit { .. } => "limit",
+            E::Format { .. } => "format",
+            E::Invalid(_) => "invalid",
+        }
+    }
+
+    fn set(obj: &JsValue, key: &str, v: &JsValue) {
+        // Setting a property on a fresh Error or Object cannot fail.
+        let _ = Reflect::set(obj, &JsValue::from_str(key), v);
+    }
+
+    /// A JavaScript Error for `e`, its `source()` chain as nested `cause`s.
+    fn error_chain(e: &(dyn std::error::Error + 'static)) -> js_sys::Error {
+        let err = js_sys::Error::new(&e.to_string());
+        if let Some(src) = e.source() {
+            set(&err, "cause", &error_chain(src));
+        }
+        err
+    }
+
+    /// `Error(context)` whose `cause` is the library's error (with `kind`).
+    fn fail(context: impl AsRef<str>, e: crate::Error) -> JsValue {
+        let inner = error_chain(&e);
+        set(&inner, "kind", &JsValue::from_str(kind_of(&e)));
+        let outer = js_sys::Error::new(context.as_ref());
+        set(&outer, "cause", &inner);
+        outer.into()
+    }
+
+    /// An Error of our own (no library cause) with `kind`.
+    fn plain_error(kind: &str, msg: impl AsRef<str>) -> JsValue {
+        let e = js_sys::Error::new(msg.as_ref());
+        set(&e, "kind", &JsValue::from_str(kind));
+        e.into()
+    }
+
+    fn busy(what: &str) -> JsValue {
+        plain_error("busy", format!("{what}: another call on this object is still running; await it first"))
+    }
+
+    // ---- JS values ----------------------------------------------------------------------------
+
+    /// A JSON value as a JavaScript value (objects, arrays, numbers, strings).
+    fn to_js(v: &Value) -> JsValue {
+        // serde_json's output is valid JSON, so JSON.parse accepts it.
+        js_sys::JSON::parse(&v.to_string()).unwrap_or(JsValue::NULL)
+    }
+
+    /// A JavaScript options object as JSON (undefined and null: Null). Functions and other
+    /// non-JSON values are refused by JSON.stringify's rules (dropped), which the key check then
+    /// reports as missing rather than mistyped.
+    fn from_js(what: &str, v: &JsValue) -> Result<Value, JsValue> {
+        if v.is_undefined() || v.is_null() {
+            return Ok(Value::Null);
+        }
+        let s = js_sys::JSON::stringify(v).map_err(|_| plain_error("invalid", format!("{what}: cannot be turned into JSON")))?;
+        let s: String = s.into();
+        serde_json::from_str(&s).map_err(|e| plain_error("invalid", format!("{what}: {e}")))
+    }
+
+    /// Bytes from a Uint8Array, an ArrayBuffer or a typed-array view.
+    fn bytes_of(what: &str, v: &JsValue) -> Result<Vec<u8>, JsValue> {
+        if let Some(a) = v.dyn_ref::<Uint8Array>() {
+            return Ok(a.to_vec());
+        }
+        if v.is_instance_of::<js_sys::ArrayBuffer>() {
+            return Ok(Uint8Array::new(v).to_vec());
+        }
+        if let Some(view) = v.dyn_ref::<js_sys::DataView>() {
+            return Ok(Uint8Array::new_with_byte_offset_and_length(&view.buffer(), view.byte_offset() as u32, view.byte_length() as u32).to_vec());
+        }
+        if js_sys::ArrayBuffer::is_view(v) {
+            let buf: js_sys::ArrayBuffer = Reflect::get(v, &"buffer".into())?.unchecked_into();
+            let off = Reflect::get(v, &"byteOffset".into())?.as_f64().unwrap_or(0.0) as u32;
+            let len = Reflect::get(v, &"byteLength".into())?.as_f64().unwrap_or(0.0) as u32;
+            return Ok(Uint8Array::new_with_byte_offset_and_length(&buf, off, len).to_vec());
+        }
+        Err(plain_error("invalid", format!("{what}: expected a Uint8Array or an ArrayBuffer")))
+    }
+
+    /// An optional callback argument: undefined or null (none) or a function.
+    fn callback(what: &str, v: JsValue) -> Result<Option<Function>, JsValue> {
+        if v.is_undefined() || v.is_null() {
+            return Ok(None);
+        }
+        v.dyn_into::<Function>().map(Some).map_err(|_| plain_error("invalid", format!("{what}: expected a function")))
+    }
+
+    fn now_ms() -> f64 {
+        js_sys::Date::now()
+    }
+
+    /// Lets the page (or worker) run its event loop: a promise resolved by `setTimeout(0)`.
+    async fn yield_to_event_loop() -> Result<(), JsValue> {
+        let p = js_sys::Promise::new(&mut |resolve, _reject| {
+            let g = js_sys::global();
+            match Reflect::get(&g, &"setTimeout".into()).ok().and_then(|f| f.dyn_into::<Function>().ok()) {
+                Some(st) => {
+                    if st.call2(&g, &resolve, &JsValue::from(0)).is_err() {
+                        let _ = resolve.call0(&JsValue::NULL);
+                    }
+                }
+                None => {
+                    let _ = resolve.call0(&JsValue::NULL);
+                }
+            }
+        });
+        JsFuture::from(p).await.map(|_| ())
+    }
+
+    // ---- WebGPU -------------------------------------------------------------------------------
+
+    /// Why WebGPU cannot be used here, or None when `navigator.gpu` exists.
+    fn webgpu_missing() -> Option<String> {
+        let g = js_sys::global();
+        let secure = Reflect::get(&g, &"isSecureContext".into()).ok();
+        let nav = Reflect::get(&g, &"navigator".into()).ok().filter(|n| n.is_object());
+        let Some(nav) = nav else {
+            return Some("WebGPU is not available: there is no `navigator` here (this is not a browser page or worker). \
+                         qlora-webgpu trains on WebGPU in a browser; natively, use the `qlora` command line"
+                .into());
+        };
+        let gpu = Reflect::get(&nav, &"gpu".into()).ok().filter(|v| !v.is_undefined() && !v.is_null());
+        if gpu.is_some() {
+            return None;
+        }
+        if secure.is_some_and(|s| s.is_falsy()) {
+            return Some("WebGPU is not available: this page is not a secure context. Serve it over https://, or from \
+                         http://localhost or http://127.0.0.1"
+                .into());
+        }
+        Some("WebGPU is not available in this browser (navigator.gpu is undefined). Use a browser with WebGPU: Chrome or \
+              Edge 113 or later, Safari 26, Firefox 141 on Windows; on Linux, Chromium with --enable-unsafe-webgpu \
+              (and --enable-features=Vulkan)"
+            .into())
+    }
+
+    /// True when this browser offers WebGPU (`navigator.gpu` exists in a secure context); whether an
+    /// adapter can be had is only known once `Gpu.open()` asks for one.
+    #[wasm_bindgen(js_name = webgpuAvailable)]
+    pub fn webgpu_available() -> bool {
+        webgpu_missing().is_none()
+    }
+
+    /// The package's version (the crate's).
+    #[wasm_bindgen]
+    pub fn version() -> String {
+        env!("CARGO_PKG_VERSION").to_owned()
+    }
+
+    /// The WebGPU device every model and run uses.
+    #[wasm_bindgen]
+    pub struct Gpu {
+        ctx: Rc<GpuContext>,
+        /// The context's info, named from `GPUAdapter.info` when wgpu gives no name (browsers).
+        info: GpuInfo,
+    }
+
+    /// "vendor architecture" or the description of the adapter the browser hands out, from
+    /// `navigator.gpu.requestAdapter()` (wgpu's browser backend leaves the name empty).
+    async fn browser_adapter_name() -> Option<String> {
+        let g = js_sys::global();
+        let nav = Reflect::get(&g, &"navigator".into()).ok()?;
+        let gpu = Reflect::get(&nav, &"gpu".into()).ok()?;
+        let req: Function = Reflect::get(&gpu, &"requestAdapter".into()).ok()?.dyn_into().ok()?;
+        let opts = Object::new();
+        set(&opts, "powerPreference", &JsValue::from_str("high-performance"));
+        let p: js_sys::Promise = req.call1(&gpu, &opts).ok()?.dyn_into().ok()?;
+        let adapter = JsFuture::from(p).await.ok().filter(|a| a.is_object())?;
+        let info = Reflect::get(&adapter, &"info".into()).ok().filter(JsValue::is_object)?;
+        let field = |k: &str| Reflect::get(&info, &k.into()).ok().and_then(|v| v.as_string()).unwrap_or_default();
+        let desc = field("description");
+        let name = if desc.is_empty() { format!("{} {}", field("vendor"), field("architecture")).trim().to_owned() } else { desc };
+        (!name.is_empty()).then_some(name)
+    }
+
+    const NO_BROWSER_ADAPTER: &str = "WebGPU is there, but the browser offers no GPU adapter: WebGPU may be turned off, \
+        or the GPU blocklisted (chrome://gpu says why). Chromium on Linux needs --enable-unsafe-webgpu \
+        --enable-features=Vulkan; without a GPU, also --use-vulkan=swiftshader --use-webgpu-adapter=swiftshader";
+
+    #[wasm_bindgen]
+    impl Gpu {
+        /// Opens the GPU adapter (high-performance first) with its own limits. Rejects with kind
+        /// "webgpu-missing" when the browser has no WebGPU, "no-adapter" when it offers no adapter.
+        pub async fn open() -> Result<Gpu, JsValue> {
+            hook();
+            if let Some(why) = webgpu_missing() {
+                return Err(plain_error("webgpu-missing", why));
+            }
+            let ctx = match GpuContext::new().await {
+                Ok(c) => c,
+                Err(e @ crate::Error::NoAdapter { .. }) => {
+                    let err = fail(NO_BROWSER_ADAPTER, e);
+                    set(&err, "kind", &JsValue::from_str("no-adapter"));
+                    return Err(err);
+                }
+                Err(e) => return Err(fail("opening the WebGPU device", e)),
+            };
+            let mut info = ctx.info().clone();
+            if info.name.is_empty() {
+                info.name = browser_adapter_name().await.unwrap_or_else(|| "WebGPU adapter".to_owned());
+            }
+            Ok(Gpu { ctx, info })
+        }
+
+        /// The adapter's name, backend, features and limits.
+        #[wasm_bindgen(getter, unchecked_return_type = "GpuInfo")]
+        pub fn info(&self) -> JsValue {
+            let i = &self.info;
+            to_js(&json!({
+                "name": i.name, "backend": i.backend, "deviceType": i.device_type, "driver": i.driver,
+                "shaderF16": i.shader_f16, "subgroups": i.subgroups, "timestampQuery": i.timestamp_query,
+                "maxStorageBufferBindingSize": i.max_storage_binding, "maxBufferSize": i.max_buffer,
+                "maxComputeWorkgroupStorageSize": i.max_workgroup_storage,
+                "maxComputeInvocationsPerWorkgroup": i.max_invocations,
+            }))
+        }
+    }
+
+    // ---- models -------------------------------------------------------------------------------
+
+    struct ModelInner {
+        ctx: Rc<GpuContext>,
+        info: GpuInfo,
+        m: LoadedModel,
+        busy: Cell<bool>,
+    }
+
+    /// A base model on the GPU with its tokenizer and chat template.
+    #[wasm_bindgen]
+    pub struct Model {
+        inner: Rc<ModelInner>,
+    }
+
+    fn model_name(opts: &Value, dflt: &str) -> String {
+        opts.get("name").and_then(Value::as_str).unwrap_or(dflt).to_owned()
+    }
+
+    fn upload(gpu: &Gpu, src: ModelSource, opts: &Value) -> Result<Model, JsValue> {
+        let name = src.name.clone();
+        let (quant, max_positions, _) = options::model_options(opts, &src.host.config).map_err(|e| fail(format!("loading {name}"), e))?;
+        options::check_model_fits(&name, &src.host.config, &gpu.info).map_err(|e| fail(format!("loading {name}"), e))?;
+        let m = src
+            .upload(&gpu.ctx, quant, max_positions)
+            .map_err(|e| fail(format!("uploading {name} to the GPU ({})", gpu.info.name), e))?;
+        Ok(Model { inner: Rc::new(ModelInner { ctx: gpu.ctx.clone(), info: gpu.info.clone(), m, busy: Cell::new(false) }) })
+    }
+
+    #[wasm_bindgen]
+    impl Model {
+        /// Loads a GGUF file (`name` names it in messages): weights (F32, F16, BF16, Q8_0, Q4_0,
+        /// Q4_1, Q4_K, Q6_K are dequantized), tokenizer and chat template from its metadata.
+        #[wasm_bindgen(js_name = fromGguf)]
+        pub fn from_gguf(
+            gpu: &Gpu,
+            name: &str,
+            bytes: &[u8],
+            #[wasm_bindgen(unchecked_optional_param_type = "ModelOptions")] options: JsValue,
+        ) -> Result<Model, JsValue> {
+            hook();
+            let opts = from_js("ModelOptions", &options)?;
+            let src = ModelSource::from_gguf(name, bytes).map_err(|e| fail(format!("reading the GGUF file {name}"), e))?;
+            upload(gpu, src, &opts)
+        }
+
+        /// Loads a Hugging Face folder given as files, by name: config.json, model.safetensors (or
+        /// model.safetensors.index.json and its shards), tokenizer.json, and tokenizer_config.json
+        /// and/or chat_template.jinja. Names may carry a folder ("SmolLM2/config.json"): only the
+        /// last part counts. `files` is an object or a Map of Uint8Array / ArrayBuffer.
+        #[wasm_bindgen(js_name = fromHuggingFace)]
+        pub fn from_hugging_face(
+            gpu: &Gpu,
+            #[wasm_bindgen(unchecked_param_type = "Record<string, Uint8Array | ArrayBuffer> | Map<string, Uint8Array | ArrayBuffer>")]
+            files: JsValue,
+            #[wasm_bindgen(unchecked_optional_param_type = "ModelOptions")] options: JsValue,
+        ) -> Result<Model, JsValue> {
+            hook();
+            let opts = from_js("ModelOptions", &options)?;
+            let entries: js_sys::Array = if files.is_instance_of::<js_sys::Map>() {
+                js_sys::Array::from(&files.unchecked_ref::<js_sys::Map>().entries())
+            } else if files.is_object() {
+                Object::entries(files.unchecked_ref())
+            } else {
+                return Err(plain_error("invalid", "Model.fromHuggingFace: `files` must be an object or a Map of file name -> bytes"));
+            };
+            let mut map: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+            for e in entries.iter() {
+                let pair: js_sys::Array = e.unchecked_into();
+                let full = pair.get(0).as_string().unwrap_or_default();
+                let base = full.rsplit(['/', '\\']).next().unwrap_or(&full).to_owned();
+                let bytes = bytes_of(&format!("file {full}"), &pair.get(1))?;
+                if map.insert(base.clone(), bytes).is_some() {
+                    return Err(plain_error("invalid", format!("Model.fromHuggingFace: two files are named {base}")));
+                }
+            }
+            let name = model_name(&opts, "model");
+            if !map.contains_key("config.json") {
+                let got: Vec<&str> = map.keys().map(String::as_str).collect();
+                return Err(plain_error(
+                    "format",
+                    format!(
+                        "{name}: a Hugging Face folder needs config.json, a model.safetensors (or shards with \
+                         model.safetensors.index.json) and tokenizer.json; given: {}",
+                        if got.is_empty() { "no files".to_owned() } else { got.join(", ") }
+                    ),
+                ));
+            }
+            let src = ModelSource::from_hf(&name, &map).map_err(|e| fail(format!("reading the Hugging Face files of {name}"), e))?;
+            upload(gpu, src, &opts)
+        }
+
+        /// Architecture, sizes, base precision and device memory.
+        #[wasm_bindgen(getter, unchecked_return_type = "ModelInfo")]
+        pub fn info(&self) -> JsValue {
+            let m = &self.inner.m;
+            let c = &m.model.cfg;
+            let (proj, other) = m.model.weights.device_bytes();
+            to_js(&json!({
+                "name": m.name, "architecture": m.config.architecture.hf_name(), "layers": c.layers, "hidden": c.hidden,
+                "intermediate": c.intermediate, "heads": c.heads, "kvHeads": c.kv_heads, "headDim": c.head_dim,
+                "vocab": c.vocab, "tiedEmbeddings": c.tied, "quant": m.quant.name(), "maxPositions": m.max_positions,
+                "chatTemplate": m.template.is_some(), "deviceBytes": {"projections": proj, "other": other},
+            }))
+        }
+
+        /// Generates from `prompt` with the base model (no adapter), streaming text to
+        /// `onText` as it is decoded. Resolves to the whole answer.
+        #[wasm_bindgen(unchecked_return_type = "Promise<GenerateResult>")]
+        pub fn generate(
+            &self,
+            #[wasm_bindgen(unchecked_param_type = "Prompt")] prompt: JsValue,
+            #[wasm_bindgen(unchecked_optional_param_type = "GenerateOptions")] options: JsValue,
+            #[wasm_bindgen(unchecked_optional_param_type = "(text: string) => void")] on_text: JsValue,
+        ) -> js_sys::Promise {
+            let inner = self.inner.clone();
+            future_to_promise(async move { generate(&inner, &LoraSet::default(), prompt, options, on_text).await })
+        }
+    }
+
+    fn parse_prompt(m: &LoadedModel, v: &JsValue) -> Result<Prompt, JsValue> {
+        if let Some(s) = v.as_string() {
+            return Ok(match m.template {
+                Some(_) => Prompt::Chat(vec![Message::new("user", s)]),
+                None => Prompt::Raw(s),
+            });
+        }
+        let j = from_js("prompt", v)?;
+        let messages = |a: &Value| -> Result<Vec<Message>, JsValue> {
+            serde_json::from_value::<Vec<Message>>(a.clone())
+                .map_err(|e| plain_error("invalid", format!("prompt: messages must be [{{role, content}}, ...] of strings ({e})")))
+        };
+        match &j {
+            Value::Array(_) => Ok(Prompt::Chat(messages(&j)?)),
+            Value::Object(o) if o.contains_key("messages") => Ok(Prompt::Chat(messages(&o["messages"])?)),
+            Value::Object(o) if o.get("text").is_some_and(Value::is_string) => Ok(Prompt::Raw(o["text"].as_str().unwrap_or("").to_owned())),
+            _ => Err(plain_error("invalid", "prompt: expected a string, chat messages, {messages: [...]} or {text: string}")),
+        }
+    }
+
+    async fn generate(inner: &ModelInner, set: &LoraSet, prompt: JsValue, options: JsValue, on_text: JsValue) -> Result<JsValue, JsValue> {
+        if inner.busy.replace(true) {
+            return Err(busy("generate"));
+        }
+        let r = generate_inner(inner, set, prompt, options, on_text).await;
+        inner.busy.set(false);
+        r
+    }
+
+    async fn generate_inner(inner: &ModelInner, set: &LoraSet, prompt: JsValue, options: JsValue, on_text: JsValue) -> Result<JsValue, JsValue> {
+        let m = &inner.m;
+        let prompt = parse_prompt(m, &prompt)?;
+        let cfg = options::sampling_config(&from_js("GenerateOptions", &options)?).map_err(|e| fail("generate", e))?;
+        let ids = m.prompt_ids(&prompt).map_err(|e| fail("generate: the prompt", e))?;
+        let cb = callback("generate: onText", on_text)?;
+        let thrown: RefCell<Option<JsValue>> = RefCell::new(None);
+        let t0 = now_ms();
+        let out: GenerationOutput = m
+            .generate(&inner.ctx, set, &ids, &cfg, |text| {
+                if let Some(f) = &cb {
+                    if thrown.borrow().is_none() {
+                        if let Err(e) = f.call1(&JsValue::NULL, &JsValue::from_str(text)) {
+                            *thrown.borrow_mut() = Some(e);
+                        }
+                    }
+                }
+            })
+            .await
+            .map_err(|e| fail(format!("generating with {}", m.name), e))?;
+        if let Some(e) = thrown.into_inner() {
+            let err = plain_error("callback", "generate: the onText callback threw");
+            set_cause(&err, &e);
+            return Err(err);
+        }
+        let stop = match out.stop_reason {
+            StopReason::Eos(_) => "eos",
+            StopReason::StopString(_) => "stop-string",
+            StopReason::MaxNewTokens => "max-new-tokens",
+        };
+        Ok(to_js(&json!({"text": out.text, "tokens": out.ids, "promptTokens": ids.len(), "stopReason": stop, "ms": now_ms() - t0})))
+    }
+
+    fn set_cause(err: &JsValue, cause: &JsValue) {
+        set(err, "cause", cause);
+    }
+
+    // ---- data ---------------------------------------------------------------------------------
+
+    /// A JSONL data set: `{"messages"}`, `{"prompt", "completion"}`, `{"instruction", "input",
+    /// "output"}` (Alpaca) or `{"text"}` lines.
+    #[wasm_bindgen]
+    pub struct Dataset {
+        d: Rc<JsonlDataset>,
+    }
+
+    #[wasm_bindgen]
+    impl Dataset {
+        /// Parses JSONL text or bytes; `format` is "auto" (default: from the first line's keys),
+        /// "messages", "prompt-completion", "alpaca" or "text". Errors name `name` and the line.
+        #[wasm_bindgen(js_name = fromJsonl)]
+        pub fn from_jsonl(
+            name: &str,
+            #[wasm_bindgen(unchecked_param_type = "string | Uint8Array | ArrayBuffer")] data: JsValue,
+            format: Option<String>,
+        ) -> Result<Dataset, JsValue> {
+            hook();
+            let bytes = match data.as_string() {
+                Some(s) => s.into_bytes(),
+                None => bytes_of(&format!("Dataset.fromJsonl({name})"), &data)?,
+            };
+            let fmt = Format::parse(format.as_deref().unwrap_or("auto")).map_err(|e| fail(format!("reading the data set {name}"), e))?;
+            let d = JsonlDataset::from_jsonl(name, &bytes, fmt).map_err(|e| fail(format!("reading the data set {name}"), e))?;
+            Ok(Dataset { d: Rc::new(d) })
+        }
+
+        /// Number of examples.
+        #[wasm_bindgen(getter)]
+        pub fn length(&self) -> usize {
+            self.d.len()
+        }
+
+        /// The format in use ("messages", "prompt-completion", "alpaca" or "text").
+        #[wasm_bindgen(getter)]
+        pub fn format(&self) -> String {
+            self.d.format().name().to_owned()
+        }
+    }
+
+    // ---- adapters -----------------------------------------------------------------------------
+
+    /// A LoRA adapter (PEFT's files) for one model: start a run from it, or generate with it.
+    #[wasm_bindgen]
+    #[derive(Clone)]
+    pub struct Adapter {
+        host: Rc<HostAdapter>,
+        set: LoraSet,
+        model: Rc<ModelInner>,
+    }
+
+    fn adapter_files_js(config: String, weights: Vec<u8>) -> JsValue {
+        let o = Object::new();
+        set(&o, "adapterConfig", &JsValue::from_str(&config));
+        set(&o, "adapterModel", &Uint8Array::from(&weights[..]));
+        o.into()
+    }
+
+    #[wasm_bindgen]
+    impl Adapter {
+        /// Reads PEFT's adapter_config.json (text) and adapter_model.safetensors (bytes) for `model`
+        /// and uploads it. The tensors must be exactly the A and B of every targeted module, with
+        /// the shapes the model and the config give.
+        pub fn load(
+            model: &Model,
+            adapter_config: &str,
+            #[wasm_bindgen(unchecked_param_type = "Uint8Array | ArrayBuffer")] adapter_model: JsValue,
+        ) -> Result<Adapter, JsValue> {
+            hook();
+            let st = bytes_of("Adapter.load: adapter_model.safetensors", &adapter_model)?;
+            let inner = &model.inner;
+            let h = host_adapter_from_bytes(adapter_config, &st, &inner.m.model.cfg, "adapter")
+                .map_err(|e| fail(format!("reading the adapter for {}", inner.m.name), e))?;
+            let set = h.upload(&inner.ctx).map_err(|e| fail("uploading the adapter", e))?;
+            Ok(Adapter { host: Rc::new(h), set, model: inner.clone() })
+        }
+
+        /// The adapter's adapter_config.json as an object.
+        #[wasm_bindgen(getter, unchecked_return_type = "Record<string, unknown>")]
+        pub fn config(&self) -> JsValue {
+            let text = crate::lora::peft::config_to_json(&self.host.config);
+            js_sys::JSON::parse(&text).unwrap_or(JsValue::NULL)
+        }
+
+        /// Generates with the model and this adapter (see `Model.generate`).
+        #[wasm_bindgen(unchecked_return_type = "Promise<GenerateResult>")]
+        pub fn generate(
+            &self,
+            #[wasm_bindgen(unchecked_param_type = "Prompt")] prompt: JsValue,
+            #[wasm_bindgen(unchecked_optional_param_type = "GenerateOptions")] options: JsValue,
+            #[wasm_bindgen(unchecked_optional_param_type = "(text: string) => void")] on_text: JsValue,
+        ) -> js_sys::Promise {
+            let a = self.clone();
+            future_to_promise(async move { generate(&a.model, &a.set, prompt, options, on_text).await })
+        }
+
+        /// PEFT's two files of this adapter.
+        #[wasm_bindgen(unchecked_return_type = "AdapterFiles")]
+        pub fn files(&self) -> Result<JsValue, JsValue> {
+            let (c, w) = host_adapter_to_bytes(&self.host, &self.model.m.model.cfg).map_err(|e| fail("writing the adapter files", e))?;
+            Ok(adapter_files_js(c, w))
+        }
+    }
+
+    // ---- training -----------------------------------------------------------------------------
+
+    struct TrainingInner {
+        model: Rc<ModelInner>,
+        session: RefCell<TrainSession>,
+        options: Value,
+    }
+
+    /// A LoRA training run of one model on one data set.
+    #[wasm_bindgen]
+    pub struct Training {
+        inner: Rc<TrainingInner>,
+    }
+
+    fn step_js(s: &StepInfo, total: u64, ms: f64) -> JsValue {
+        to_js(&json!({
+            "step": s.step, "totalSteps": total, "loss": s.loss, "lr": s.lr, "gradNorm": s.grad_norm,
+            "countedTokens": s.counted_tokens, "inputTokens": s.input_tokens, "epoch": s.epoch, "ms": ms,
+        }))
+    }
+
+    fn new_training(model: &Model, data: &Dataset, options: &JsValue, init: Option<&HostAdapter>) -> Result<Training, JsValue> {
+        hook();
+        let opts = from_js("TrainOptions", options)?;
+        let m = &model.inner;
+        let cfg = options::train_config(&opts).map_err(|e| fail("starting training", e))?;
+        options::check_training_fits(&m.m.config, &cfg, &m.info).map_err(|e| fail("starting training", e))?;
+        let session = TrainSession::new(&m.ctx, &m.m, &data.d, cfg, init)
+            .map_err(|e| fail(format!("starting training of {} on {}", m.m.name, data.d.file()), e))?;
+        Ok(Training { inner: Rc::new(TrainingInner { model: m.clone(), session: RefCell::new(session), options: opts }) })
+    }
+
+    async fn one_step(t: &TrainingInner) -> Result<JsValue, JsValue> {
+        let mut s = t.session.try_borrow_mut().map_err(|_| busy("Training.step"))?;
+        if s.done() {
+            let n = s.config().steps;
+            return Err(plain_error("invalid", format!("Training.step: all {n} steps are done (TrainOptions.steps)")));
+        }
+        let t0 = now_ms();
+        let next = s.step_count() + 1;
+        let info = s.step().await.map_err(|e| fail(format!("training step {next}"), e))?;
+        Ok(step_js(&info, s.config().steps, now_ms() - t0))
+    }
+
+    #[wasm_bindgen]
+    impl Training {
+        /// A run from a fresh adapter (initialized from `options` and its seed). The data set is
+        /// tokenized for the model here; too long a batch for the GPU's limits is an error.
+        #[wasm_bindgen(constructor)]
+        pub fn new(
+            model: &Model,
+            dataset: &Dataset,
+            #[wasm_bindgen(unchecked_optional_param_type = "TrainOptions")] options: JsValue,
+        ) -> Result<Training, JsValue> {
+            new_training(model, dataset, &options, None)
+        }
+
+        /// A run that trains `adapter` further (its own LoRA config; `options` sets the rest).
+        #[wasm_bindgen(js_name = fromAdapter)]
+        pub fn from_adapter(
+            model: &Model,
+            dataset: &Dataset,
+            adapter: &Adapter,
+            #[wasm_bindgen(unchecked_optional_param_type = "TrainOptions")] options: JsValue,
+        ) -> Result<Training, JsValue> {
+            new_training(model, dataset, &options, Some(&adapter.host))
+        }
+
+        /// One optimizer step; resolves when its loss is read back.
+        #[wasm_bindgen(unchecked_return_type = "Promise<StepReport>")]
+        pub fn step(&self) -> js_sys::Promise {
+            let t = self.inner.clone();
+            future_to_promise(async move { one_step(&t).await })
+        }
+
+        /// Steps until `steps` more are done (default: to the end of the run), yielding to the
+        /// event loop between steps and calling `onProgress(report)` after each; it returning
+        /// `false` stops the run early. Resolves to the reports.
+        #[wasm_bindgen(unchecked_return_type = "Promise<StepReport[]>")]
+        pub fn train(
+            &self,
+            steps: Option<u32>,
+            #[wasm_bindgen(unchecked_optional_param_type = "ProgressCallback")] on_progress: JsValue,
+        ) -> js_sys::Promise {
+            let t = self.inner.clone();
+            future_to_promise(async move {
+                let cb = callback("Training.train: onProgress", on_progress)?;
+                let out = js_sys::Array::new();
+                let mut left = steps.map(u64::from);
+                loop {
+                    if left == Some(0) || t.session.try_borrow().map(|s| s.done()).unwrap_or(false) {
+                        break;
+                    }
+                    let r = one_step(&t).await?;
+                    out.push(&r);
+                    left = left.map(|n| n - 1);
+                    if let Some(f) = &cb {
+                        let keep = f.call1(&JsValue::NULL, &r).map_err(|e| {
+                            let err = plain_error("callback", "Training.train: the onProgress callback threw");
+                            set_cause(&err, &e);
+                            err
+                        })?;
+                        if keep == JsValue::FALSE {
+                            break;
+                        }
+                    }
+                    yield_to_event_loop().await?;
+                }
+                Ok(out.into())
+            })
+        }
+
+        /// Steps taken.
+        #[wasm_bindgen(getter, js_name = stepCount)]
+        pub fn step_count(&self) -> f64 {
+            self.inner.session.try_borrow().map(|s| s.step_count() as f64).unwrap_or(f64::NAN)
+        }
+
+        /// Steps the run was configured for.
+        #[wasm_bindgen(getter, js_name = totalSteps)]
+        pub fn total_steps(&self) -> f64 {
+            self.inner.session.try_borrow().map(|s| s.config().steps as f64).unwrap_or(f64::NAN)
+        }
+
+        /// True once every configured step is done.
+        #[wasm_bindgen(getter)]
+        pub fn done(&self) -> bool {
+            self.inner.session.try_borrow().map(|s| s.done()).unwrap_or(false)
+        }
+
+        /// The options the run was created with (as given).
+        #[wasm_bindgen(getter, unchecked_return_type = "TrainOptions")]
+        pub fn options(&self) -> JsValue {
+            to_js(&self.inner.options)
+        }
+
+        /// Token counts of the whole data set for this model, and the split sizes.
+        #[wasm_bindgen(getter, js_name = dataStats, unchecked_return_type = "DatasetStats & { trainExamples: number; validationExamples: number }")]
+        pub fn data_stats(&self) -> Result<JsValue, JsValue> {
+            let s = self.inner.session.try_borrow().map_err(|_| busy("Training.dataStats"))?;
+            let d = s.data_stats();
+            let (tr, va) = s.split_sizes();
+            Ok(to_js(&json!({
+                "examples": d.examples, "tokens": d.tokens, "countedTokens": d.counted_tokens, "maxTokens": d.max_tokens,
+                "truncated": d.truncated, "withoutLoss": d.without_loss, "trainExamples": tr, "validationExamples": va,
+            })))
+        }
+
+        /// The mean loss over the held-out examples (null without `validation`).
+        #[wasm_bindgen(js_name = validationLoss, unchecked_return_type = "Promise<number | null>")]
+        pub fn validation_loss(&self) -> js_sys::Promise {
+            let t = self.inner.clone();
+            future_to_promise(async move {
+                let s = t.session.try_borrow().map_err(|_| busy("Training.validationLoss"))?;
+                let l = s.validation_loss().await.map_err(|e| fail("validation loss", e))?;
+                Ok(l.map_or(JsValue::NULL, JsValue::from_f64))
+            })
+        }
+
+        /// The adapter as it stands, as PEFT's two files (base_model_name_or_path: the model's name).
+        #[wasm_bindgen(js_name = exportAdapter, unchecked_return_type = "Promise<AdapterFiles>")]
+        pub fn export_adapter(&self) -> js_sys::Promise {
+            let t = self.inner.clone();
+            future_to_promise(async move {
+                let s = t.session.try_borrow().map_err(|_| busy("Training.exportAdapter"))?;
+                let (c, w) = s.adapter_files(&t.model.ctx, Some(&t.model.m.name)).await.map_err(|e| fail("exporting the adapter", e))?;
+                Ok(adapter_files_js(c, w))
+            })
+        }
+
+        /// A copy of the adapter as it stands (further steps do not change it).
+        #[wasm_bindgen(unchecked_return_type = "Promise<Adapter>")]
+        pub fn adapter(&self) -> js_sys::Promise {
+            let t = self.inner.clone();
+            future_to_promise(async move {
+                let s = t.session.try_borrow().map_err(|_| busy("Training.adapter"))?;
+                let mut h = s.adapter(&t.model.ctx).await.map_err(|e| fail("reading the adapter", e))?;
+                h.config.base_model_name_or_path = Some(t.model.m.name.clone());
+                let set = h.upload(&t.model.ctx).map_err(|e| fail("copying the adapter", e))?;
+                Ok(Adapter { host: Rc::new(h), set, model: t.model.clone() }.into())
+            })
+        }
+
+        /// Generates with the model and the adapter as it stands (see `Model.generate`).
+        #[wasm_bindgen(unchecked_return_type = "Promise<GenerateResult>")]
+        pub fn generate(
+            &self,
+            #[wasm_bindgen(unchecked_param_type = "Prompt")] prompt: JsValue,
+            #[wasm_bindgen(unchecked_optional_param_type = "GenerateOptions")] options: JsValue,
+            #[wasm_bindgen(unchecked_optional_param_type = "(text: string) => void")] on_text: JsValue,
+        ) -> js_sys::Promise {
+            let t = self.inner.clone();
+            future_to_promise(async move {
+                let set = t.session.try_borrow().map_err(|_| busy("Training.generate"))?.lora_set().clone();
+                generate(&t.model, &set, prompt, options, on_text).await
+            })
+        }
+    }
+}

@@ -1,0 +1,173 @@
+// Browser test: headless Chromium (Debian's, driven by playwright-core) with WebGPU on
+// SwiftShader opens the demo page from a local static server, chooses the tiny test model
+// (tests/fixtures/tiny-llama/model, a Hugging Face folder) and the example data set, trains a
+// few steps, checks that the loss falls, downloads the adapter through the page's links and
+// compares it with the adapter the native path (examples/web_native.rs, lavapipe) trains from
+// the same options: the same adapter_config.json, the same keys and shapes, values within 1e-4
+// relative (per tensor ||browser - native|| / ||native||, the project's relative error), and the
+// same losses within 1e-4 relative. A second test checks what a page without WebGPU shows.
+//
+// Needs web/pkg (scripts/build-web.sh) and Chromium (CHROMIUM, default /usr/bin/chromium).
+// QLORA_SCREENSHOT=path saves a screenshot of the page after training; QLORA_WEB_STEPS sets the
+// number of steps (default 6). Run: cd web && node --test test/browser.test.mjs
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { chromium } from 'playwright-core';
+import { startServer, REPO_ROOT } from '../serve.mjs';
+import { readSafetensors, compareAdapters } from './safetensors.mjs';
+
+const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+// DESIGN.md: Chromium headless with WebGPU on a machine without a GPU.
+const WEBGPU_FLAGS = [
+  '--headless=new', '--no-sandbox', '--enable-unsafe-webgpu', '--enable-features=Vulkan',
+  '--use-vulkan=swiftshader', '--use-webgpu-adapter=swiftshader', '--disable-gpu-sandbox',
+];
+const MODEL_DIR = path.join(REPO_ROOT, 'tests/fixtures/tiny-llama/model');
+const MODEL_FILES = ['config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json', 'chat_template.jinja'];
+const STEPS = Number(process.env.QLORA_WEB_STEPS || 6);
+const RTOL = 1e-4;
+
+let server;
+let browser;
+let tmp;
+
+before(async () => {
+  assert.ok(fs.existsSync(path.join(REPO_ROOT, 'web/pkg/qlora_webgpu.js')), 'web/pkg is missing: run scripts/build-web.sh first');
+  assert.ok(fs.existsSync(CHROMIUM), `no Chromium at ${CHROMIUM} (apt-get install chromium, or set CHROMIUM)`);
+  server = await startServer();
+  browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: WEBGPU_FLAGS });
+  tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'qlora-web-'));
+});
+
+after(async () => {
+  await browser?.close();
+  server?.server.close();
+  if (tmp) fs.rmSync(tmp, { recursive: true, force: true });
+});
+
+function pageLog(page, lines) {
+  page.on('console', (m) => lines.push(`[${m.type()}] ${m.text()}`));
+  page.on('pageerror', (e) => lines.push(`[pageerror] ${e.message}`));
+  page.on('worker', (w) => w.on('console', (m) => lines.push(`[worker ${m.type()}] ${m.text()}`)));
+}
+
+/** Waits until window.demo.phase is one of `phases`; an error shown by the page fails at once. */
+async function waitPhase(page, phases, timeout, lines) {
+  try {
+    await page.waitForFunction(
+      (ps) => window.demo && (ps.includes(window.demo.phase) || window.demo.error),
+      phases,
+      { timeout, polling: 250 },
+    );
+  } catch (e) {
+    throw new Error(`page did not reach ${phases} in ${timeout / 1000} s (phase ${await page.evaluate(() => window.demo?.phase)}); log:\n${lines.join('\n')}`);
+  }
+  const err = await page.evaluate(() => window.demo.error);
+  if (err) throw new Error(`the page shows an error:\n${err.map((c) => c.message).join('\n  caused by: ')}\nlog:\n${lines.join('\n')}`);
+}
+
+const mean = (xs) => xs.reduce((a, b) => a + b, 0) / xs.length;
+
+test('the demo trains the tiny model in Chromium (SwiftShader) and exports the adapter the native path trains', { timeout: 20 * 60e3 }, async () => {
+  const page = await browser.newPage({ viewport: { width: 1280, height: 900 }, acceptDownloads: true });
+  const lines = [];
+  pageLog(page, lines);
+  await page.goto(`${server.url}/web/`);
+  await waitPhase(page, ['ready'], 120e3, lines);
+  const gpu = await page.evaluate(() => window.demo.gpu);
+  console.log(`# WebGPU adapter in Chromium: ${gpu.name} (${gpu.backend}); subgroups ${gpu.subgroups}`);
+
+  await page.setInputFiles('#model-files', MODEL_FILES.map((f) => path.join(MODEL_DIR, f)));
+  const form = { '#rank': '8', '#alpha': '16', '#steps': String(STEPS), '#lr': '0.005', '#batch': '2', '#max-len': '96', '#seed': '3' };
+  for (const [sel, v] of Object.entries(form)) await page.fill(sel, v);
+  await page.fill('#prompt', 'What is the capital of France?');
+  await page.click('#train');
+  await waitPhase(page, ['done'], 15 * 60e3, lines);
+
+  const s = await page.evaluate(() => ({
+    losses: window.demo.losses.map((p) => p.loss), stepMs: window.demo.stepMs, options: window.demo.options,
+    model: window.demo.model, answers: window.demo.answers,
+  }));
+  console.log(`# browser losses: ${s.losses.map((l) => l.toFixed(4)).join(' ')}`);
+  assert.equal(s.losses.length, STEPS, 'one loss per step');
+  assert.ok(s.losses.every(Number.isFinite), 'finite losses');
+  assert.ok(s.losses[STEPS - 1] < s.losses[0] - 0.05, `the loss falls: ${s.losses[0]} -> ${s.losses[STEPS - 1]}`);
+  assert.ok(s.answers.before.length > 0 && s.answers.after.length > 0, 'both answers are shown');
+
+  if (process.env.QLORA_SCREENSHOT) {
+    await page.screenshot({ path: process.env.QLORA_SCREENSHOT, fullPage: true });
+    console.log(`# screenshot: ${process.env.QLORA_SCREENSHOT}`);
+  }
+
+  // The adapter, through the page's download links.
+  const webDir = path.join(tmp, 'browser');
+  fs.mkdirSync(webDir);
+  for (const [id, name] of [['#download-config', 'adapter_config.json'], ['#download-model', 'adapter_model.safetensors']]) {
+    const [dl] = await Promise.all([page.waitForEvent('download'), page.click(id)]);
+    assert.equal(dl.suggestedFilename(), name);
+    await dl.saveAs(path.join(webDir, name));
+  }
+  await page.close();
+
+  // The same run natively.
+  const nativeDir = path.join(tmp, 'native');
+  const modelOpts = { quant: s.model.quant, maxPositions: s.model.maxPositions, name: s.model.name };
+  const { stdout } = await promisify(execFile)(
+    'cargo',
+    ['run', '-q', '-j1', '--example', 'web_native', '--', MODEL_DIR, path.join(REPO_ROOT, 'data/pirate.jsonl'), nativeDir,
+      JSON.stringify(s.options), JSON.stringify(modelOpts)],
+    { cwd: REPO_ROOT, maxBuffer: 1 << 24, timeout: 15 * 60e3 },
+  );
+  const native = JSON.parse(stdout.trim().split('\n').pop());
+  console.log(`# native losses:  ${native.losses.map((l) => l.toFixed(4)).join(' ')} (${native.adapter})`);
+  const web = mean(s.stepMs.slice(1));
+  const nat = mean(native.stepMs.slice(1));
+  console.log(`# step time (mean of steps 2..${STEPS}, batch 2, max length 96): Chromium/SwiftShader ${web.toFixed(0)} ms, native ${native.adapter} ${nat.toFixed(0)} ms`);
+  for (let i = 0; i < STEPS; i++) {
+    assert.ok(Math.abs(s.losses[i] - native.losses[i]) <= 1e-4 * Math.abs(native.losses[i]),
+      `step ${i + 1} loss: browser ${s.losses[i]} vs native ${native.losses[i]}`);
+  }
+
+  const webCfg = JSON.parse(fs.readFileSync(path.join(webDir, 'adapter_config.json'), 'utf8'));
+  const natCfg = JSON.parse(fs.readFileSync(path.join(nativeDir, 'adapter_config.json'), 'utf8'));
+  assert.deepEqual(webCfg, natCfg, 'adapter_config.json is the same');
+  assert.equal(webCfg.r, 8);
+  assert.equal(webCfg.lora_alpha, 16);
+  const cmp = compareAdapters(
+    readSafetensors(fs.readFileSync(path.join(webDir, 'adapter_model.safetensors'))),
+    readSafetensors(fs.readFileSync(path.join(nativeDir, 'adapter_model.safetensors'))),
+    RTOL,
+  );
+  console.log(`# adapter: ${cmp.keys} tensors, same keys and shapes; worst relative L2 error ${cmp.worstL2.toExponential(2)} (${cmp.worstL2Key}); ` +
+    `worst max|diff|/max|native| ${cmp.worstMax.toExponential(2)} (${cmp.worstMaxKey})`);
+  assert.deepEqual(cmp.failures, [], `adapter values within ${RTOL} relative`);
+  assert.equal(cmp.keys, 28, 'A and B of the 7 projections of both layers');
+});
+
+test('a page without WebGPU says so', { timeout: 180e3 }, async () => {
+  // Chromium without the WebGPU API (no navigator.gpu), then with the API but no adapter.
+  const cases = [
+    { args: ['--disable-blink-features=WebGPU'], kind: 'webgpu-missing', text: /WebGPU is not available in this browser/ },
+    { args: ['--disable-features=WebGPU,Vulkan', '--disable-gpu'], kind: 'no-adapter', text: /the browser offers no GPU adapter/ },
+  ];
+  for (const c of cases) {
+    const b = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: ['--headless=new', '--no-sandbox', ...c.args] });
+    try {
+      const page = await b.newPage();
+      await page.goto(`${server.url}/web/`);
+      await page.waitForFunction(() => window.demo && window.demo.phase === 'no-webgpu', null, { timeout: 60e3 });
+      const text = await page.textContent('#gpu');
+      assert.match(text, c.text, c.args.join(' '));
+      assert.equal(await page.evaluate(() => window.demo.gpuError.at(-1).kind), c.kind);
+      assert.ok(await page.isDisabled('#train'), 'Train is disabled');
+    } finally {
+      await b.close();
+    }
+  }
+});

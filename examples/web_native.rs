@@ -8,8 +8,9 @@
 //! cargo run --example web_native -- MODEL DATA.jsonl OUT_DIR '{"rank":8,...}' ['{"quant":"f32",...}']
 //! ```
 //! MODEL is a .gguf file or a Hugging Face folder. Prints one JSON line per step
-//! (`{"step", "loss", "ms"}`) and a final `{"done": ...}` line; writes adapter_config.json and
-//! adapter_model.safetensors into OUT_DIR.
+//! (`{"step", "loss", "ms"}`) and a final `{"done", "losses", "stepMs", "heldOut"}` line (the
+//! held-out loss before and after training, null without `validation`); writes
+//! adapter_config.json and adapter_model.safetensors into OUT_DIR.
 
 use anyhow::{bail, Context, Result};
 use qlora_webgpu::data::dataset::{Dataset, Format};
@@ -54,6 +55,7 @@ fn main() -> Result<()> {
     let name = data_path.file_name().map_or_else(|| data_path.display().to_string(), |n| n.to_string_lossy().into_owned());
     let data = Dataset::from_jsonl(&name, &data_bytes, Format::Auto)?;
     let mut session = TrainSession::new(&ctx, &model, &data, cfg, None)?;
+    let held_out_before = block_on(session.validation_loss())?;
     let (mut losses, mut ms) = (Vec::new(), Vec::new());
     while !session.done() {
         let t0 = Instant::now();
@@ -63,10 +65,15 @@ fn main() -> Result<()> {
         losses.push(s.loss);
         ms.push(dt);
     }
+    let held_out_after = block_on(session.validation_loss())?;
     let (config, weights) = block_on(session.adapter_files(&ctx, Some(&model.name)))?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::write(out.join("adapter_config.json"), config)?;
     std::fs::write(out.join("adapter_model.safetensors"), weights)?;
-    println!("{}", json!({"done": true, "losses": losses, "stepMs": ms, "adapter": ctx.info().name, "out": out.display().to_string()}));
+    println!(
+        "{}",
+        json!({"done": true, "losses": losses, "stepMs": ms, "heldOut": {"before": held_out_before, "after": held_out_after},
+               "adapter": ctx.info().name, "out": out.display().to_string()})
+    );
     Ok(())
 }

@@ -7,7 +7,7 @@ import { drawLossChart } from './chart.js';
 const $ = (id) => document.getElementById(id);
 const state = (window.demo = {
   phase: 'starting', gpu: null, model: null, options: null, stats: null,
-  losses: [], stepMs: [], answers: { before: '', after: '' }, adapter: null, error: null, trainMs: null,
+  losses: [], stepMs: [], heldOut: null, answers: { before: '', after: '' }, adapter: null, error: null, trainMs: null,
 });
 
 const worker = new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
@@ -46,6 +46,16 @@ function clearError() {
 
 function renderChart() {
   drawLossChart($('chart'), state.losses, state.options ? state.options.steps : 1);
+}
+
+function renderHeldOut() {
+  const h = state.heldOut;
+  if (!h || h.before == null) {
+    $('held-out').textContent = '';
+    return;
+  }
+  $('held-out').textContent = `Held-out loss (${state.stats.validationExamples} examples): ${h.before.toFixed(4)} before training` +
+    (h.after == null ? '' : ` → ${h.after.toFixed(4)} after`);
 }
 
 function fmtBytes(n) {
@@ -93,6 +103,10 @@ worker.onmessage = (ev) => {
       renderChart();
       break;
     }
+    case 'validation':
+      state.heldOut = m.heldOut;
+      renderHeldOut();
+      break;
     case 'answer':
       state.answers[m.which] = m.text;
       if (m.final && !m.text.trim()) {
@@ -169,6 +183,7 @@ async function startTraining() {
   const options = {
     rank: num('rank'), alpha: num('alpha', false), steps, lr: num('lr', false), batchSize: num('batch'), maxLen,
     seed: num('seed'), schedule: 'constant', warmupSteps: 0, maxGradNorm: 1.0, dropout: 0,
+    validation: $('held-out-on').checked ? 0.1 : 0,
   };
   let dataset;
   if (document.querySelector('input[name=data]:checked').value === 'file') {
@@ -192,7 +207,9 @@ async function startTraining() {
   state.stepMs = [];
   state.answers = { before: '', after: '' };
   state.adapter = null;
+  state.heldOut = null;
   state.options = options;
+  renderHeldOut();
   $('steps').textContent = '';
   $('before').textContent = '';
   $('after').textContent = '';

@@ -74,12 +74,16 @@ async function handle(msg) {
       await answer('before', msg.prompt, msg.maxNewTokens, init ? (...a) => init.generate(...a) : (...a) => model.generate(...a));
       const training = init ? Training.fromAdapter(model, data, init, msg.options) : new Training(model, data, msg.options);
       postMessage({ type: 'stats', stats: training.dataStats, format: data.format, options: training.options });
+      const heldOut = { before: await training.validationLoss(), after: null };
+      postMessage({ type: 'validation', heldOut });
       const t0 = performance.now();
       await training.train(undefined, (r) => {
         postMessage({ type: 'step', report: r });
         return !stopRequested;
       });
       const trainMs = performance.now() - t0;
+      heldOut.after = await training.validationLoss();
+      postMessage({ type: 'validation', heldOut });
       await answer('after', msg.prompt, msg.maxNewTokens, (...a) => training.generate(...a));
       const files = await training.exportAdapter();
       postMessage({ type: 'adapter', config: files.adapterConfig, model: files.adapterModel }, [files.adapterModel.buffer]);

@@ -92,12 +92,16 @@ test('the demo trains the tiny model in Chromium (SwiftShader) and exports the a
 
   const s = await page.evaluate(() => ({
     losses: window.demo.losses.map((p) => p.loss), stepMs: window.demo.stepMs, options: window.demo.options,
-    model: window.demo.model, answers: window.demo.answers,
+    model: window.demo.model, answers: window.demo.answers, heldOut: window.demo.heldOut, stats: window.demo.stats,
   }));
   console.log(`# browser losses: ${s.losses.map((l) => l.toFixed(4)).join(' ')}`);
   assert.equal(s.losses.length, STEPS, 'one loss per step');
   assert.ok(s.losses.every(Number.isFinite), 'finite losses');
-  assert.ok(s.losses[STEPS - 1] < s.losses[0] - 0.05, `the loss falls: ${s.losses[0]} -> ${s.losses[STEPS - 1]}`);
+  const late = mean(s.losses.slice(Math.floor(STEPS / 2)));
+  assert.ok(late < s.losses[0] - 0.05, `the loss falls: first step ${s.losses[0]}, mean of the second half ${late}`);
+  console.log(`# held-out loss (${s.stats.validationExamples} examples): ${s.heldOut.before.toFixed(4)} -> ${s.heldOut.after.toFixed(4)}`);
+  assert.equal(s.stats.validationExamples, 8, '10% of the 80 examples held out');
+  assert.ok(s.heldOut.after < s.heldOut.before - 0.05, 'the held-out loss falls');
   assert.ok(s.answers.before.length > 0 && s.answers.after.length > 0, 'both answers are shown');
 
   if (process.env.QLORA_SCREENSHOT) {
@@ -129,6 +133,9 @@ test('the demo trains the tiny model in Chromium (SwiftShader) and exports the a
   const web = mean(s.stepMs.slice(1));
   const nat = mean(native.stepMs.slice(1));
   console.log(`# step time (mean of steps 2..${STEPS}, batch 2, max length 96): Chromium/SwiftShader ${web.toFixed(0)} ms, native ${native.adapter} ${nat.toFixed(0)} ms`);
+  for (const k of ['before', 'after']) {
+    assert.ok(Math.abs(s.heldOut[k] - native.heldOut[k]) <= 1e-4 * native.heldOut[k], `held-out loss ${k}: browser ${s.heldOut[k]} vs native ${native.heldOut[k]}`);
+  }
   for (let i = 0; i < STEPS; i++) {
     assert.ok(Math.abs(s.losses[i] - native.losses[i]) <= 1e-4 * Math.abs(native.losses[i]),
       `step ${i + 1} loss: browser ${s.losses[i]} vs native ${native.losses[i]}`);
@@ -151,16 +158,17 @@ test('the demo trains the tiny model in Chromium (SwiftShader) and exports the a
 });
 
 test('a page without WebGPU says so', { timeout: 180e3 }, async () => {
-  // Chromium without the WebGPU API (no navigator.gpu), then with the API but no adapter.
+  // The page from a host name that is not a secure context (no navigator.gpu there), then
+  // Chromium with the WebGPU API but without an adapter.
   const cases = [
-    { args: ['--disable-blink-features=WebGPU'], kind: 'webgpu-missing', text: /WebGPU is not available in this browser/ },
-    { args: ['--disable-features=WebGPU,Vulkan', '--disable-gpu'], kind: 'no-adapter', text: /the browser offers no GPU adapter/ },
+    { args: ['--host-resolver-rules=MAP insecure.test 127.0.0.1'], host: 'insecure.test', kind: 'webgpu-missing', text: /WebGPU is not available: this page is not a secure context/ },
+    { args: ['--disable-features=WebGPU,Vulkan', '--disable-gpu'], host: '127.0.0.1', kind: 'no-adapter', text: /the browser offers no GPU adapter/ },
   ];
   for (const c of cases) {
     const b = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: ['--headless=new', '--no-sandbox', ...c.args] });
     try {
       const page = await b.newPage();
-      await page.goto(`${server.url}/web/`);
+      await page.goto(`http://${c.host}:${server.port}/web/`);
       await page.waitForFunction(() => window.demo && window.demo.phase === 'no-webgpu', null, { timeout: 60e3 });
       const text = await page.textContent('#gpu');
       assert.match(text, c.text, c.args.join(' '));

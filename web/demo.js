@@ -98,7 +98,7 @@ worker.onmessage = (ev) => {
       const r = m.report;
       state.losses.push({ step: r.step, loss: r.loss });
       state.stepMs.push(r.ms);
-      $('steps').insertAdjacentText('afterbegin', `step ${r.step}/${r.totalSteps}  loss ${r.loss.toFixed(4)}  lr ${r.lr.toExponential(2)}  ${r.ms.toFixed(0)} ms\n`);
+      $('step-log').insertAdjacentText('afterbegin', `step ${r.step}/${r.totalSteps}  loss ${r.loss.toFixed(4)}  lr ${r.lr.toExponential(2)}  ${r.ms.toFixed(0)} ms\n`);
       $('status').textContent = `Step ${r.step} of ${r.totalSteps}: loss ${r.loss.toFixed(4)} (${r.ms.toFixed(0)} ms a step)`;
       renderChart();
       break;
@@ -210,7 +210,7 @@ async function startTraining() {
   state.heldOut = null;
   state.options = options;
   renderHeldOut();
-  $('steps').textContent = '';
+  $('step-log').textContent = '';
   $('before').textContent = '';
   $('after').textContent = '';
   renderChart();

@@ -103,6 +103,8 @@ test('the demo trains the tiny model in Chromium (SwiftShader) and exports the a
   assert.equal(s.stats.validationExamples, 8, '10% of the 80 examples held out');
   assert.ok(s.heldOut.after < s.heldOut.before - 0.05, 'the held-out loss falls');
   assert.ok(s.answers.before.length > 0 && s.answers.after.length > 0, 'both answers are shown');
+  assert.match(await page.textContent('#step-log'), new RegExp(`^step ${STEPS}/${STEPS}  loss `), 'the step log shows the last step first');
+  assert.match(await page.textContent('#held-out'), /Held-out loss \(8 examples\): [\d.]+ before training → [\d.]+ after/);
 
   if (process.env.QLORA_SCREENSHOT) {
     await page.screenshot({ path: process.env.QLORA_SCREENSHOT, fullPage: true });

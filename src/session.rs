@@ -433,10 +433,13 @@ impl TrainSession {
     }
 
     /// Continues the run saved in `ck` (adapter, optimizer, step, RNG and data position) over
-    /// the same data set and settings.
+    /// the same data set and settings; `cfg.steps` may be larger than the saved run's (the
+    /// schedule then spans the new length).
     pub fn resume(ctx: &Rc<GpuContext>, model: &LoadedModel, data: &Dataset, cfg: TrainConfig, ck: &Checkpoint) -> Result<Self> {
         cfg.validate()?;
-        let trainer = Trainer::resume(ctx.clone(), model.model.clone(), ck, cfg.grad_checkpoint)?;
+        let mut trainer = Trainer::resume(ctx.clone(), model.model.clone(), ck, cfg.grad_checkpoint)?;
+        // The same schedule unless the run was extended (more steps): then it spans the new end.
+        trainer.state.schedule = cfg.opts().schedule;
         let pos = ck.state.data;
         Self::with_trainer(model, data, cfg, trainer, Some(pos))
     }

@@ -183,7 +183,10 @@ impl TrainArgs {
     pub fn merged(self) -> Result<TrainArgs> {
         let Some(path) = self.config.clone() else { return Ok(self) };
         let text = String::from_utf8(common::read(&path)?).with_context(|| format!("{}: not UTF-8", path.display()))?;
-        let file: TrainArgs = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let file: TrainArgs = toml::from_str(&text).map_err(|e| {
+            let line = e.span().map_or(0, |s| text[..s.start.min(text.len())].lines().count().max(1));
+            anyhow::anyhow!("{}: line {line}: {}", path.display(), e.message().trim())
+        })?;
         let mut m = to_map(&file);
         // Paths in the file are relative to the file.
         let base = path.parent().unwrap_or(Path::new("."));

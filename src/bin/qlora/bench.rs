@@ -40,6 +40,9 @@ pub struct BenchArgs {
     /// Recompute layer activations in the backward pass.
     #[arg(long)]
     grad_checkpoint: bool,
+    /// Also run one step per shape with per-kernel timing and print where the time goes.
+    #[arg(long)]
+    profile: bool,
     /// Use this model's weights (a .gguf file or a Hugging Face folder) instead of random ones.
     #[arg(long)]
     model: Option<PathBuf>,
@@ -127,6 +130,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
             block_on(trainer.step(&batch, DataPosition { epoch: 0, index: k as u64 + 1 }))?;
             if k > 0 {
                 times.push(t0.elapsed().as_secs_f64());
+            }
+        }
+        if a.profile {
+            ctx.set_profiling(true);
+            let t0 = Instant::now();
+            block_on(trainer.step(&batch, DataPosition { epoch: 0, index: 99 }))?;
+            let total = t0.elapsed().as_secs_f64();
+            let rep = ctx.profile_report();
+            ctx.set_profiling(false);
+            eprintln!("profile of one {b} x {t} step ({total:.2} s with a wait after every dispatch):");
+            for (k, n, s) in rep.iter().take(15) {
+                eprintln!("  {k:32} {n:6} calls {s:8.3} s {:5.1}%", 100.0 * s / total);
             }
         }
         let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;

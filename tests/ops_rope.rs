@@ -282,8 +282,8 @@ fn freq_factors_divide_inv_freq_and_rope_with_them_matches_f64() {
         let want = rope::cpu::forward(&x, &c64, &s64, t, h, hs);
         let d = got.iter().zip(&want).map(|(&g, w)| (g as f64 - w).abs()).fold(0.0, f64::max);
         eprintln!("rope with frequency factors {shape:?}: max |GPU - f64| = {d:.2e}");
-        // f32 inv_freq, angle and table rounding at positions up to 65: a few 1e-6.
-        assert_close(&format!("rope with factors {shape:?}"), &got, &want, 2e-5, 0.0);
+        // f32 inv_freq, angle and table rounding at positions up to 65: below 1e-6 here.
+        assert_close(&format!("rope with factors {shape:?}"), &got, &want, 5e-6, 0.0);
     }
 }
 

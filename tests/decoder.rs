@@ -100,8 +100,11 @@ fn lin(x: &[f64], w: &[f64], bias: Option<&[f64]>, k: usize, ab: Option<(&[f64],
     y
 }
 
+/// LoRA factors (A, B) of one projection, flattened.
+type AB = (Vec<f64>, Vec<f64>);
+
 /// The f64 logits (B*T, V) of the decoder: lora[l][m] = (A, B) flattened (None: no adapters).
-fn cpu_logits(c: &LlamaConfig, m: &HostModel, lora: Option<&[Vec<(Vec<f64>, Vec<f64>)>]>, r: usize, s: f64, ids: &[u32], batch: usize) -> Vec<f64> {
+fn cpu_logits(c: &LlamaConfig, m: &HostModel, lora: Option<&[Vec<AB>]>, r: usize, s: f64, ids: &[u32], batch: usize) -> Vec<f64> {
     let (ch, hs, nh, nkv) = (c.hidden, c.head_dim, c.heads, c.kv_heads);
     let t_len = ids.len() / batch;
     let mut x: Vec<f64> = ids.iter().flat_map(|&i| m.embed[i as usize * ch..(i as usize + 1) * ch].to_vec()).collect();
@@ -493,9 +496,10 @@ fn biased_setup(kind: Biased, dropout: f32, nf4: bool) -> Setup {
     let loaded = qlora_webgpu::io::load_hf(&files).unwrap();
     assert_eq!(loaded.config.to_llama(), kind.cfg(), "{kind:?}: config read from config.json");
     assert!(loaded.unused.is_empty(), "{kind:?}: {:?}", loaded.unused);
-    for l in 0..2 {
-        for m in 0..7 {
-            assert_eq!(loaded.layers[l].proj_bias[m].is_some(), kind.has_bias(m), "{kind:?} layer {l} {}", PROJ_NAMES[m]);
+    assert_eq!(loaded.layers.len(), 2);
+    for (l, layer) in loaded.layers.iter().enumerate() {
+        for (m, b) in layer.proj_bias.iter().enumerate() {
+            assert_eq!(b.is_some(), kind.has_bias(m), "{kind:?} layer {l} {}", PROJ_NAMES[m]);
         }
     }
     let w = if nf4 {

@@ -143,7 +143,7 @@ impl ModelSource {
             BaseQuant::F32 => self.host.upload(ctx)?,
             BaseQuant::Nf4 { blocksize, double_quant } => self.host.upload_nf4(ctx, blocksize, double_quant)?,
         };
-        let model = Model::new(ctx, cfg, weights, self.host.config.rope_scaling.as_ref(), max_positions)?;
+        let model = Model::new(ctx, cfg, weights, self.host.config.effective_rope_scaling().as_ref(), max_positions)?;
         Ok(LoadedModel {
             name: self.name,
             config: self.host.config,

@@ -109,7 +109,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         // A fresh device per shape, so that the peak is this shape's.
         let ctx = block_on(GpuContext::new())?;
         let weights = if a.f32_base { host.upload(&ctx)? } else { host.upload_nf4(&ctx, 64, true)? };
-        let model = Rc::new(Model::new(&ctx, cfg.clone(), weights, host.config.rope_scaling.as_ref(), t.max(16))?);
+        let model = Rc::new(Model::new(&ctx, cfg.clone(), weights, host.config.effective_rope_scaling().as_ref(), t.max(16))?);
         let lora = LoraConfig::new(a.r, a.r as f64);
         let set = init_lora_set(&ctx, &cfg, &lora, 0)?;
         let opts = TrainOpts {

@@ -218,6 +218,7 @@ fn hf_config(c: &qlora_webgpu::model::config::ModelConfig) -> Result<Vec<u8>> {
         Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => serde_json::json!({
             "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
             "high_freq_factor": high_freq_factor, "original_max_position_embeddings": original_max_position_embeddings}),
+        Some(RopeScaling::FreqFactors { .. }) => bail!("per-frequency rope factors cannot be written to config.json"),
     };
     let mut v = serde_json::json!({
         "architectures": [c.architecture.hf_name()],

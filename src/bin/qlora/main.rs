@@ -182,6 +182,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
         None => LoraSet::default(),
     };
     let ids = model.prompt_ids(&common::prompt(&model, &text, a.system.as_deref(), a.raw))?;
+    let profile = std::env::var_os("QLORA_PROFILE").is_some();
+    ctx.set_profiling(profile);
     let mut out = std::io::stdout();
     let g = block_on(model.generate(&ctx, &set, &ids, &cfg, |t| {
         let _ = out.write_all(t.as_bytes());
@@ -189,6 +191,11 @@ fn generate(a: GenerateArgs) -> Result<()> {
     }))?;
     println!();
     eprintln!("[{} prompt tokens, {} new, stop: {:?}]", ids.len(), g.ids.len(), g.stop_reason);
+    if profile {
+        for (k, n, s) in ctx.profile_report().iter().take(12) {
+            eprintln!("  {k:32} {n:6} calls {s:8.3} s");
+        }
+    }
     Ok(())
 }
 

@@ -1,7 +1,12 @@
-// Elementwise kernels: residual add (the tape also uses it to accumulate gradients) and scale.
+// Elementwise kernels: residual add (the tape also uses it to accumulate gradients), scale, and
+// the bias of a linear layer broadcast over its rows.
 //
-//   add_forward:  out[i] = a[i] + b[i]            (N)   out written (=)
-//   scale:        out[i] = alpha * a[i]           (N)   out written (=)
+//   add_forward:       out[i] = a[i] + b[i]             a, b, out (N)            out written (=)
+//   scale:             out[i] = alpha * a[i]            a, out (N)               out written (=)
+//   add_bias_forward:  out[r, c] = a[r, c] + b[c]       a, out (N = R*C), b (C)  out written (=)
+//
+// add_bias_forward has no backward kernel: a bias here is frozen (dinp = dout, nothing saved),
+// and the projection biases it serves never train under LoRA.
 //
 // Dispatch: ceil(N / 256) workgroups of 256 invocations, split over x and y when above 65535
 // (flat workgroup index = wid.x + wid.y * 65535).
@@ -11,13 +16,13 @@ const WG: u32 = 256u;
 struct Params {
     n: u32,
     alpha: f32,
-    _pad0: u32,
+    cols: u32,   // C of add_bias_forward; unused by the others
     _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> a: array<f32>;       // (N)
-@group(0) @binding(2) var<storage, read> b: array<f32>;       // (N)
+@group(0) @binding(2) var<storage, read> b: array<f32>;       // (N); (C) for add_bias_forward
 @group(0) @binding(3) var<storage, read_write> out: array<f32>; // (N)
 
 fn flat_index(wid: vec3<u32>, lid: u32) -> u32 {
@@ -37,5 +42,13 @@ fn scale(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index)
     let i = flat_index(wid, lid);
     if (i < params.n) {
         out[i] = params.alpha * a[i];
+    }
+}
+
+@compute @workgroup_size(WG)
+fn add_bias_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, lid);
+    if (i < params.n) {
+        out[i] = a[i] + b[i % params.cols];
     }
 }

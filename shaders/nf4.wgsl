@@ -34,6 +34,11 @@
 //   BM rows x 8 columns of dx (one word of each row of W), reading dy as vec4 along N; workgroup
 //   WG x WG; dispatch (ceil(K / (WG*8)), ceil(M / (WG*BM)), 1). Needs K % 8 == 0 and N % 4 == 0.
 //   dx written (=). W is frozen: no weight gradient, and nothing is saved but the weight itself.
+// nf4_linear_forward_rows: the same y for M <= MAX_ROWS (decode steps, one token at a time):
+//   one invocation per row n of W decodes that row once, a word at a time, and accumulates all
+//   M rows of y; workgroup WG*WG along n, dispatch groups_2d(ceil(N / (WG*WG))). Needs K % 8 == 0.
+//   y written (=). (The blocked kernel above computes BM rows per invocation, so at M = 1 it
+//   did eight times the work.)
 // Rows past the M or N edge read a clamped, valid row (no branch in the inner loops); stores are
 // guarded.
 
@@ -42,6 +47,8 @@ const WG: u32 = 8u;
 // Register block of the fused kernels: rows of x (dy) per invocation, and rows of W (forward).
 const BM: u32 = 8u;
 const BN: u32 = 8u;
+// Most rows of x the row kernel takes.
+const MAX_ROWS: u32 = 8u;
 
 struct Params {
     m: u32,
@@ -106,6 +113,29 @@ fn nf4_dequantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     out4[2u * e] = decode4(word, LO_SHIFTS, s);
     if (e * 8u + 4u < params.numel) {
         out4[2u * e + 1u] = decode4(word, HI_SHIFTS, s);
+    }
+}
+
+@compute @workgroup_size(WG * WG)
+fn nf4_linear_forward_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let n = (wid.x + wid.y * 65535u) * (WG * WG) + lid;
+    if (n >= params.n) { return; }
+    let kv = params.k / 4u;
+    let kw = params.k / 8u;
+    let m = min(params.m, MAX_ROWS);
+    var acc: array<f32, MAX_ROWS>;
+    for (var c = 0u; c < kw; c++) {
+        let e = n * kw + c;
+        let word = packed[e];
+        let s = block_scale((e * 8u) >> params.block_shift);
+        let wl = decode4(word, LO_SHIFTS, s);
+        let wh = decode4(word, HI_SHIFTS, s);
+        for (var i = 0u; i < m; i++) {
+            acc[i] = acc[i] + dot(x4[i * kv + 2u * c], wl) + dot(x4[i * kv + 2u * c + 1u], wh);
+        }
+    }
+    for (var i = 0u; i < m; i++) {
+        out[i * params.n + n] = acc[i];
     }
 }
 

@@ -143,7 +143,7 @@ impl ModelSource {
             BaseQuant::F32 => self.host.upload(ctx)?,
             BaseQuant::Nf4 { blocksize, double_quant } => self.host.upload_nf4(ctx, blocksize, double_quant)?,
         };
-        let model = Model::new(ctx, cfg, weights, self.host.config.rope_scaling.as_ref(), max_positions)?;
+        let model = Model::new(ctx, cfg, weights, self.host.config.effective_rope_scaling().as_ref(), max_positions)?;
         Ok(LoadedModel {
             name: self.name,
             config: self.host.config,
@@ -433,10 +433,13 @@ impl TrainSession {
     }
 
     /// Continues the run saved in `ck` (adapter, optimizer, step, RNG and data position) over
-    /// the same data set and settings.
+    /// the same data set and settings; `cfg.steps` may be larger than the saved run's (the
+    /// schedule then spans the new length).
     pub fn resume(ctx: &Rc<GpuContext>, model: &LoadedModel, data: &Dataset, cfg: TrainConfig, ck: &Checkpoint) -> Result<Self> {
         cfg.validate()?;
-        let trainer = Trainer::resume(ctx.clone(), model.model.clone(), ck, cfg.grad_checkpoint)?;
+        let mut trainer = Trainer::resume(ctx.clone(), model.model.clone(), ck, cfg.grad_checkpoint)?;
+        // The same schedule unless the run was extended (more steps): then it spans the new end.
+        trainer.state.schedule = cfg.opts().schedule;
         let pos = ck.state.data;
         Self::with_trainer(model, data, cfg, trainer, Some(pos))
     }

@@ -719,6 +719,97 @@ fn rope_scaling_metadata() {
     assert_mentions(&msg, &["t.gguf", "llama.rope.scaling.type", "yarn"]);
 }
 
+/// The factors llama.cpp's converter writes as `rope_freqs.weight` for a Llama 3.1+ model: per
+/// frequency, 1 / the llama3 scale (1 for short wavelengths, `factor` for long ones, the blend
+/// between), here from the f64 formula.
+fn llama3_rope_factors(theta: f64, hs: usize, factor: f64, low: f64, high: f64, old: f64) -> Vec<f32> {
+    (0..hs)
+        .step_by(2)
+        .map(|i| {
+            let wavelen = 2.0 * std::f64::consts::PI * theta.powf(i as f64 / hs as f64);
+            let scale = if wavelen < old / high {
+                1.0
+            } else if wavelen > old / low {
+                1.0 / factor
+            } else {
+                let smooth = (old / wavelen - low) / (high - low);
+                (1.0 - smooth) / factor + smooth
+            };
+            (1.0 / scale) as f32
+        })
+        .collect()
+}
+
+#[test]
+fn rope_freqs_from_a_gguf_give_the_llama3_inv_freq() {
+    use qlora_webgpu::ops::rope;
+    // Llama 3.1's rope scaling on the tiny model's head size and base (theta 1e5 from
+    // llama_metadata): the 32 frequencies cover all three llama3 bands.
+    let (theta, factor, low, high, old) = (100000.0, 8.0, 1.0, 4.0, 8192u32);
+    let llama3 = RopeScaling::Llama3 { factor, low_freq_factor: low, high_freq_factor: high, original_max_position_embeddings: old };
+    let factors = llama3_rope_factors(theta, HEAD_DIM, factor, low, high, old as f64);
+    let mut rng = Rng(17);
+    let mut w = Writer::new();
+    llama_metadata(&mut w);
+    w.tensor("rope_freqs.weight", &[HEAD_DIM / 2], F32, factors.iter().flat_map(|v| v.to_le_bytes()).collect());
+    for (name, shape, ty) in tiny_layout(false) {
+        let n: usize = shape.iter().product();
+        w.tensor(&name, &shape, ty, random_data(&mut rng, ty, n));
+    }
+    let g = load_gguf("llama31.gguf", &w.bytes()).unwrap();
+    let c = &g.model.config;
+    assert_eq!(c.rope_theta, theta);
+    assert_eq!(c.rope_freq_factors.as_deref(), Some(&factors[..]));
+    let eff = c.effective_rope_scaling();
+    assert_eq!(eff, Some(RopeScaling::FreqFactors { factors: factors.clone() }));
+
+    let got = rope::inv_freq(c.rope_theta, c.head_dim, eff.as_ref());
+    let want = rope::inv_freq(theta, HEAD_DIM, Some(&llama3));
+    let base = rope::inv_freq(theta, HEAD_DIM, None);
+    let (mut bands, mut worst) = ([0usize; 3], 0.0f64);
+    for i in 0..HEAD_DIM / 2 {
+        let rel = (got[i] as f64 - want[i] as f64).abs() / want[i] as f64;
+        worst = worst.max(rel);
+        assert!(rel <= 1e-6, "inv_freq[{i}]: with rope_freqs {}, llama3 formula {}", got[i], want[i]);
+        match factors[i] {
+            f if f == 1.0 => {
+                assert_eq!(got[i], base[i], "high frequency {i} kept");
+                bands[0] += 1;
+            }
+            f if f == factor as f32 => {
+                assert_eq!(got[i], want[i], "low frequency {i}: both divide by the factor");
+                bands[2] += 1;
+            }
+            _ => bands[1] += 1,
+        }
+    }
+    eprintln!("inv_freq from rope_freqs.weight vs the llama3 formula: max relative difference {worst:.2e} (bands high/mid/low {bands:?})");
+    assert!(bands.iter().all(|&n| n > 0), "bands {bands:?}: the test must cover all three");
+
+    // Next to llama3 parameters the factors are applied once, not twice; a linear factor is
+    // applied on top of them (llama.cpp's freq_scale); without factors the config's scaling.
+    let mut both = c.clone();
+    both.rope_scaling = Some(llama3.clone());
+    assert_eq!(both.effective_rope_scaling(), Some(RopeScaling::FreqFactors { factors: factors.clone() }));
+    both.rope_scaling = Some(RopeScaling::Linear { factor: 2.0 });
+    let times2: Vec<f32> = factors.iter().map(|f| f * 2.0).collect();
+    assert_eq!(both.effective_rope_scaling(), Some(RopeScaling::FreqFactors { factors: times2 }));
+    both.rope_freq_factors = None;
+    assert_eq!(both.effective_rope_scaling(), Some(RopeScaling::Linear { factor: 2.0 }));
+
+    // A factor that is not positive and finite is an error naming the tensor.
+    let mut bad = factors.clone();
+    bad[3] = 0.0;
+    let mut w = Writer::new();
+    llama_metadata(&mut w);
+    w.tensor("rope_freqs.weight", &[HEAD_DIM / 2], F32, bad.iter().flat_map(|v| v.to_le_bytes()).collect());
+    for (name, shape, ty) in tiny_layout(false) {
+        let n: usize = shape.iter().product();
+        w.tensor(&name, &shape, ty, random_data(&mut rng, ty, n));
+    }
+    assert_mentions(&load_err(&w.bytes()), &["rope_freqs.weight", "at 3"]);
+}
+
 // ------------------------------------------------------------------------------- bad files
 
 fn err_of(r: Result<impl std::fmt::Debug, Error>) -> String {

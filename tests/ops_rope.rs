@@ -251,3 +251,54 @@ fn bad_shapes_are_errors() {
     let x = ctx.zeros(&[12, 8], qlora_webgpu::gpu::DType::F32).unwrap();
     assert!(rope::forward(&ctx, &x, &tabs).is_err(), "rank 2");
 }
+
+#[test]
+fn freq_factors_divide_inv_freq_and_rope_with_them_matches_f64() {
+    // llama.cpp's per-frequency factors (a GGUF's rope_freqs.weight): inv_freq[i] / factors[i],
+    // checked against RoPE evaluated wholly in f64 (angle = p * theta^(-2i/HS) / factors[i]).
+    let ctx = gpu();
+    let mut rng = Rng::new(13);
+    for (b, t, h, hs, theta) in [(1, 1, 1, 2, 10000.0), (1, 7, 3, 8, 10000.0), (2, 33, 2, 64, 500000.0), (1, 9, 5, 128, 500000.0)] {
+        let factors: Vec<f32> = (0..hs / 2).map(|_| (1.0 + 31.0 * rng.uniform()) as f32).collect();
+        let sc = RopeScaling::FreqFactors { factors: factors.clone() };
+        sc.validate(hs).unwrap();
+        let base = rope::inv_freq(theta, hs, None);
+        let inv = rope::inv_freq(theta, hs, Some(&sc));
+        for i in 0..hs / 2 {
+            assert_eq!(inv[i], base[i] / factors[i], "hs {hs}: inv_freq[{i}] is one f32 division by the factor");
+        }
+        let positions: Vec<u32> = (0..t as u32).map(|p| 2 * p + 1).collect();
+        let tabs = RopeTables::new(&ctx, &inv, &positions).unwrap();
+        let half = hs / 2;
+        let f = &factors;
+        let ang: Vec<f64> = positions
+            .iter()
+            .flat_map(|&p| (0..half).map(move |i| p as f64 * theta.powf(-2.0 * i as f64 / hs as f64) / f[i] as f64))
+            .collect();
+        let (c64, s64): (Vec<f64>, Vec<f64>) = (ang.iter().map(|a| a.cos()).collect(), ang.iter().map(|a| a.sin()).collect());
+        let x = rng.vec(b * t * h * hs, 1.0);
+        let shape = [b, t, h, hs];
+        let got = read(&ctx, &rope::forward(&ctx, &up(&ctx, &x, &shape), &tabs).unwrap());
+        let want = rope::cpu::forward(&x, &c64, &s64, t, h, hs);
+        let d = got.iter().zip(&want).map(|(&g, w)| (g as f64 - w).abs()).fold(0.0, f64::max);
+        eprintln!("rope with frequency factors {shape:?}: max |GPU - f64| = {d:.2e}");
+        // f32 inv_freq, angle and table rounding at positions up to 65: below 1e-6 here.
+        assert_close(&format!("rope with factors {shape:?}"), &got, &want, 5e-6, 0.0);
+    }
+}
+
+#[test]
+fn rope_scaling_validation_names_the_fault() {
+    let ok = RopeScaling::FreqFactors { factors: vec![1.0, 2.0, 8.0, 8.0] };
+    ok.validate(8).unwrap();
+    let err = ok.validate(10).unwrap_err().to_string();
+    assert!(err.contains("4 rope frequency factors") && err.contains("head size 10"), "{err}");
+    for bad in [0.0f32, -1.0, f32::NAN, f32::INFINITY] {
+        let err = RopeScaling::FreqFactors { factors: vec![1.0, bad, 1.0, 1.0] }.validate(8).unwrap_err().to_string();
+        assert!(err.contains("frequency factor 1"), "{bad}: {err}");
+    }
+    assert!(RopeScaling::Linear { factor: 0.0 }.validate(8).is_err());
+    assert!(RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 4.0, high_freq_factor: 1.0, original_max_position_embeddings: 8192 }
+        .validate(8)
+        .is_err());
+}

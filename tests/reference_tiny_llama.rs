@@ -40,24 +40,6 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama")
 }
 
-/// Tensors of a reference safetensors file as f64 (ints converted), with shapes.
-fn load_st(path: &std::path::Path) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut out = HashMap::new();
-    for (name, view) in st.tensors() {
-        let d = view.data();
-        let v: Vec<f64> = match view.dtype() {
-            safetensors::Dtype::F32 => d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
-            safetensors::Dtype::I64 => d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
-            safetensors::Dtype::U8 => d.iter().map(|&b| b as f64).collect(),
-            other => panic!("{name}: unexpected dtype {other:?}"),
-        };
-        out.insert(name.to_string(), (view.shape().to_vec(), v));
-    }
-    out
-}
-
 struct Case {
     ctx: Rc<GpuContext>,
     cfg: LlamaConfig,
@@ -95,7 +77,7 @@ fn case(name: &str) -> Case {
     }
     // All three cases start from the same PEFT adapter (manifest: adapter_init of dev).
     let (_, lora) = load_adapter(&ctx, &fixtures().join("dev/adapter_init"), &cfg).unwrap();
-    let fref = load_st(&fixtures().join(name).join("forward_ref.safetensors"));
+    let fref = load_safetensors(&fixtures().join(name).join("forward_ref.safetensors"));
     let (shape, ids) = &fref["input_ids"];
     let (batch, seq) = (shape[0], shape[1]);
     let ids: Vec<u32> = ids.iter().map(|&v| v as u32).collect();
@@ -147,7 +129,7 @@ fn logits_loss_and_gradients(name: &str) {
     assert!((got - want).abs() <= 1e-5 * want.abs(), "{name}: loss {got} vs PEFT {want}");
 
     let grads = tape.backward(ctx, &loss).unwrap();
-    let gref = load_st(&fixtures().join(name).join("grads_init.safetensors"));
+    let gref = load_safetensors(&fixtures().join(name).join("grads_init.safetensors"));
     assert_eq!(grads.len(), gref.len(), "one gradient per LoRA tensor");
     let mut worst = 0.0f64;
     for (id, g) in &grads {
@@ -197,9 +179,9 @@ fn twenty_adamw_steps(name: &str) {
     eprintln!("{}: worst loss difference over 20 steps: {worst:.3e}", c.name);
     let ours = block_on(HostAdapter::download(ctx, &LoraConfig::new(8, 16.0), &c.lora)).unwrap();
     let fin = if name == "dev" {
-        load_st(&fixtures().join("dev/adapter_final/adapter_model.safetensors"))
+        load_safetensors(&fixtures().join("dev/adapter_final/adapter_model.safetensors"))
     } else {
-        load_st(&fixtures().join(name).join("adapter_final.safetensors"))
+        load_safetensors(&fixtures().join(name).join("adapter_final.safetensors"))
     };
     assert_eq!(fin.len(), 2 * 7 * ours.layers.len());
     let mut worst = 0.0f64;

@@ -44,6 +44,7 @@ fn tiny_model(ctx: &Rc<GpuContext>, seed: u64) -> Rc<Model> {
                 let (o, i) = c.proj_shape(m);
                 Frozen::F32(up2(o * i, &[o, i], 0.1))
             }),
+            bias: Default::default(),
             mlp_norm: ones(ctx),
         })
         .collect();

@@ -67,6 +67,7 @@ pub(crate) enum Op {
     Embedding(embedding::Saved),
     CrossEntropy(cross_entropy::Saved),
     Add,
+    AddBias,
     Checkpoint(CheckpointSaved),
 }
 
@@ -101,6 +102,8 @@ impl Op {
             Op::CrossEntropy(s) => s.backward(ctx, g, needs),
             // d(a + b) = g for each: the same tensor, shared (gradients are never updated in place).
             Op::Add => Ok(needs.iter().map(|&n| n.then(|| g.clone())).collect()),
+            // d(x + bias) / dx = g; the bias is frozen and not an input of the node.
+            Op::AddBias => Ok(vec![needs[0].then(|| g.clone())]),
             Op::Checkpoint(s) => {
                 let mut sub = Tape::new(true);
                 let x = sub.input(s.input);
@@ -273,4 +276,11 @@ impl Tape {
 pub fn add(tape: &mut Tape, ctx: &GpuContext, a: &Var, b: &Var) -> Result<Var> {
     let out = ops::elementwise::add(ctx, a.value(), b.value())?;
     Ok(tape.record(out, &[a, b], || Op::Add))
+}
+
+/// A frozen bias on the tape: out (…, C) = x (…, C) + bias (C) on every row. Only x gets a
+/// gradient (dx = dout); the bias is a constant (projection biases are never trained by LoRA).
+pub fn add_bias(tape: &mut Tape, ctx: &GpuContext, x: &Var, bias: &Tensor) -> Result<Var> {
+    let out = ops::elementwise::add_bias(ctx, x.value(), bias)?;
+    Ok(tape.record(out, &[x], || Op::AddBias))
 }

@@ -113,6 +113,8 @@ pub struct GpuContext {
     pool: Rc<RefCell<BufferPool>>,
     param_arena: wgpu::Buffer,
     pending: RefCell<Option<Pending>>,
+    /// Per-kernel (calls, seconds) when profiling is on ([`GpuContext::set_profiling`]).
+    profile: RefCell<Option<HashMap<&'static str, (u64, f64)>>>,
 }
 
 fn backend_list(b: wgpu::Backends) -> String {
@@ -207,6 +209,7 @@ impl GpuContext {
             pool: Rc::new(RefCell::new(BufferPool::default())),
             param_arena,
             pending: RefCell::new(None),
+            profile: RefCell::new(None),
         }))
     }
 
@@ -459,7 +462,34 @@ impl GpuContext {
             pass.set_bind_group(0, &bind_group, &[]);
             pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
         });
+        #[cfg(not(target_arch = "wasm32"))]
+        if self.profile.borrow().is_some() {
+            let t0 = std::time::Instant::now();
+            self.flush();
+            self.poll_wait()?;
+            let dt = t0.elapsed().as_secs_f64();
+            if let Some(p) = self.profile.borrow_mut().as_mut() {
+                let e = p.entry(kernel.entry).or_insert((0, 0.0));
+                e.0 += 1;
+                e.1 += dt;
+            }
+        }
         Ok(())
+    }
+
+    /// Turns per-kernel profiling on or off (native only): when on, every dispatch is submitted
+    /// and waited for on its own, and its wall time added to its entry point's total (slower
+    /// overall, but it shows where the time goes). Turning it on clears the totals.
+    pub fn set_profiling(&self, on: bool) {
+        self.flush();
+        *self.profile.borrow_mut() = on.then(HashMap::new);
+    }
+
+    /// The profile so far: (entry point, calls, seconds), most time first.
+    pub fn profile_report(&self) -> Vec<(&'static str, u64, f64)> {
+        let mut v: Vec<_> = self.profile.borrow().iter().flatten().map(|(k, &(n, t))| (*k, n, t)).collect();
+        v.sort_by(|a, b| b.2.total_cmp(&a.2));
+        v
     }
 
     /// Waits until the device has finished everything submitted (native: blocks in poll; in the

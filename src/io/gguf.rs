@@ -1047,7 +1047,11 @@ pub fn gguf_config(g: &GgufFile) -> Result<ModelConfig> {
                 format!("tensor `rope_freqs.weight`: shape {:?}, expected [{}]", t.shape(), head_dim / 2),
             ));
         }
-        rope_freq_factors = Some(g.tensor_f32("rope_freqs.weight")?);
+        let factors = g.tensor_f32("rope_freqs.weight")?;
+        if let Some((i, f)) = factors.iter().enumerate().find(|(_, f)| !(f.is_finite() && **f > 0.0)) {
+            return Err(Error::format(file, format!("tensor `rope_freqs.weight`: value {f} at {i} is not a positive finite factor")));
+        }
+        rope_freq_factors = Some(factors);
     }
     let embd = g
         .tensor("token_embd.weight")

@@ -204,30 +204,21 @@ impl HostModel {
     }
 
     /// Uploads the weights for the decoder in their PyTorch shapes. Projections stored as NF4
-    /// (a bitsandbytes checkpoint) stay NF4 on the device. `Error::Invalid` for a model with
-    /// projection biases (Qwen2, Llama with attention_bias/mlp_bias): `LlamaWeights` has no bias
-    /// fields yet.
+    /// (a bitsandbytes checkpoint) stay NF4 on the device; projection biases (Qwen2, Llama with
+    /// attention_bias / mlp_bias) are uploaded as f32.
     pub fn upload(&self, ctx: &GpuContext) -> Result<LlamaWeights> {
         self.upload_with(ctx, None)
     }
 
     /// Uploads for QLoRA: every f32 projection is quantized to NF4 first (`blocksize`, double
     /// quantization when `double_quant`), bit-exact with bitsandbytes; norms, the embedding and
-    /// the lm_head stay f32 (see docs/nf4.md). Projections already NF4 are kept as they are.
+    /// the lm_head stay f32 (see docs/nf4.md), and so do projection biases (bitsandbytes keeps a
+    /// `Linear4bit` bias in full precision). Projections already NF4 are kept as they are.
     pub fn upload_nf4(&self, ctx: &GpuContext, blocksize: usize, double_quant: bool) -> Result<LlamaWeights> {
         self.upload_with(ctx, Some((blocksize, double_quant)))
     }
 
     fn upload_with(&self, ctx: &GpuContext, quantize: Option<(usize, bool)>) -> Result<LlamaWeights> {
-        if let Some((i, m)) = self.layers.iter().enumerate().find_map(|(i, l)| {
-            l.proj_bias.iter().position(Option::is_some).map(|m| (i, m))
-        }) {
-            return Err(Error::Invalid(format!(
-                "`{}`: this {:?} model has projection biases, which the decoder's LlamaWeights cannot hold yet",
-                names::proj_bias(i, m),
-                self.config.architecture
-            )));
-        }
         let up = |t: &HostTensor| ctx.upload_f32(&t.data, &t.shape);
         let mut layers = Vec::with_capacity(self.layers.len());
         for l in &self.layers {
@@ -241,9 +232,14 @@ impl HostModel {
                     (HostWeight::Nf4(t), _) => Frozen::Nf4(Nf4Weight::upload(ctx, t)?),
                 });
             }
+            let mut bias: [Option<crate::gpu::Tensor>; 7] = Default::default();
+            for (dst, b) in bias.iter_mut().zip(&l.proj_bias) {
+                *dst = b.as_ref().map(up).transpose()?;
+            }
             layers.push(LayerWeights {
                 attn_norm: up(&l.attn_norm)?,
                 proj: proj.try_into().map_err(|_| Error::Invalid("seven projections".into()))?,
+                bias,
                 mlp_norm: up(&l.mlp_norm)?,
             });
         }

@@ -88,14 +88,8 @@ pub fn f32_to_f16_bits(x: f32) -> u16 {
     sign | h as u16
 }
 
-/// A tensor on the host, f32, row-major.
-#[derive(Clone, Debug, PartialEq)]
-pub struct HostTensor {
-    /// The shape (PyTorch order).
-    pub shape: Vec<usize>,
-    /// The values.
-    pub data: Vec<f32>,
-}
+/// A tensor on the host, f32, row-major (the loaders' type).
+pub use crate::io::HostTensor;
 
 /// A base-model weight as loaded: dense f32 (from f32, f16 or bf16 files) or NF4.
 #[derive(Clone, Debug)]

@@ -75,6 +75,7 @@ pub struct ModelConfig {
     /// Per-frequency divisors of inv_freq (head_dim / 2 values: inv_freq[i] / factors[i]), as
     /// llama.cpp stores Llama 3.1+ rope scaling in a GGUF (`rope_freqs.weight`) instead of the
     /// llama3 parameters; for such a model they equal the llama3 rule. Never set from config.json.
+    /// Applied through [`ModelConfig::effective_rope_scaling`].
     pub rope_freq_factors: Option<Vec<f32>>,
     /// `tie_word_embeddings`; default false for Llama, Mistral and Qwen2 (their config classes
     /// override PretrainedConfig's true).
@@ -413,6 +414,22 @@ impl ModelConfig {
             rms_eps: self.rms_norm_eps as f32,
             rope_theta: self.rope_theta,
             tied: self.tie_word_embeddings,
+        }
+    }
+
+    /// The rope scaling to build the RoPE tables with (what `trainer::Model::new` takes):
+    /// `rope_freq_factors` when present, as llama.cpp applies them: they encode Llama 3.1+
+    /// scaling, so a llama3 `rope_scaling` next to them is not applied a second time, while a
+    /// linear one is applied as well (llama.cpp scales positions by 1/factor on top of the
+    /// factors: inv_freq[i] / (factors[i] * factor)). Otherwise `rope_scaling`.
+    pub fn effective_rope_scaling(&self) -> Option<RopeScaling> {
+        match (&self.rope_freq_factors, &self.rope_scaling) {
+            (Some(factors), Some(RopeScaling::Linear { factor })) => {
+                let f = *factor as f32;
+                Some(RopeScaling::FreqFactors { factors: factors.iter().map(|&x| x * f).collect() })
+            }
+            (Some(factors), _) => Some(RopeScaling::FreqFactors { factors: factors.clone() }),
+            (None, scaling) => scaling.clone(),
         }
     }
 

@@ -1,7 +1,9 @@
 //! The Llama decoder (Llama, SmolLM2, Mistral-style grouped-query attention) on the tape:
 //! embedding -> N x [RMSNorm, attention with RoPE, residual, RMSNorm, SwiGLU MLP, residual] ->
 //! RMSNorm -> lm_head (tied to the embedding or separate). Base weights are frozen; each of the
-//! seven projections may carry a LoRA adapter. Optional gradient checkpointing per decoder layer.
+//! seven projections may carry a frozen bias (Qwen2 on q, k, v; Llama with attention_bias /
+//! mlp_bias) and a LoRA adapter, applied as PEFT does: y = x·W^T + b + s·(dropout(x)·A^T)·B^T.
+//! Optional gradient checkpointing per decoder layer.
 
 use crate::autograd::{self, BlockFn, Param, Tape, Var};
 use crate::gpu::{GpuContext, Tensor};
@@ -55,6 +57,9 @@ pub struct LayerWeights {
     pub attn_norm: Tensor,
     /// q, k, v, o, gate, up, down projection weights (f32 or NF4), in TARGETS order.
     pub proj: [Frozen; 7],
+    /// The bias (out) of each projection that has one, f32 (also when the weight is NF4, as
+    /// bitsandbytes keeps it), in TARGETS order; `Default::default()` for none.
+    pub bias: [Option<Tensor>; 7],
     /// post_attention_layernorm.weight (C).
     pub mlp_norm: Tensor,
 }
@@ -73,11 +78,13 @@ pub struct LlamaWeights {
 }
 
 impl LlamaWeights {
-    /// Bytes the base model takes on the device: (projections, everything else).
+    /// Bytes the base model takes on the device: (projection weights, everything else: the
+    /// embedding, norms, projection biases and lm_head).
     pub fn device_bytes(&self) -> (usize, usize) {
         let proj = self.layers.iter().flat_map(|l| l.proj.iter()).map(Frozen::bytes).sum();
         let norms: usize = self.layers.iter().map(|l| l.attn_norm.byte_len() + l.mlp_norm.byte_len()).sum();
-        let other = self.embed.byte_len() + norms + self.final_norm.byte_len() + self.lm_head.as_ref().map_or(0, Tensor::byte_len);
+        let biases: usize = self.layers.iter().flat_map(|l| l.bias.iter().flatten()).map(Tensor::byte_len).sum();
+        let other = self.embed.byte_len() + norms + biases + self.final_norm.byte_len() + self.lm_head.as_ref().map_or(0, Tensor::byte_len);
         (proj, other)
     }
 }
@@ -138,17 +145,19 @@ struct Layer {
 }
 
 impl Layer {
+    /// Projection m: x·W^T (+ bias) (+ the LoRA term).
     fn linear(&self, tape: &mut Tape, x: &Var, m: usize) -> Result<Var> {
         let ctx = &*self.ctx;
+        let (w0, bias) = (&self.w.proj[m], self.w.bias[m].as_ref());
         match &self.lora[m] {
             Some(l) => {
                 let a = tape.param(&l.a);
                 let b = tape.param(&l.b);
                 let seed = lora::hash32(self.seed ^ lora::hash32((self.index * 7 + m) as u32 ^ l.run.seed));
                 let dropout = if self.inference { 0.0 } else { l.run.dropout };
-                lora::lora_linear(tape, ctx, x, &self.w.proj[m], &a, &b, &LoraRun { seed, dropout, ..l.run })
+                lora::lora_linear_with_bias(tape, ctx, x, w0, bias, &a, &b, &LoraRun { seed, dropout, ..l.run })
             }
-            None => lora::frozen_linear(tape, ctx, x, &self.w.proj[m]),
+            None => lora::frozen_linear_with_bias(tape, ctx, x, w0, bias),
         }
     }
 

@@ -1,9 +1,12 @@
-//! The LoRA linear (shaders/lora.wgsl for the dropout mask, shaders/matmul.wgsl for the products):
-//! y = x·W0^T + s·(dropout(x)·A^T)·B^T with W0 frozen, A (r, in) and B (out, r) trainable and
-//! s = alpha / r (or alpha / sqrt(r) with rsLoRA), as PEFT's `lora.Linear`.
+//! The LoRA linear (shaders/lora.wgsl for the dropout mask, shaders/matmul.wgsl for the products,
+//! shaders/elementwise.wgsl for a bias): y = x·W0^T (+ b0) + s·(dropout(x)·A^T)·B^T with W0 and
+//! the optional bias b0 frozen, A (r, in) and B (out, r) trainable and s = alpha / r (or
+//! alpha / sqrt(r) with rsLoRA), as PEFT's `lora.Linear`: the base layer's output, bias
+//! included, first, then the scaled low-rank term added to it.
 
-use crate::autograd::{Op, Tape, Var};
+use crate::autograd::{self, Op, Tape, Var};
 use crate::gpu::{groups_2d, groups_for, shaders, DType, GpuContext, Kernel, Tensor};
+use crate::ops::elementwise;
 use crate::ops::matmul::{self, Trans};
 use crate::ops::nf4::{self, Nf4Weight};
 use crate::ops::rows_cols;
@@ -66,6 +69,16 @@ pub fn frozen_linear(tape: &mut Tape, ctx: &GpuContext, x: &Var, w0: &Frozen) ->
     }
 }
 
+/// A frozen linear with an optional frozen bias (out) on the tape: y = x·W0^T + b0; only x gets
+/// a gradient.
+pub fn frozen_linear_with_bias(tape: &mut Tape, ctx: &GpuContext, x: &Var, w0: &Frozen, bias: Option<&Tensor>) -> Result<Var> {
+    let y = frozen_linear(tape, ctx, x, w0)?;
+    match bias {
+        Some(b0) => autograd::add_bias(tape, ctx, &y, b0),
+        None => Ok(y),
+    }
+}
+
 /// How one LoRA linear runs: the scale s applied to the low-rank product, and dropout on the
 /// branch input (probability `dropout`, mask drawn from `seed`; a new seed per step and layer).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -125,11 +138,28 @@ fn check(x: &Tensor, w0: &Frozen, a: &Tensor, b: &Tensor, run: &LoraRun) -> Resu
 
 /// Forward: returns (y (…, out), h = dropout(x)·A^T (rows, r)).
 pub fn forward(ctx: &GpuContext, x: &Tensor, w0: &Frozen, a: &Tensor, b: &Tensor, run: &LoraRun) -> Result<(Tensor, Tensor)> {
+    forward_with_bias(ctx, x, w0, None, a, b, run)
+}
+
+/// Forward with the base layer's frozen bias b0 (out), in PEFT's order: y = (x·W0^T + b0) +
+/// s·(dropout(x)·A^T)·B^T. Returns (y (…, out), h = dropout(x)·A^T (rows, r)).
+pub fn forward_with_bias(
+    ctx: &GpuContext,
+    x: &Tensor,
+    w0: &Frozen,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    run: &LoraRun,
+) -> Result<(Tensor, Tensor)> {
     let (rows, k, n, _) = check(x, w0, a, b, run)?;
     let x2 = x.reshape(&[rows, k]);
     let xd = if run.dropout > 0.0 { dropout_forward(ctx, &x2, run)? } else { x2.clone() };
     let h = matmul::matmul(ctx, &xd, a, Trans::NT, 1.0)?;
-    let y = w0.forward(ctx, &x2)?;
+    let mut y = w0.forward(ctx, &x2)?;
+    if let Some(b0) = bias {
+        y = elementwise::add_bias(ctx, &y, b0)?;
+    }
     matmul::matmul_into(ctx, &h, b, Trans::NT, run.scale, 1.0, &y)?;
     let mut yshape = x.shape().to_vec();
     *yshape.last_mut().unwrap() = n;
@@ -204,7 +234,24 @@ impl Saved {
 /// The LoRA linear on the tape: y = x·W0^T + s·(dropout(x)·A^T)·B^T, W0 frozen. Saves x only
 /// when A needs a gradient and h only when B does.
 pub fn lora_linear(tape: &mut Tape, ctx: &GpuContext, x: &Var, w0: &Frozen, a: &Var, b: &Var, run: &LoraRun) -> Result<Var> {
-    let (y, h) = forward(ctx, x.value(), w0, a.value(), b.value(), run)?;
+    lora_linear_with_bias(tape, ctx, x, w0, None, a, b, run)
+}
+
+/// The LoRA linear of a base layer with a frozen bias b0 (out), on the tape:
+/// y = (x·W0^T + b0) + s·(dropout(x)·A^T)·B^T (PEFT's order). The bias changes no gradient, so
+/// the node and its backward are those of [`lora_linear`].
+#[allow(clippy::too_many_arguments)]
+pub fn lora_linear_with_bias(
+    tape: &mut Tape,
+    ctx: &GpuContext,
+    x: &Var,
+    w0: &Frozen,
+    bias: Option<&Tensor>,
+    a: &Var,
+    b: &Var,
+    run: &LoraRun,
+) -> Result<Var> {
+    let (y, h) = forward_with_bias(ctx, x.value(), w0, bias, a.value(), b.value(), run)?;
     Ok(tape.record(y, &[x, a, b], || {
         Op::LoraLinear(Saved {
             x: a.requires_grad().then(|| x.value().clone()),
@@ -255,7 +302,7 @@ pub mod cpu {
         x.iter().enumerate().map(|(i, &v)| if keep(seed, i as u32, p as f32) { v / (1.0 - p) } else { 0.0 }).collect()
     }
 
-    /// y = x·W0^T + s·(dropout(x)·A^T)·B^T.
+    /// y = x·W0^T + s·(dropout(x)·A^T)·B^T (add a bias with `elementwise::cpu::add_bias`).
     #[allow(clippy::too_many_arguments)]
     pub fn forward(x: &[f64], w0: &[f64], a: &[f64], b: &[f64], rows: usize, k: usize, n: usize, r: usize, s: f64, p: f64, seed: u32) -> Vec<f64> {
         let h = nt(&dropped(x, p, seed), a, rows, r, k);

@@ -24,6 +24,9 @@ use crate::{Error, Result};
 
 const DEQUANTIZE: Kernel = shaders::kernel(shaders::NF4, "nf4_dequantize");
 const FORWARD_FUSED: Kernel = shaders::kernel(shaders::NF4, "nf4_linear_forward");
+const FORWARD_ROWS: Kernel = shaders::kernel(shaders::NF4, "nf4_linear_forward_rows");
+/// Most rows of x the row kernel takes (`MAX_ROWS` in shaders/nf4.wgsl).
+pub const MAX_ROWS: u32 = 8;
 const BACKWARD_INPUT_FUSED: Kernel = shaders::kernel(shaders::NF4, "nf4_linear_backward_input");
 
 /// Workgroup side of shaders/nf4.wgsl (`WG` there): the fused kernels run WG x WG invocations,
@@ -275,6 +278,11 @@ pub fn linear_forward_fused(ctx: &GpuContext, x: &Tensor, w: &Nf4Weight) -> Resu
         return Err(Error::shape("nf4_linear", format!("the fused kernel needs in % 8 == 0, W is {:?}", w.shape)));
     }
     let y = ctx.empty(&shape, DType::F32)?;
+    if m <= MAX_ROWS as usize {
+        let groups = crate::gpu::groups_2d(n.div_ceil((WG * WG) as usize) as u32);
+        ctx.dispatch(&FORWARD_ROWS, &[], &w.params(m), &[(1, &w.packed), (2, &w.stats), (3, x), (4, &y)], groups)?;
+        return Ok(y);
+    }
     let groups = [groups_for(n, (WG * BN) as usize), groups_for(m, (WG * BM) as usize), 1];
     ctx.dispatch(&FORWARD_FUSED, &[], &w.params(m), &[(1, &w.packed), (2, &w.stats), (3, x), (4, &y)], groups)?;
     Ok(y)

@@ -18,6 +18,10 @@
 //! - Scaling, as transformers' `_compute_linear_scaling_rope_parameters` and
 //!   `_compute_llama3_parameters`, with each step in f32 as torch evaluates it (python scalars cast
 //!   to f32, `a / tensor` = `tensor.reciprocal() * a`).
+//! - Per-frequency factors (llama.cpp's `rope_freqs.weight`, how a GGUF carries Llama 3.1+
+//!   scaling): inv_freq[i] / factors[i], one f32 division, as ggml's rope divides theta by the
+//!   factor. Factors written from the llama3 rule (1 / its scale per frequency) give the llama3
+//!   inv_freq to within an ulp or two in the blended band, exactly elsewhere.
 
 use crate::autograd::{Op, Tape, Var};
 use crate::gpu::{groups_2d, groups_for, shaders, DType, GpuContext, Kernel, Tensor};
@@ -30,7 +34,8 @@ const BACKWARD: Kernel = shaders::kernel(shaders::ROPE, "rope_backward");
 pub const WG: u32 = 256;
 
 /// RoPE frequency scaling: config.json's `rope_scaling` (or, in transformers 5, `rope_parameters`)
-/// with `rope_type` "linear" or "llama3"; `None` where the type is "default" or absent.
+/// with `rope_type` "linear" or "llama3", `None` where the type is "default" or absent; or
+/// per-frequency factors from a GGUF (`ModelConfig::effective_rope_scaling` picks the one to use).
 #[derive(Clone, Debug, PartialEq)]
 pub enum RopeScaling {
     /// Position interpolation: positions / factor, i.e. inv_freq / factor.
@@ -49,6 +54,12 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         /// Context length the model was pretrained with (8192 for Llama 3).
         original_max_position_embeddings: u32,
+    },
+    /// llama.cpp's per-frequency divisors (a GGUF's `rope_freqs.weight`, HS / 2 values):
+    /// inv_freq[i] / factors[i].
+    FreqFactors {
+        /// One positive divisor per rotated pair.
+        factors: Vec<f32>,
     },
 }
 
@@ -87,6 +98,45 @@ impl RopeScaling {
             ))),
         }
     }
+
+    /// Checks the parameters for head size `hs`: positive finite factors, HS / 2 of them for
+    /// `FreqFactors`. [`inv_freq`] assumes a checked scaling.
+    pub fn validate(&self, hs: usize) -> Result<()> {
+        let positive = |what: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(Error::Invalid(format!("rope scaling {what} {v} is not a positive finite number")))
+            }
+        };
+        match self {
+            RopeScaling::Linear { factor } => positive("factor", *factor),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, .. } => {
+                positive("factor", *factor)?;
+                positive("low_freq_factor", *low_freq_factor)?;
+                positive("high_freq_factor", *high_freq_factor)?;
+                if high_freq_factor <= low_freq_factor {
+                    return Err(Error::Invalid(format!(
+                        "rope scaling high_freq_factor {high_freq_factor} is not above low_freq_factor {low_freq_factor}"
+                    )));
+                }
+                Ok(())
+            }
+            RopeScaling::FreqFactors { factors } => {
+                if factors.len() != hs / 2 {
+                    return Err(Error::Invalid(format!(
+                        "{} rope frequency factors for head size {hs}, expected {}",
+                        factors.len(),
+                        hs / 2
+                    )));
+                }
+                for (i, &f) in factors.iter().enumerate() {
+                    positive(&format!("frequency factor {i}"), f as f64)?;
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 /// powf in f32 as the correctly rounded result (see the module comment).
@@ -95,7 +145,9 @@ fn powf_f32(base: f32, e: f32) -> f32 {
 }
 
 /// inv_freq (ceil(HS/2)) = 1 / theta^(2i/HS) in f32 as transformers computes it, then scaled:
-/// linear: inv_freq / factor; llama3: the band-wise adjustment of `_compute_llama3_parameters`.
+/// linear: inv_freq / factor; llama3: the band-wise adjustment of `_compute_llama3_parameters`;
+/// per-frequency factors: inv_freq[i] / factors[i] (as llama.cpp; `RopeScaling::validate` first:
+/// a frequency without a factor is left as it is).
 pub fn inv_freq(theta: f64, hs: usize, scaling: Option<&RopeScaling>) -> Vec<f32> {
     let base = theta as f32;
     let dim = hs as f32;
@@ -129,6 +181,9 @@ pub fn inv_freq(theta: f64, hs: usize, scaling: Option<&RopeScaling>) -> Vec<f32
                     }
                 })
                 .collect()
+        }
+        Some(RopeScaling::FreqFactors { factors }) => {
+            inv.iter().enumerate().map(|(i, &x)| x / factors.get(i).copied().unwrap_or(1.0)).collect()
         }
     }
 }

@@ -24,8 +24,14 @@ pub struct Model {
 }
 
 impl Model {
-    /// Wraps uploaded weights; RoPE tables cover positions 0..max_len (rope_scaling applied).
+    /// Wraps uploaded weights; RoPE tables cover positions 0..max_len with `scaling` applied
+    /// (for a loaded model: `ModelConfig::effective_rope_scaling()`, which also carries a GGUF's
+    /// per-frequency factors). `Error::Invalid` for scaling parameters that do not fit the head
+    /// size (e.g. not HS / 2 frequency factors).
     pub fn new(ctx: &GpuContext, cfg: LlamaConfig, weights: LlamaWeights, scaling: Option<&rope::RopeScaling>, max_len: usize) -> Result<Self> {
+        if let Some(s) = scaling {
+            s.validate(cfg.head_dim)?;
+        }
         let inv = rope::inv_freq(cfg.rope_theta, cfg.head_dim, scaling);
         let pos: Vec<u32> = (0..max_len as u32).collect();
         let rope = Rc::new(RopeTables::new(ctx, &inv, &pos)?);

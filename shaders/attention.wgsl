@@ -1,5 +1,7 @@
 // Causal self-attention with grouped-query heads (Llama; transformers' eager attention with
-// repeat_kv), one query row per workgroup, keys streamed in chunks of WG with an online softmax.
+// repeat_kv), flash-attention style: one invocation per query row (per key row for dk/dv), WG
+// rows of one (batch, head) per workgroup, the other side streamed through workgroup memory in
+// tiles, the softmax kept online in each invocation's registers.
 //
 // Shapes: q (B, Tq, NH, HS); k, v (B, Tk, NKV, HS); out (B, Tq, NH, HS): the layout of the
 // projections, so q/k/v are the q/k/v_proj outputs viewed (B, T, heads, HS) and out reshapes
@@ -10,7 +12,7 @@
 //   S[t, j] = scale * q[t] . k[j]  (scale = 1/sqrt(HS)),  P = softmax_j(S) over j <= q_pos0 + t
 //   out[t]  = sum_j P[t, j] v[j]
 //   lse[t]  = m + log(l): m the running row max, l = sum_j exp(S[t, j] - m) (online softmax:
-//             per chunk the max is updated and the running sum and output are rescaled by
+//             per tile the max is updated once and l and the output accumulator are rescaled by
 //             exp(m_old - m_new), so every exp has a non-positive argument).
 // Saved for backward: lse (B, NH, Tq) only; backward recomputes P[t, j] = exp(S[t, j] - lse[t]).
 // Backward (dout = dL/dout):
@@ -20,21 +22,49 @@
 //   dk[j]    = scale * sum over the query heads h of j's group, sum_t dS_h[t, j] q_h[t]
 //   dv[j]    = sum over the group's heads h, sum_t P_h[t, j] dout_h[t]
 //
-// attention_forward:      one workgroup per query row (b, h, t), flat index (b*NH + h)*Tq + t
-//                         (split over x/y past 65535); writes out (=) and lse (=).
-// attention_backward_dq:  one workgroup per query row (b, h, t) (Tq = Tk = T); writes dq (=)
-//                         and delta (=, read by the next kernel).
-// attention_backward_dkv: one workgroup per key row (b, g, j), flat index (b*NKV + g)*Tk + j;
-//                         loops over the group's query heads and the queries t that see j;
-//                         writes dk (=) and dv (=). No atomics: every output element is summed
-//                         by one workgroup in a fixed order, so results are deterministic.
-// Inside a workgroup: lane lid takes key (or query) c0 + lid of the chunk for the dot products;
-// for the weighted sums over the chunk, lane lid owns element d = lid % HS of the slice
-// lid / HS (WG / HS slices share the chunk), and the slices are added in order at the end.
-// Workgroup memory: (2 * MAX_HS + 3 * WG) f32 = 5 KiB, independent of T (any T works).
+// Dispatch geometry (flat workgroup index = wid.x + wid.y * 65535, split over x/y past 65535):
+// attention_forward:      workgroup (b, h, blk) = flat index (b*NH + h)*ceil(Tq/WG) + blk;
+//                         invocation lid takes query row t = blk*WG + lid. Writes out (=), lse (=).
+// attention_decode:       the forward for Tq small (a KV-cache decode step): one workgroup per
+//                         query row (b, h, t), flat index (b*NH + h)*Tq + t. Writes out, lse (=).
+// attention_backward_dq:  as attention_forward (Tq = Tk = T); writes dq (=) and delta (=, read
+//                         by the next kernel).
+// attention_backward_dkv: workgroup (b, g, blk) = flat index (b*NKV + g)*ceil(Tk/WG) + blk;
+//                         invocation lid takes key row j = blk*WG + lid and loops over the
+//                         group's query heads and the queries t that see j. Writes dk (=), dv (=).
+// No atomics: every output element is summed by one invocation in a fixed order, so results
+// are deterministic run to run.
+//
+// Tiles: a workgroup walks the other side in tiles of TR = tile_rows(ceil(HS/4)) rows (multiple
+// of 4; 16 for HS 64), loaded cooperatively into tile_a/tile_b as vec4 (zero past HS and in the
+// rows that round a short last tile up to 4), between two barriers. Forward and dq walk the
+// keys 0..q_pos0 + (last row of the block), dkv the queries from the first that sees the
+// block's first key; keys a row does not see are masked per invocation (their p and dS are
+// exactly 0), and a tile past an invocation's last key costs it nothing. Per tile, an
+// invocation handles blocks of 4 rows: 4 dot products sharing each vec4 of its own row, then
+// the tile's max, one rescale of the accumulator, and the accumulation. Private per invocation:
+// its own row(s) and accumulators, array<vec4<f32>, MAX_HS4> each (loops run to ceil(HS/4)).
+// Why this shape (measured on lavapipe, Mesa's CPU Vulkan): there a workgroup runs as SIMD-8
+// loops over its invocations, every storage or workgroup load is a loop over the 8 lanes, and a
+// barrier switches between the loops; so the cost follows the loads per multiply-add and the
+// barriers. The former kernels (one workgroup of 256 per query row, two 8-step tree reductions
+// per chunk of keys) were 7 to 12 times slower; see examples/attn_timing.rs.
+//
+// attention_decode gives the same bits as attention_forward for its row: the same tiles, blocks
+// of 4 keys and order of every sum; lanes 0..WG/(TR/4)*(TR/4) compute the scores of one block of
+// 4 keys each (several tiles at a time, into tile_a), then lane i < ceil(HS/4) owns output
+// elements 4i..4i+3 and runs the row's online softmax over those tiles in order. The launcher
+// picks it up to ops::attention::DECODE_MAX_TQ query rows (there it is faster than one busy
+// invocation per workgroup), so a KV-cache step equals the full forward's row bit for bit.
+//
+// Workgroup memory: 2 * TILE4 vec4 + 2 * MAX_TILE f32 = 8.5 KiB, independent of T.
 
-const WG: u32 = 256u;
+const WG: u32 = 64u;
 const MAX_HS: u32 = 256u;
+const MAX_HS4: u32 = MAX_HS / 4u;
+// vec4 slots of each of the two row tiles; a tile holds TILE4 / ceil(HS / 4) rows, at most MAX_TILE.
+const TILE4: u32 = 256u;
+const MAX_TILE: u32 = 64u;
 // Start of the running max; exp(NEG_BIG - m) is 0 for any finite score m.
 const NEG_BIG: f32 = -3.0e38;
 
@@ -61,239 +91,381 @@ struct Params {
 @group(0) @binding(9) var<storage, read_write> dk: array<f32>;      // (B, Tk, NKV, HS)
 @group(0) @binding(10) var<storage, read_write> dv: array<f32>;     // (B, Tk, NKV, HS)
 
-var<workgroup> row_a: array<f32, MAX_HS>;   // the q row (forward, dq) or the k row (dkv)
-var<workgroup> row_b: array<f32, MAX_HS>;   // the dout row (dq) or the v row (dkv)
-var<workgroup> chunk_a: array<f32, WG>;     // P (forward, dkv) or dS (dq) of the chunk; slice sums
-var<workgroup> chunk_b: array<f32, WG>;     // dS of the chunk (dkv); slice sums
-var<workgroup> red: array<f32, WG>;         // tree reductions
-
-fn reduce_sum(lid: u32, x: f32) -> f32 {
-    red[lid] = x;
-    workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
-        if (lid < stride) {
-            red[lid] = red[lid] + red[lid + stride];
-        }
-        workgroupBarrier();
-    }
-    let total = red[0];
-    workgroupBarrier();
-    return total;
-}
-
-fn reduce_max(lid: u32, x: f32) -> f32 {
-    red[lid] = x;
-    workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
-        if (lid < stride) {
-            red[lid] = max(red[lid], red[lid + stride]);
-        }
-        workgroupBarrier();
-    }
-    let total = red[0];
-    workgroupBarrier();
-    return total;
-}
+var<workgroup> tile_a: array<vec4<f32>, TILE4>;   // k rows (forward, dq) or q rows (dkv)
+var<workgroup> tile_b: array<vec4<f32>, TILE4>;   // v rows (forward, dq) or dout rows (dkv)
+var<workgroup> tile_lse: array<f32, MAX_TILE>;    // dkv: lse of the tile's query rows
+var<workgroup> tile_delta: array<f32, MAX_TILE>;  // dkv: delta of the tile's query rows
 
 // Offset of row (b, t, head) of a (B, T, heads, HS) tensor.
 fn row_offset(b: u32, t: u32, n_t: u32, head: u32, heads: u32) -> u32 {
     return ((b * n_t + t) * heads + head) * params.hs;
 }
 
+// Rows a tile holds for this head size.
+fn tile_rows(hs4: u32) -> u32 {
+    return min(TILE4 / hs4, MAX_TILE) & ~3u;
+}
+
+// Elements e..e+3 (e < HS, a multiple of 4) of the row at offset o, zero past HS (no branch:
+// the loads past HS re-read the row's last element).
+fn q4_at(o: u32, e: u32) -> vec4<f32> {
+    let last = params.hs - 1u;
+    let x = vec4<f32>(q[o + e], q[o + min(e + 1u, last)], q[o + min(e + 2u, last)], q[o + min(e + 3u, last)]);
+    return select(vec4<f32>(0.0), x, vec4<u32>(e, e + 1u, e + 2u, e + 3u) <= vec4<u32>(last));
+}
+
+fn k4_at(o: u32, e: u32) -> vec4<f32> {
+    let last = params.hs - 1u;
+    let x = vec4<f32>(k[o + e], k[o + min(e + 1u, last)], k[o + min(e + 2u, last)], k[o + min(e + 3u, last)]);
+    return select(vec4<f32>(0.0), x, vec4<u32>(e, e + 1u, e + 2u, e + 3u) <= vec4<u32>(last));
+}
+
+fn v4_at(o: u32, e: u32) -> vec4<f32> {
+    let last = params.hs - 1u;
+    let x = vec4<f32>(v[o + e], v[o + min(e + 1u, last)], v[o + min(e + 2u, last)], v[o + min(e + 3u, last)]);
+    return select(vec4<f32>(0.0), x, vec4<u32>(e, e + 1u, e + 2u, e + 3u) <= vec4<u32>(last));
+}
+
+fn dout4_at(o: u32, e: u32) -> vec4<f32> {
+    let last = params.hs - 1u;
+    let x = vec4<f32>(dout[o + e], dout[o + min(e + 1u, last)], dout[o + min(e + 2u, last)], dout[o + min(e + 3u, last)]);
+    return select(vec4<f32>(0.0), x, vec4<u32>(e, e + 1u, e + 2u, e + 3u) <= vec4<u32>(last));
+}
+
+fn out4_at(o: u32, e: u32) -> vec4<f32> {
+    let last = params.hs - 1u;
+    let x = vec4<f32>(out[o + e], out[o + min(e + 1u, last)], out[o + min(e + 2u, last)], out[o + min(e + 3u, last)]);
+    return select(vec4<f32>(0.0), x, vec4<u32>(e, e + 1u, e + 2u, e + 3u) <= vec4<u32>(last));
+}
+
+// Loads key rows j0..j0+n of kv head g into tile_a and the value rows into tile_b.
+fn load_kv_tile(lid: u32, b: u32, g: u32, j0: u32, n: u32, hs4: u32) {
+    for (var i = lid; i < n * hs4; i = i + WG) {
+        let r = i / hs4;
+        let e = (i % hs4) * 4u;
+        let o = row_offset(b, j0 + r, params.tk, g, params.nkv);
+        tile_a[i] = k4_at(o, e);
+        tile_b[i] = v4_at(o, e);
+    }
+    // Rows n..n rounded up to 4 are zero: blocks of 4 rows read them with weight 0.
+    for (var i = n * hs4 + lid; i < ((n + 3u) & ~3u) * hs4; i = i + WG) {
+        tile_a[i] = vec4<f32>(0.0);
+        tile_b[i] = vec4<f32>(0.0);
+    }
+}
+
 @compute @workgroup_size(WG)
 fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let flat = wid.x + wid.y * 65535u;
+    let nblk = (params.tq + WG - 1u) / WG;
+    if (flat >= params.b * params.nh * nblk) { return; }
+    let hs = params.hs;
+    let hs4 = (hs + 3u) / 4u;
+    let blk = flat % nblk;
+    let h = (flat / nblk) % params.nh;
+    let b = flat / (nblk * params.nh);
+    let g = h / (params.nh / params.nkv);
+    let t = blk * WG + lid;
+    let live = t < params.tq;
+    // Keys 0..n_keys are seen by some row of the block, keys 0..=limit by this row.
+    let n_keys = params.q_pos0 + min(blk * WG + WG, params.tq);
+    let limit = params.q_pos0 + t;
+    let qo = row_offset(b, min(t, params.tq - 1u), params.tq, h, params.nh);
+    var qr: array<vec4<f32>, MAX_HS4>;
+    var acc: array<vec4<f32>, MAX_HS4>;
+    var sc: array<vec4<f32>, MAX_TILE / 4u>;
+    for (var e4 = 0u; e4 < hs4; e4 = e4 + 1u) {
+        qr[e4] = q4_at(qo, e4 * 4u) * params.scale;
+    }
+    let tr = tile_rows(hs4);
+    var m = NEG_BIG;
+    var l = 0.0;
+    for (var j0 = 0u; j0 < n_keys; j0 = j0 + tr) {
+        let n = min(tr, n_keys - j0);
+        workgroupBarrier();
+        load_kv_tile(lid, b, g, j0, n, hs4);
+        workgroupBarrier();
+        // This row's keys in the tile: 0..nj.
+        var nj = 0u;
+        if (live && limit >= j0) {
+            nj = min(n, limit + 1u - j0);
+        }
+        var mt = NEG_BIG;
+        for (var jj = 0u; jj < nj; jj = jj + 4u) {
+            let b0 = jj * hs4;
+            let b1 = b0 + hs4;
+            let b2 = b1 + hs4;
+            let b3 = b2 + hs4;
+            var s = vec4<f32>(0.0);
+            for (var e4 = 0u; e4 < hs4; e4 = e4 + 1u) {
+                let x = qr[e4];
+                s = s + vec4<f32>(dot(x, tile_a[b0 + e4]), dot(x, tile_a[b1 + e4]), dot(x, tile_a[b2 + e4]), dot(x, tile_a[b3 + e4]));
+            }
+            s = select(vec4<f32>(NEG_BIG), s, vec4<u32>(jj, jj + 1u, jj + 2u, jj + 3u) < vec4<u32>(nj));
+            sc[jj / 4u] = s;
+            mt = max(mt, max(max(s.x, s.y), max(s.z, s.w)));
+        }
+        if (nj > 0u) {
+            let m_new = max(m, mt);
+            let alpha = exp(m - m_new);
+            l = l * alpha;
+            for (var e4 = 0u; e4 < hs4; e4 = e4 + 1u) {
+                acc[e4] = acc[e4] * alpha;
+            }
+            for (var jj = 0u; jj < nj; jj = jj + 4u) {
+                let p = exp(sc[jj / 4u] - vec4<f32>(m_new));
+                l = l + p.x + p.y + p.z + p.w;
+                let b0 = jj * hs4;
+                let b1 = b0 + hs4;
+                let b2 = b1 + hs4;
+                let b3 = b2 + hs4;
+                for (var e4 = 0u; e4 < hs4; e4 = e4 + 1u) {
+                    acc[e4] = acc[e4] + p.x * tile_b[b0 + e4] + p.y * tile_b[b1 + e4] + p.z * tile_b[b2 + e4] + p.w * tile_b[b3 + e4];
+                }
+            }
+            m = m_new;
+        }
+    }
+    if (live) {
+        let inv = 1.0 / l;
+        for (var e = 0u; e < hs; e = e + 1u) {
+            out[qo + e] = acc[e / 4u][e % 4u] * inv;
+        }
+        lse[(b * params.nh + h) * params.tq + t] = m + log(l);
+    }
+}
+
+// One query row per workgroup (for Tq small: a KV-cache decode step). Bit for bit the
+// arithmetic of attention_forward for that row: the same tiles of tile_rows keys, blocks of 4
+// keys, and the same order of every sum; only the work is spread over the lanes.
+@compute @workgroup_size(WG)
+fn attention_decode(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let flat = wid.x + wid.y * 65535u;
     if (flat >= params.b * params.nh * params.tq) { return; }
     let hs = params.hs;
+    let hs4 = (hs + 3u) / 4u;
     let t = flat % params.tq;
     let h = (flat / params.tq) % params.nh;
     let b = flat / (params.tq * params.nh);
     let g = h / (params.nh / params.nkv);
-    let qo = row_offset(b, t, params.tq, h, params.nh);
-    for (var d = lid; d < hs; d = d + WG) {
-        row_a[d] = q[qo + d];
-    }
-    workgroupBarrier();
     let n_keys = params.q_pos0 + t + 1u;
-    let nsl = WG / hs;
-    let d = lid % hs;
-    let sl = lid / hs;
+    let qo = row_offset(b, t, params.tq, h, params.nh);
+    let tr = tile_rows(hs4);
+    let bpt = tr / 4u;
+    // Scores of `tiles` tiles are computed at once, one block of 4 keys per lane.
+    let tiles = WG / bpt;
+    // The scaled q row in tile_b; block scores in tile_a.
+    for (var e4 = lid; e4 < hs4; e4 = e4 + WG) {
+        tile_b[e4] = q4_at(qo, e4 * 4u) * params.scale;
+    }
     var m = NEG_BIG;
     var l = 0.0;
-    var acc = 0.0;
-    for (var c0 = 0u; c0 < n_keys; c0 = c0 + WG) {
-        let j = c0 + lid;
-        var s = NEG_BIG;
-        if (j < n_keys) {
-            let ko = row_offset(b, j, params.tk, g, params.nkv);
-            var dot = 0.0;
-            for (var e = 0u; e < hs; e = e + 1u) {
-                dot = dot + row_a[e] * k[ko + e];
-            }
-            s = dot * params.scale;
-        }
-        let m_new = max(m, reduce_max(lid, s));
-        var p = 0.0;
-        if (j < n_keys) {
-            p = exp(s - m_new);
-        }
-        chunk_a[lid] = p;
-        // reduce_sum's barriers also publish chunk_a to the workgroup.
-        let csum = reduce_sum(lid, p);
-        let alpha = exp(m - m_new);
-        l = l * alpha + csum;
-        m = m_new;
-        let n_c = min(WG, n_keys - c0);
-        var part = 0.0;
-        if (sl < nsl) {
-            for (var c = sl; c < n_c; c = c + nsl) {
-                part = part + chunk_a[c] * v[row_offset(b, c0 + c, params.tk, g, params.nkv) + d];
-            }
-        }
-        acc = acc * alpha + part;
+    var acc = vec4<f32>(0.0);
+    for (var p0 = 0u; p0 < n_keys; p0 = p0 + tiles * tr) {
         workgroupBarrier();
-    }
-    chunk_a[lid] = select(0.0, acc, sl < nsl);
-    workgroupBarrier();
-    if (lid < hs) {
-        var o = 0.0;
-        for (var s2 = 0u; s2 < nsl; s2 = s2 + 1u) {
-            o = o + chunk_a[s2 * hs + lid];
+        if (lid < tiles * bpt) {
+            let j = p0 + (lid / bpt) * tr + (lid % bpt) * 4u;
+            // Keys past the row's last are masked below; their loads re-read the last.
+            let o0 = row_offset(b, min(j, n_keys - 1u), params.tk, g, params.nkv);
+            let o1 = row_offset(b, min(j + 1u, n_keys - 1u), params.tk, g, params.nkv);
+            let o2 = row_offset(b, min(j + 2u, n_keys - 1u), params.tk, g, params.nkv);
+            let o3 = row_offset(b, min(j + 3u, n_keys - 1u), params.tk, g, params.nkv);
+            var s = vec4<f32>(0.0);
+            for (var e4 = 0u; e4 < hs4; e4 = e4 + 1u) {
+                let x = tile_b[e4];
+                let e = e4 * 4u;
+                s = s + vec4<f32>(dot(x, k4_at(o0, e)), dot(x, k4_at(o1, e)), dot(x, k4_at(o2, e)), dot(x, k4_at(o3, e)));
+            }
+            tile_a[lid] = select(vec4<f32>(NEG_BIG), s, vec4<u32>(j, j + 1u, j + 2u, j + 3u) < vec4<u32>(n_keys));
         }
-        out[qo + lid] = o / l;
+        workgroupBarrier();
+        // Lane lid < hs4 owns elements 4 lid..4 lid+3 of the output and keeps its own m and l.
+        for (var ti = 0u; ti < tiles && lid < hs4; ti = ti + 1u) {
+            let j0 = p0 + ti * tr;
+            if (j0 >= n_keys) { break; }
+            let nj = min(tr, n_keys - j0);
+            var mt = NEG_BIG;
+            for (var jj = 0u; jj < nj; jj = jj + 4u) {
+                let s = tile_a[ti * bpt + jj / 4u];
+                mt = max(mt, max(max(s.x, s.y), max(s.z, s.w)));
+            }
+            let m_new = max(m, mt);
+            let alpha = exp(m - m_new);
+            l = l * alpha;
+            acc = acc * alpha;
+            let e = lid * 4u;
+            for (var jj = 0u; jj < nj; jj = jj + 4u) {
+                let p = exp(tile_a[ti * bpt + jj / 4u] - vec4<f32>(m_new));
+                l = l + p.x + p.y + p.z + p.w;
+                // Keys past the row's last have p = 0 and re-read the last key's v (finite).
+                let j = j0 + jj;
+                let v0 = v4_at(row_offset(b, j, params.tk, g, params.nkv), e);
+                let v1 = v4_at(row_offset(b, min(j + 1u, n_keys - 1u), params.tk, g, params.nkv), e);
+                let v2 = v4_at(row_offset(b, min(j + 2u, n_keys - 1u), params.tk, g, params.nkv), e);
+                let v3 = v4_at(row_offset(b, min(j + 3u, n_keys - 1u), params.tk, g, params.nkv), e);
+                acc = acc + p.x * v0 + p.y * v1 + p.z * v2 + p.w * v3;
+            }
+            m = m_new;
+        }
+    }
+    if (lid < hs4) {
+        let inv = 1.0 / l;
+        for (var c = 0u; c < 4u && lid * 4u + c < hs; c = c + 1u) {
+            out[qo + lid * 4u + c] = acc[c] * inv;
+        }
     }
     if (lid == 0u) {
-        lse[flat] = m + log(l);
+        lse[(b * params.nh + h) * params.tq + t] = m + log(l);
     }
 }
 
 @compute @workgroup_size(WG)
 fn attention_backward_dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let flat = wid.x + wid.y * 65535u;
-    if (flat >= params.b * params.nh * params.tq) { return; }
+    let nblk = (params.tq + WG - 1u) / WG;
+    if (flat >= params.b * params.nh * nblk) { return; }
     let hs = params.hs;
-    let t = flat % params.tq;
-    let h = (flat / params.tq) % params.nh;
-    let b = flat / (params.tq * params.nh);
+    let hs4 = (hs + 3u) / 4u;
+    let blk = flat % nblk;
+    let h = (flat / nblk) % params.nh;
+    let b = flat / (nblk * params.nh);
     let g = h / (params.nh / params.nkv);
-    let qo = row_offset(b, t, params.tq, h, params.nh);
-    var dd = 0.0;
-    for (var e = lid; e < hs; e = e + WG) {
-        row_a[e] = q[qo + e];
-        row_b[e] = dout[qo + e];
-        dd = dd + dout[qo + e] * out[qo + e];
+    let t = blk * WG + lid;
+    let live = t < params.tq;
+    let n_keys = params.q_pos0 + min(blk * WG + WG, params.tq);
+    let limit = params.q_pos0 + t;
+    let qo = row_offset(b, min(t, params.tq - 1u), params.tq, h, params.nh);
+    let st = (b * params.nh + h) * params.tq + min(t, params.tq - 1u);
+    var qr: array<vec4<f32>, MAX_HS4>;
+    var dor: array<vec4<f32>, MAX_HS4>;
+    var acc: array<vec4<f32>, MAX_HS4>;
+    var dl = 0.0;
+    for (var e4 = 0u; e4 < hs4; e4 = e4 + 1u) {
+        qr[e4] = q4_at(qo, e4 * 4u) * params.scale;
+        let d4 = dout4_at(qo, e4 * 4u);
+        dor[e4] = d4;
+        dl = dl + dot(d4, out4_at(qo, e4 * 4u));
     }
-    // reduce_sum's barriers also publish row_a and row_b.
-    let dl = reduce_sum(lid, dd);
-    if (lid == 0u) {
-        delta[flat] = dl;
-    }
-    let lse_t = lse[flat];
-    let n_keys = params.q_pos0 + t + 1u;
-    let nsl = WG / hs;
-    let d = lid % hs;
-    let sl = lid / hs;
-    var acc = 0.0;
-    for (var c0 = 0u; c0 < n_keys; c0 = c0 + WG) {
-        let j = c0 + lid;
-        var ds = 0.0;
-        if (j < n_keys) {
-            let ko = row_offset(b, j, params.tk, g, params.nkv);
-            var sdot = 0.0;
-            var pdot = 0.0;
-            for (var e = 0u; e < hs; e = e + 1u) {
-                sdot = sdot + row_a[e] * k[ko + e];
-                pdot = pdot + row_b[e] * v[ko + e];
-            }
-            let p = exp(sdot * params.scale - lse_t);
-            ds = p * (pdot - dl);
-        }
-        chunk_a[lid] = ds;
+    let lse_t = lse[st];
+    let tr = tile_rows(hs4);
+    for (var j0 = 0u; j0 < n_keys; j0 = j0 + tr) {
+        let n = min(tr, n_keys - j0);
         workgroupBarrier();
-        let n_c = min(WG, n_keys - c0);
-        if (sl < nsl) {
-            for (var c = sl; c < n_c; c = c + nsl) {
-                acc = acc + chunk_a[c] * k[row_offset(b, c0 + c, params.tk, g, params.nkv) + d];
+        load_kv_tile(lid, b, g, j0, n, hs4);
+        workgroupBarrier();
+        var nj = 0u;
+        if (live && limit >= j0) {
+            nj = min(n, limit + 1u - j0);
+        }
+        for (var jj = 0u; jj < nj; jj = jj + 4u) {
+            let b0 = jj * hs4;
+            let b1 = b0 + hs4;
+            let b2 = b1 + hs4;
+            let b3 = b2 + hs4;
+            var s = vec4<f32>(0.0);
+            var dp = vec4<f32>(0.0);
+            for (var e4 = 0u; e4 < hs4; e4 = e4 + 1u) {
+                let x = qr[e4];
+                let y = dor[e4];
+                s = s + vec4<f32>(dot(x, tile_a[b0 + e4]), dot(x, tile_a[b1 + e4]), dot(x, tile_a[b2 + e4]), dot(x, tile_a[b3 + e4]));
+                dp = dp + vec4<f32>(dot(y, tile_b[b0 + e4]), dot(y, tile_b[b1 + e4]), dot(y, tile_b[b2 + e4]), dot(y, tile_b[b3 + e4]));
+            }
+            // Keys past this row's last (exp may overflow there) get dS = 0.
+            let ds = select(vec4<f32>(0.0), exp(s - vec4<f32>(lse_t)) * (dp - vec4<f32>(dl)), vec4<u32>(jj, jj + 1u, jj + 2u, jj + 3u) < vec4<u32>(nj));
+            for (var e4 = 0u; e4 < hs4; e4 = e4 + 1u) {
+                acc[e4] = acc[e4] + ds.x * tile_a[b0 + e4] + ds.y * tile_a[b1 + e4] + ds.z * tile_a[b2 + e4] + ds.w * tile_a[b3 + e4];
             }
         }
-        workgroupBarrier();
     }
-    chunk_a[lid] = select(0.0, acc, sl < nsl);
-    workgroupBarrier();
-    if (lid < hs) {
-        var total = 0.0;
-        for (var s2 = 0u; s2 < nsl; s2 = s2 + 1u) {
-            total = total + chunk_a[s2 * hs + lid];
+    if (live) {
+        for (var e = 0u; e < hs; e = e + 1u) {
+            dq[qo + e] = params.scale * acc[e / 4u][e % 4u];
         }
-        dq[qo + lid] = params.scale * total;
+        delta[st] = dl;
     }
 }
 
 @compute @workgroup_size(WG)
 fn attention_backward_dkv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let flat = wid.x + wid.y * 65535u;
-    if (flat >= params.b * params.nkv * params.tk) { return; }
+    let nblk = (params.tk + WG - 1u) / WG;
+    if (flat >= params.b * params.nkv * nblk) { return; }
     let hs = params.hs;
-    let j = flat % params.tk;
-    let g = (flat / params.tk) % params.nkv;
-    let b = flat / (params.tk * params.nkv);
+    let hs4 = (hs + 3u) / 4u;
+    let blk = flat % nblk;
+    let g = (flat / nblk) % params.nkv;
+    let b = flat / (nblk * params.nkv);
     let rep = params.nh / params.nkv;
-    let ko = row_offset(b, j, params.tk, g, params.nkv);
-    for (var e = lid; e < hs; e = e + WG) {
-        row_a[e] = k[ko + e];
-        row_b[e] = v[ko + e];
+    let j = blk * WG + lid;
+    let live = j < params.tk;
+    let ko = row_offset(b, min(j, params.tk - 1u), params.tk, g, params.nkv);
+    var kr: array<vec4<f32>, MAX_HS4>;
+    var vr: array<vec4<f32>, MAX_HS4>;
+    var acck: array<vec4<f32>, MAX_HS4>;
+    var accv: array<vec4<f32>, MAX_HS4>;
+    for (var e4 = 0u; e4 < hs4; e4 = e4 + 1u) {
+        kr[e4] = k4_at(ko, e4 * 4u) * params.scale;
+        vr[e4] = v4_at(ko, e4 * 4u);
     }
-    workgroupBarrier();
-    // Query t sees key j when q_pos0 + t >= j.
-    let t0 = max(j, params.q_pos0) - params.q_pos0;
-    let nsl = WG / hs;
-    let d = lid % hs;
-    let sl = lid / hs;
-    var acck = 0.0;
-    var accv = 0.0;
+    let tr = tile_rows(hs4);
+    // Query t sees key j when q_pos0 + t >= j: the block's first key blk * WG is seen from t_first.
+    let t_first = max(blk * WG, params.q_pos0) - params.q_pos0;
     for (var r = 0u; r < rep; r = r + 1u) {
         let h = g * rep + r;
-        for (var c0 = t0; c0 < params.tq; c0 = c0 + WG) {
-            let t = c0 + lid;
-            var p = 0.0;
-            var ds = 0.0;
-            if (t < params.tq) {
-                let qo = row_offset(b, t, params.tq, h, params.nh);
-                var sdot = 0.0;
-                var pdot = 0.0;
-                for (var e = 0u; e < hs; e = e + 1u) {
-                    sdot = sdot + q[qo + e] * row_a[e];
-                    pdot = pdot + dout[qo + e] * row_b[e];
-                }
-                let st = (b * params.nh + h) * params.tq + t;
-                p = exp(sdot * params.scale - lse[st]);
-                ds = p * (pdot - delta[st]);
-            }
-            chunk_a[lid] = p;
-            chunk_b[lid] = ds;
+        for (var t0 = t_first; t0 < params.tq; t0 = t0 + tr) {
+            let n = min(tr, params.tq - t0);
             workgroupBarrier();
-            let n_c = min(WG, params.tq - c0);
-            if (sl < nsl) {
-                for (var c = sl; c < n_c; c = c + nsl) {
-                    let qo = row_offset(b, c0 + c, params.tq, h, params.nh) + d;
-                    accv = accv + chunk_a[c] * dout[qo];
-                    acck = acck + chunk_b[c] * q[qo];
-                }
+            for (var i = lid; i < n * hs4; i = i + WG) {
+                let o = row_offset(b, t0 + i / hs4, params.tq, h, params.nh);
+                let e = (i % hs4) * 4u;
+                tile_a[i] = q4_at(o, e);
+                tile_b[i] = dout4_at(o, e);
+            }
+            for (var i = n * hs4 + lid; i < ((n + 3u) & ~3u) * hs4; i = i + WG) {
+                tile_a[i] = vec4<f32>(0.0);
+                tile_b[i] = vec4<f32>(0.0);
+            }
+            for (var i = lid; i < ((n + 3u) & ~3u); i = i + WG) {
+                let st = (b * params.nh + h) * params.tq + min(t0 + i, params.tq - 1u);
+                tile_lse[i] = lse[st];
+                tile_delta[i] = delta[st];
             }
             workgroupBarrier();
+            // This key's queries in the tile: i0..n.
+            var i0 = n;
+            if (live) {
+                i0 = min(n, max(j, params.q_pos0 + t0) - (params.q_pos0 + t0));
+            }
+            for (var ii = i0 & ~3u; ii < n; ii = ii + 4u) {
+                let b0 = ii * hs4;
+                let b1 = b0 + hs4;
+                let b2 = b1 + hs4;
+                let b3 = b2 + hs4;
+                var s = vec4<f32>(0.0);
+                var dp = vec4<f32>(0.0);
+                for (var e4 = 0u; e4 < hs4; e4 = e4 + 1u) {
+                    let x = kr[e4];
+                    let y = vr[e4];
+                    s = s + vec4<f32>(dot(tile_a[b0 + e4], x), dot(tile_a[b1 + e4], x), dot(tile_a[b2 + e4], x), dot(tile_a[b3 + e4], x));
+                    dp = dp + vec4<f32>(dot(tile_b[b0 + e4], y), dot(tile_b[b1 + e4], y), dot(tile_b[b2 + e4], y), dot(tile_b[b3 + e4], y));
+                }
+                let lse4 = vec4<f32>(tile_lse[ii], tile_lse[ii + 1u], tile_lse[ii + 2u], tile_lse[ii + 3u]);
+                let delta4 = vec4<f32>(tile_delta[ii], tile_delta[ii + 1u], tile_delta[ii + 2u], tile_delta[ii + 3u]);
+                let iv = vec4<u32>(ii, ii + 1u, ii + 2u, ii + 3u);
+                let seen = (iv >= vec4<u32>(i0)) & (iv < vec4<u32>(n));
+                let p = select(vec4<f32>(0.0), exp(s - lse4), seen);
+                let ds = select(vec4<f32>(0.0), p * (dp - delta4), seen);
+                for (var e4 = 0u; e4 < hs4; e4 = e4 + 1u) {
+                    accv[e4] = accv[e4] + p.x * tile_b[b0 + e4] + p.y * tile_b[b1 + e4] + p.z * tile_b[b2 + e4] + p.w * tile_b[b3 + e4];
+                    acck[e4] = acck[e4] + ds.x * tile_a[b0 + e4] + ds.y * tile_a[b1 + e4] + ds.z * tile_a[b2 + e4] + ds.w * tile_a[b3 + e4];
+                }
+            }
         }
     }
-    chunk_a[lid] = select(0.0, acck, sl < nsl);
-    chunk_b[lid] = select(0.0, accv, sl < nsl);
-    workgroupBarrier();
-    if (lid < hs) {
-        var tk = 0.0;
-        var tv = 0.0;
-        for (var s2 = 0u; s2 < nsl; s2 = s2 + 1u) {
-            tk = tk + chunk_a[s2 * hs + lid];
-            tv = tv + chunk_b[s2 * hs + lid];
+    if (live) {
+        for (var e = 0u; e < hs; e = e + 1u) {
+            dk[ko + e] = params.scale * acck[e / 4u][e % 4u];
+            dv[ko + e] = accv[e / 4u][e % 4u];
         }
-        dk[ko + lid] = params.scale * tk;
-        dv[ko + lid] = tv;
     }
 }

@@ -1,8 +1,9 @@
 //! Causal GQA attention: the f64 reference backward passes a finite-difference check; the GPU
 //! forward (out and the saved logsumexp) and backward (dq, dk, dv) agree with it on odd shapes
-//! (T 1, 3, 63, 65, 300 and 2048; HS 8, 64, 96 and 256; NH/NKV 4/2, 3/1, 2/2); the KV-cache
-//! forward equals the full forward's rows; the tape gives the launches' gradients; results are
-//! deterministic run to run; the kernels fit WebGPU's default workgroup memory.
+//! (T 1, 3, 63, 65, 128, 257, 300 and 2048; HS 3, 5, 8, 33, 64, 96, 128, 130 and 256; NH/NKV
+//! 4/2, 3/1, 2/2, 9/3); the KV-cache forward equals the full forward's rows, also for the one-
+//! and two-row decode kernel; the tape gives the launches' gradients; results are deterministic
+//! run to run; the kernels fit WebGPU's default workgroup memory.
 //!
 //! Tolerances: 1e-5 abs + 1e-4 rel for the forward and for every gradient (f32 accumulations
 //! over at most a few hundred terms of size ~1 against an f64 reference).
@@ -112,6 +113,58 @@ fn gpu_matches_reference_past_one_workgroup_of_keys() {
     let mut rng = Rng::new(23);
     // Rows longer than the 256 keys (or queries) of one chunk.
     check_gpu(&ctx, &case(&mut rng, Dims::causal(1, 300, 4, 2, 64)));
+}
+
+#[test]
+fn gpu_matches_reference_on_smollm2_heads() {
+    // SmolLM2-135M's heads (NH 9, NKV 3, HS 64): T over two workgroups of rows, and T = 257 (five
+    // workgroups, the last with one row; 17 tiles of 16 keys, the last with one key).
+    let ctx = gpu();
+    let mut rng = Rng::new(28);
+    for (b, t) in [(2, 128), (1, 257)] {
+        check_gpu(&ctx, &case(&mut rng, Dims::causal(b, t, 9, 3, 64)));
+    }
+}
+
+#[test]
+fn gpu_matches_reference_on_large_and_odd_head_sizes() {
+    // HS 128 and 256 (tiles of 8 and 4 rows) over many tiles; HS not a multiple of 4 (the vec4
+    // loads zero-fill past HS), and HS 130 (tiles of 4 rows of 33 vec4).
+    let ctx = gpu();
+    let mut rng = Rng::new(29);
+    for (b, t, nh, nkv, hs) in [(1, 70, 2, 1, 128), (1, 37, 2, 2, 256), (2, 19, 4, 2, 5), (1, 40, 3, 3, 33), (1, 9, 2, 1, 130), (1, 66, 2, 1, 3)] {
+        check_gpu(&ctx, &case(&mut rng, Dims::causal(b, t, nh, nkv, hs)));
+    }
+}
+
+#[test]
+fn decode_steps_match_the_reference_and_the_full_forward_rows() {
+    // One or two query rows (attention_decode) at the end of a long cache: several passes of
+    // its score phase (256 keys each at HS 64), against the f64 reference and, bit for bit,
+    // against the full forward's last rows (attention_forward).
+    let ctx = gpu();
+    let mut rng = Rng::new(30);
+    for (b, t, nh, nkv, hs) in [(1, 600, 9, 3, 64), (2, 70, 4, 2, 5), (1, 45, 2, 1, 256)] {
+        let full = case(&mut rng, Dims::causal(b, t, nh, nkv, hs));
+        let (qs, ks) = ([b, t, nh, hs], [b, t, nkv, hs]);
+        let (k, v) = (up(&ctx, &full.k, &ks), up(&ctx, &full.v, &ks));
+        let (out, _) = attention::forward(&ctx, &up(&ctx, &full.q, &qs), &k, &v).unwrap();
+        let (out, out_ref) = (read(&ctx, &out), cpu::forward(&full.q, &full.k, &full.v, &full.d).0);
+        for tq in [1, 2] {
+            let p0 = t - tq;
+            let row = nh * hs;
+            let (mut qn, mut want, mut want_ref) = (Vec::new(), Vec::new(), Vec::new());
+            for bb in 0..b {
+                qn.extend_from_slice(&full.q[(bb * t + p0) * row..][..tq * row]);
+                want.extend_from_slice(&out[(bb * t + p0) * row..][..tq * row]);
+                want_ref.extend_from_slice(&out_ref[(bb * t + p0) * row..][..tq * row]);
+            }
+            let got = read(&ctx, &attention::forward_cached(&ctx, &up(&ctx, &qn, &[b, tq, nh, hs]), &k, &v, p0).unwrap());
+            let name = format!("decode B{b} Tq{tq} Tk{t} NH{nh} NKV{nkv} HS{hs}");
+            assert_close(&name, &got, &want_ref, 1e-5, 1e-4);
+            assert_eq!(got, want, "{name}: differs from the full forward's rows");
+        }
+    }
 }
 
 #[test]
@@ -231,5 +284,6 @@ fn kernels_fit_the_default_workgroup_memory() {
         .sum();
     // Every workgroup variable counted, whichever entry point uses it: an upper bound.
     assert!(bytes <= 16384, "shaders/{file}: {bytes} bytes of workgroup memory (> 16 KiB, WebGPU's default)");
-    assert_eq!(bytes, (2 * 256 + 3 * 256) * 4);
+    // Two tiles of 256 vec4 (k/v rows, or q/dout rows for dk/dv) and 64 lse and delta values.
+    assert_eq!(bytes, 2 * 256 * 16 + 2 * 64 * 4);
 }

@@ -1,16 +1,22 @@
 //! Per-call times of the attention kernels (shaders/attention.wgsl) on SmolLM2-135M's head shape
 //! (NH 9, NKV 3, HS 64) or any other: forward, backward dq and backward dk/dv of a training
-//! step (B x T, Tq = Tk = T) and a KV-cache decode step (Tq 1 against Tk cached keys).
+//! step (B x T, Tq = Tk = T) and a KV-cache decode step (Tq query rows against Tk cached keys).
 //!
-//! `cargo run --release --example attn_timing -- [--shapes 1x128,1x256,4x128,4x256]
-//! [--decode 128,1024,4096] [--heads 9,3,64] [--reps 5] [--baseline FILE]`
+//! `cargo run --example attn_timing -- [--shapes 1x128,1x256,4x128,4x256]
+//! [--decode 128,1024,4096] [--decode-tq 1] [--heads 9,3,64] [--reps 5] [--baseline FILE]
+//! [--alt FILE]...`
 //!
-//! `--baseline FILE` times another attention.wgsl with the same entry points, bindings and
-//! Params in the same run, dispatched the way the kernels before the flash-style rewrite were
-//! (one workgroup per query row, or per key row for dk/dv): for example
-//! `git show cc4a100:shaders/attention.wgsl > /tmp/attention_old.wgsl`. Each figure is the
-//! median over `--reps` calls, each submitted and waited for on its own; the two versions are
-//! interleaved call by call, so load from other processes hits both alike.
+//! Next to the library's kernels it can time other versions of attention.wgsl (same entry
+//! points, bindings and Params) in the same run: `--baseline FILE` dispatched the way the kernels
+//! before the flash-style rewrite were (one workgroup per query row, or per key row for dk/dv),
+//! for example `git show cc4a100:shaders/attention.wgsl > /tmp/attention_old.wgsl`; `--alt FILE`
+//! (repeatable) dispatched like the current kernels with the file's own `const WG` rows per
+//! workgroup, its `attention_forward` also for the decode rows (a variant under tuning). Each
+//! figure is the median over `--reps` calls, each submitted and waited for on its own (the
+//! library's two backward kernels timed apiece by the profiler); the versions are interleaved
+//! call by call, so load from other processes hits them alike. After the training shapes, the
+//! last other version's out, lse, dq, dk and dv are compared with the library's, and a maximal
+//! difference above 1e-4 is printed.
 
 use qlora_webgpu::gpu::{block_on, groups_2d, DType, GpuContext, Kernel, Tensor};
 use qlora_webgpu::ops::attention;

@@ -54,9 +54,9 @@ QLORA=./target/release/qlora
 
 echo "== QLoRA fine-tuning on data/pirate.jsonl (answers before and after follow)"
 $QLORA train "$GGUF" \
-  --data data/pirate.jsonl --val-fraction 0.1 --eval-every 10 \
-  --prompts data/pirate_eval.jsonl --sample-tokens 40 \
-  --qlora -r 16 --lora-alpha 32 --lr 1e-3 --steps 40 --batch-size 2 --max-len 96 \
+  --data data/pirate.jsonl --val-fraction 0.1 --eval-every 8 \
+  --prompts data/pirate_eval.jsonl --sample-tokens 32 \
+  --qlora -r 16 --lora-alpha 32 --lr 1e-3 --steps 24 --batch-size 2 --max-len 96 \
   --out "$OUT" "$@"
 
 echo "== qlora generate --adapter $OUT"

@@ -4,21 +4,32 @@
 # browser package and its tests: Chromium (Debian's; WebGPU on SwiftShader), Node.js and npm,
 # wasm-bindgen's CLI at the version of the wasm-bindgen crate in Cargo.lock, and web/'s npm
 # packages (npm ci: playwright-core, typescript). Idempotent: installs only what is missing.
+# `setup.sh --native`: only what the command line needs (lavapipe, python3 for the demo's model
+# fetch), for the main job on a fresh machine; the browser toolchain takes minutes to install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
+native_only=0
+[ "${1:-}" = "--native" ] && native_only=1
 missing=""
-for p in mesa-vulkan-drivers libvulkan1 chromium; do
+pkgs="mesa-vulkan-drivers libvulkan1"
+[ "$native_only" = 1 ] || pkgs="$pkgs chromium"
+for p in $pkgs; do
   dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
 done
-command -v node >/dev/null 2>&1 || missing="$missing nodejs"
-command -v npm >/dev/null 2>&1 || missing="$missing npm"
+if [ "$native_only" = 1 ]; then
+  command -v python3 >/dev/null 2>&1 || missing="$missing python3"
+else
+  command -v node >/dev/null 2>&1 || missing="$missing nodejs"
+  command -v npm >/dev/null 2>&1 || missing="$missing npm"
+fi
 if [ -n "$missing" ]; then
   echo "setup: installing$missing"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
 fi
+[ "$native_only" = 1 ] && exit 0
 if ! rustup target list --installed | grep -qx wasm32-unknown-unknown; then
   echo "setup: adding the wasm32-unknown-unknown target"
   rustup target add wasm32-unknown-unknown

@@ -178,7 +178,8 @@ fn line_err(file: &str, line: usize, what: impl std::fmt::Display) -> Error {
     Error::format(file, format!("line {line}: {what}"))
 }
 
-fn json_kind(v: &Value) -> &'static str {
+/// How a JSON value is named in error messages ("a string", "an array", ...).
+pub(crate) fn json_kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

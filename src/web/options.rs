@@ -49,20 +49,10 @@ fn object<'a>(v: &'a Value, what: &str, keys: &[&str]) -> Result<Option<&'a Map<
             }
             Ok(Some(m))
         }
-        other => Err(bad(what, format!("expected an object, got {}", type_name(other)))),
+        other => Err(bad(what, format!("expected an object, got {}", crate::data::dataset::json_kind(other)))),
     }
 }
 
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
 
 /// One object's options, read with the option named in errors (`what.key`).
 struct Opts<'a> {
@@ -81,7 +71,7 @@ impl<'a> Opts<'a> {
         match self.get(k) {
             None => Ok(None),
             Some(Value::Number(n)) => n.as_f64().filter(|x| x.is_finite()).map(Some).ok_or_else(|| bad(&self.name(k), "not a finite number")),
-            Some(v) => Err(bad(&self.name(k), format!("expected a number, got {}", type_name(v)))),
+            Some(v) => Err(bad(&self.name(k), format!("expected a number, got {}", crate::data::dataset::json_kind(v)))),
         }
     }
     /// A non-negative integer (a JS number with no fraction, at most 2^53).
@@ -99,14 +89,14 @@ impl<'a> Opts<'a> {
         match self.get(k) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(v) => Err(bad(&self.name(k), format!("expected true or false, got {}", type_name(v)))),
+            Some(v) => Err(bad(&self.name(k), format!("expected true or false, got {}", crate::data::dataset::json_kind(v)))),
         }
     }
     fn str(&self, k: &str) -> Result<Option<&'a str>> {
         match self.get(k) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
-            Some(v) => Err(bad(&self.name(k), format!("expected a string, got {}", type_name(v)))),
+            Some(v) => Err(bad(&self.name(k), format!("expected a string, got {}", crate::data::dataset::json_kind(v)))),
         }
     }
     fn strings(&self, k: &str) -> Result<Option<Vec<String>>> {
@@ -118,7 +108,7 @@ impl<'a> Opts<'a> {
                 .map(|(i, v)| v.as_str().map(str::to_owned).ok_or_else(|| bad(&format!("{}[{i}]", self.name(k)), "expected a string")))
                 .collect::<Result<Vec<_>>>()
                 .map(Some),
-            Some(v) => Err(bad(&self.name(k), format!("expected an array of strings, got {}", type_name(v)))),
+            Some(v) => Err(bad(&self.name(k), format!("expected an array of strings, got {}", crate::data::dataset::json_kind(v)))),
         }
     }
 }
@@ -149,7 +139,7 @@ pub fn train_config(v: &Value) -> Result<TrainConfig> {
             Value::String(s) if s == "all-linear" => TargetModules::AllLinear,
             Value::String(s) => TargetModules::Regex(s.clone()),
             Value::Array(_) => TargetModules::Names(o.strings("targetModules")?.unwrap_or_default()),
-            v => return Err(bad(&o.name("targetModules"), format!("expected \"all-linear\", a list of names or a regex, got {}", type_name(v)))),
+            v => return Err(bad(&o.name("targetModules"), format!("expected \"all-linear\", a list of names or a regex, got {}", crate::data::dataset::json_kind(v)))),
         };
     }
     if let Some(b) = o.bool("useRslora")? {
@@ -163,7 +153,7 @@ pub fn train_config(v: &Value) -> Result<TrainConfig> {
         }
         c.lora.layers_to_transform = Some(layers);
     } else if let Some(v) = o.get("layersToTransform") {
-        return Err(bad(&o.name("layersToTransform"), format!("expected an array of layer indices, got {}", type_name(v))));
+        return Err(bad(&o.name("layersToTransform"), format!("expected an array of layer indices, got {}", crate::data::dataset::json_kind(v))));
     }
     if let Some(s) = o.uint("steps")? {
         c.steps = s;

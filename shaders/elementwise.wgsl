@@ -4,6 +4,9 @@
 //   add_forward:       out[i] = a[i] + b[i]             a, b, out (N)            out written (=)
 //   scale:             out[i] = alpha * a[i]            a, out (N)               out written (=)
 //   add_bias_forward:  out[r, c] = a[r, c] + b[c]       a, out (N = R*C), b (C)  out written (=)
+//   put_cols:          out[r, c0 + j] = a[r, j]         a (R, cols), out (R, ld), N = R*cols:
+//                      a column block of a wider matrix (chunked products)  out written (=)
+//   take_cols:         out[r, j] = a[r, c0 + j]         a (R, ld), out (R, cols), N = R*cols
 //
 // add_bias_forward has no backward kernel: a bias here is frozen (dinp = dout, nothing saved),
 // and the projection biases it serves never train under LoRA.
@@ -16,8 +19,12 @@ const WG: u32 = 256u;
 struct Params {
     n: u32,
     alpha: f32,
-    cols: u32,   // C of add_bias_forward; unused by the others
+    cols: u32,   // C of add_bias_forward; the block's width for put_cols / take_cols
+    ld: u32,     // put_cols / take_cols: row length of the wide matrix
+    c0: u32,     // put_cols / take_cols: the block's first column in the wide matrix
     _pad1: u32,
+    _pad2: u32,
+    _pad3: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -50,5 +57,23 @@ fn add_bias_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
     let i = flat_index(wid, lid);
     if (i < params.n) {
         out[i] = a[i] + b[i % params.cols];
+    }
+}
+
+@compute @workgroup_size(WG)
+fn put_cols(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, lid);
+    if (i < params.n) {
+        let r = i / params.cols;
+        out[r * params.ld + params.c0 + (i - r * params.cols)] = a[i];
+    }
+}
+
+@compute @workgroup_size(WG)
+fn take_cols(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, lid);
+    if (i < params.n) {
+        let r = i / params.cols;
+        out[i] = a[r * params.ld + params.c0 + (i - r * params.cols)];
     }
 }

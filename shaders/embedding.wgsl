@@ -10,9 +10,19 @@
 // Rows of ids that do not occur stay zero: dtable is cleared before the dispatch.
 // Ids were checked against V on the host before any dispatch.
 //
+// Sharded and 16-bit tables: a table larger than one storage binding is stored as row shards
+// (src/gpu/shards.rs), one dispatch per shard; a shard holds ids row0 .. row0 + v, and positions
+// whose id lies outside it are left for the other shards' dispatches. A bf16 or f16 table (two
+// values per u32 word, the element with the even index in the low half) is widened to f32 here:
+//   bf16: bitcast<f32>(bits << 16)          f16: unpack2x16float(bits).x
+//
 // embedding_forward:  one invocation per output element (N * C); ceil(N*C / WG) workgroups split
 //                     over x and y past 65535 (flat workgroup index = wid.x + wid.y * 65535);
 //                     writes out (=). Backward needs only the ids (kept on the host).
+// embedding_forward16: as embedding_forward from a 16-bit table (table16, kind 1 = bf16,
+//                     2 = f16).
+// embedding_widen16:  out (n, C) = f32 of rows row0 .. row0 + n of a 16-bit table (the lm_head
+//                     chunk the output layer's f32 matmuls read); one invocation per element.
 // embedding_backward: one workgroup per distinct id (U workgroups, split the same way), its
 //                     invocations striding over the C columns; writes dtable rows of occurring
 //                     ids (=), the others are zero from the clear.
@@ -20,10 +30,14 @@
 const WG: u32 = 256u;
 
 struct Params {
-    n: u32,        // tokens (forward) / distinct ids U (backward)
+    n: u32,        // tokens (forward) / distinct ids U (backward) / rows to widen
     c: u32,        // embedding width C
-    v: u32,        // vocabulary size V
-    _pad: u32,
+    v: u32,        // rows of this table or shard
+    row0: u32,     // first id this shard holds (forward); first row to widen (widen16)
+    kind: u32,     // 16-bit tables: 1 = bf16, 2 = f16
+    _p0: u32,
+    _p1: u32,
+    _p2: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -33,6 +47,17 @@ struct Params {
 @group(0) @binding(4) var<storage, read> pos: array<u32>;            // (N)
 @group(0) @binding(5) var<storage, read> dout: array<f32>;           // (N, C)
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;      // (N, C) out / (V, C) dtable
+@group(0) @binding(7) var<storage, read> table16: array<u32>;        // (V, C) 16-bit, 2 a word
+
+// Element e of the 16-bit table as f32.
+fn load16(e: u32) -> f32 {
+    let word = table16[e >> 1u];
+    let bits = select(word & 0xffffu, word >> 16u, (e & 1u) == 1u);
+    if (params.kind == 1u) {
+        return bitcast<f32>(bits << 16u);
+    }
+    return unpack2x16float(bits).x;
+}
 
 @compute @workgroup_size(WG)
 fn embedding_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -41,8 +66,26 @@ fn embedding_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
     let row = i / params.c;
     let col = i - row * params.c;
     let id = ids[row];
-    if (id >= params.v) { return; }
-    out[i] = table[id * params.c + col];
+    if (id < params.row0 || id - params.row0 >= params.v) { return; }
+    out[i] = table[(id - params.row0) * params.c + col];
+}
+
+@compute @workgroup_size(WG)
+fn embedding_forward16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.x + wid.y * 65535u) * WG + lid;
+    if (i >= params.n * params.c) { return; }
+    let row = i / params.c;
+    let col = i - row * params.c;
+    let id = ids[row];
+    if (id < params.row0 || id - params.row0 >= params.v) { return; }
+    out[i] = load16((id - params.row0) * params.c + col);
+}
+
+@compute @workgroup_size(WG)
+fn embedding_widen16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.x + wid.y * 65535u) * WG + lid;
+    if (i >= params.n * params.c) { return; }
+    out[i] = load16(params.row0 * params.c + i);
 }
 
 @compute @workgroup_size(WG)

@@ -69,7 +69,9 @@ struct Params {
     one: f32,
     // Word of `stats` where the NF4 table starts (the dynamic map follows it).
     tables_at: u32,
-    _pad: u32,
+    // nf4_dequantize: first word of `packed` to decode (rows r0.. of W with r0*K % 8 == 0, for
+    // a weight whose f32 copy exceeds one storage binding); numel is then the chunk's count.
+    word0: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -108,8 +110,8 @@ fn decode4(word: u32, shifts: vec4<u32>, scale: f32) -> vec4<f32> {
 fn nf4_dequantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let e = (wid.x + wid.y * 65535u) * (WG * WG) + lid;
     if (e * 8u >= params.numel) { return; }
-    let word = packed[e];
-    let s = block_scale((e * 8u) >> params.block_shift);
+    let word = packed[params.word0 + e];
+    let s = block_scale(((params.word0 + e) * 8u) >> params.block_shift);
     out4[2u * e] = decode4(word, LO_SHIFTS, s);
     if (e * 8u + 4u < params.numel) {
         out4[2u * e + 1u] = decode4(word, HI_SHIFTS, s);

@@ -29,8 +29,8 @@ use std::rc::Rc;
 pub enum BaseQuant {
     /// f32 (plain LoRA).
     F32,
-    /// 4-bit NormalFloat, bit-exact with bitsandbytes (QLoRA); norms, embedding and lm_head stay
-    /// f32.
+    /// 4-bit NormalFloat, bit-exact with bitsandbytes (QLoRA); norms stay f32, the embedding
+    /// and lm_head stay in the checkpoint's precision (bf16 / f16 kept as is, else f32).
     Nf4 {
         /// Elements per absmax block (bitsandbytes' default 64).
         blocksize: usize,
@@ -252,7 +252,7 @@ impl LoadedModel {
         while let Some((ids, _pos)) = g.next_input() {
             let logits = llama::forward_cached(ctx, &m.cfg, &m.weights, lora, &ids, &mut cache, &m.rope)?;
             let last = ctx.read_f32(&logits).await?;
-            g.push_logits(&last[(ids.len() - 1) * v..], &mut on_text)?;
+            g.push_logits(&last[..v], &mut on_text)?;
         }
         g.finish()
     }

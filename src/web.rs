@@ -43,8 +43,12 @@ mod api {
     export interface GpuInfo {
       name: string; backend: string; deviceType: string; driver: string;
       shaderF16: boolean; subgroups: boolean; timestampQuery: boolean;
-      /** Largest storage-buffer binding, bytes: the largest tensor a model may have. */
+      /** Largest storage-buffer binding, bytes. Larger embeddings and lm_heads are stored as
+       *  several buffers (row shards); other tensors must fit. */
       maxStorageBufferBindingSize: number; maxBufferSize: number;
+      /** The largest tensor one buffer holds here: the binding limit, or less after
+       *  `Gpu.setMaxBinding` (to try compatibility-mode or mobile limits on a bigger GPU). */
+      maxBinding: number;
       maxComputeWorkgroupStorageSize: number; maxComputeInvocationsPerWorkgroup: number;
     }
     /** How a base model is loaded. */
@@ -345,6 +349,15 @@ mod api {
             Ok(Gpu { ctx, info })
         }
 
+        /// Lowers the largest tensor one buffer may hold to `bytes` (at most the adapter's
+        /// binding limit; a larger value restores it). Models loaded afterwards shard their
+        /// embedding and lm_head to fit; used by tests to run the 128 MiB limit of WebGPU's
+        /// defaults and compatibility mode on any adapter.
+        #[wasm_bindgen(js_name = setMaxBinding)]
+        pub fn set_max_binding(&self, bytes: f64) {
+            self.ctx.set_max_binding(if bytes.is_finite() && bytes > 0.0 { bytes as u64 } else { u64::MAX });
+        }
+
         /// The adapter's name, backend, features and limits.
         #[wasm_bindgen(getter, unchecked_return_type = "GpuInfo")]
         pub fn info(&self) -> JsValue {
@@ -353,6 +366,7 @@ mod api {
                 "name": i.name, "backend": i.backend, "deviceType": i.device_type, "driver": i.driver,
                 "shaderF16": i.shader_f16, "subgroups": i.subgroups, "timestampQuery": i.timestamp_query,
                 "maxStorageBufferBindingSize": i.max_storage_binding, "maxBufferSize": i.max_buffer,
+                "maxBinding": self.ctx.max_binding(),
                 "maxComputeWorkgroupStorageSize": i.max_workgroup_storage,
                 "maxComputeInvocationsPerWorkgroup": i.max_invocations,
             }))

@@ -9,7 +9,7 @@
 mod common;
 use common::*;
 use qlora_webgpu::autograd::{Param, ParamId, Tape};
-use qlora_webgpu::gpu::{GpuContext, Tensor};
+use qlora_webgpu::gpu::{GpuContext, RowShards, Tensor};
 use qlora_webgpu::model::llama::{self, ForwardOpts, LayerWeights, LlamaConfig, LlamaWeights, LoraModule, LoraSet};
 use qlora_webgpu::ops::cross_entropy;
 use qlora_webgpu::ops::lora::{Frozen, LoraRun};
@@ -260,7 +260,7 @@ fn setup(dropout: f32) -> Setup {
     let host_lora = host_lora(&c, r, &mut rng);
     let up2 = |v: &[f64], shape: &[usize]| -> Tensor { up(&ctx, v, shape) };
     let w = LlamaWeights {
-        embed: up2(&host.embed, &[c.vocab, c.hidden]),
+        embed: RowShards::from_tensor(up2(&host.embed, &[c.vocab, c.hidden])),
         layers: host
             .layers
             .iter()
@@ -368,14 +368,15 @@ fn checkpointing_gives_the_same_gradients() {
 }
 
 /// Feeds the first sequence through `forward_cached` (a prompt of 2 tokens, then one token at a
-/// time) and returns (cached logits, full-forward logits), both (T, V).
+/// time; each call gives the logits of its last position) and returns (cached logits,
+/// full-forward logits), both (T - 1, V): positions 1 .. T.
 fn cached_and_full(su: &Setup) -> (Vec<f32>, Vec<f32>) {
     let ctx = &su.ctx;
     let t = su.ids.len() / su.batch;
     let seq = &su.ids[..t];
     let mut tape = Tape::new(false);
     let full = llama::forward(&mut tape, ctx, &su.c, &su.w, &su.lora, seq, 1, &su.tables, ForwardOpts::default()).unwrap();
-    let full = read(ctx, full.value());
+    let full = read(ctx, full.value())[su.c.vocab..].to_vec();
     let mut cache = llama::KvCache::new(ctx, &su.c, t).unwrap();
     let mut got = read(ctx, &llama::forward_cached(ctx, &su.c, &su.w, &su.lora, &seq[..2], &mut cache, &su.tables).unwrap());
     for i in 2..t {
@@ -573,12 +574,13 @@ fn biased_models_kv_cache_equals_the_full_forward() {
         let su = biased_setup(kind, 0.1, false);
         let (got, full) = cached_and_full(&su);
         let v = su.c.vocab;
+        // Rows for positions 1 .. T (generation gives each call's last position only).
         let t = full.len() / v;
         let d = max_abs(&got, &full.iter().map(|&x| x as f64).collect::<Vec<_>>());
         let last = max_abs(&got[(t - 1) * v..], &full[(t - 1) * v..].iter().map(|&x| x as f64).collect::<Vec<_>>());
         // and the last position against the f64 decoder (adapters without dropout at inference)
-        let want = cpu_logits(&su.c, &su.host, Some(&su.host_lora), su.r, su.s, &su.ids[..t], 1);
-        let d64 = max_abs(&got[(t - 1) * v..], &want[(t - 1) * v..]);
+        let want = cpu_logits(&su.c, &su.host, Some(&su.host_lora), su.r, su.s, &su.ids[..t + 1], 1);
+        let d64 = max_abs(&got[(t - 1) * v..], &want[t * v..]);
         eprintln!("{kind:?}: cached vs full logits max abs {d:.2e} (last position {last:.2e}); last position vs f64 {d64:.2e}");
         assert!(d <= 1e-5, "{kind:?}: cached logits differ from the full forward by {d:.2e}");
         assert!(d64 <= 1e-4, "{kind:?}: cached last-position logits differ from f64 by {d64:.2e}");

@@ -6,7 +6,7 @@
 
 mod common;
 use common::*;
-use qlora_webgpu::gpu::{block_on, GpuContext};
+use qlora_webgpu::gpu::{block_on, GpuContext, RowShards};
 use qlora_webgpu::lora::config::{InitLoraWeights, LoraConfig};
 use qlora_webgpu::lora::HostAdapter;
 use qlora_webgpu::model::llama::{LayerWeights, LlamaConfig, LlamaWeights};
@@ -48,7 +48,7 @@ fn tiny_model(ctx: &Rc<GpuContext>, seed: u64) -> Rc<Model> {
             mlp_norm: ones(ctx),
         })
         .collect();
-    let w = LlamaWeights { embed: up2(c.vocab * c.hidden, &[c.vocab, c.hidden], 0.5), layers, final_norm: ones(ctx), lm_head: None };
+    let w = LlamaWeights { embed: RowShards::from_tensor(up2(c.vocab * c.hidden, &[c.vocab, c.hidden], 0.5)), layers, final_norm: ones(ctx), lm_head: None };
     Rc::new(Model::new(ctx, c, w, None, 32).unwrap())
 }
 

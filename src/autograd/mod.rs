@@ -8,7 +8,7 @@
 //! input; its backward re-runs the block on a sub-tape and backpropagates through that.
 
 use crate::gpu::{GpuContext, Tensor};
-use crate::ops::{self, attention, cross_entropy, elementwise, embedding, lora, matmul, rmsnorm, rope, swiglu};
+use crate::ops::{self, attention, cross_entropy, elementwise, embedding, head, lora, matmul, rmsnorm, rope, swiglu};
 use crate::Result;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -66,6 +66,7 @@ pub(crate) enum Op {
     SwiGlu(swiglu::Saved),
     Embedding(embedding::Saved),
     CrossEntropy(cross_entropy::Saved),
+    Head(head::Saved),
     Add,
     AddBias,
     Checkpoint(CheckpointSaved),
@@ -100,6 +101,7 @@ impl Op {
             Op::SwiGlu(s) => s.backward(ctx, g, needs),
             Op::Embedding(s) => s.backward(ctx, g, needs),
             Op::CrossEntropy(s) => s.backward(ctx, g, needs),
+            Op::Head(s) => s.backward(ctx, g, needs),
             // d(a + b) = g for each: the same tensor, shared (gradients are never updated in place).
             Op::Add => Ok(needs.iter().map(|&n| n.then(|| g.clone())).collect()),
             // d(x + bias) / dx = g; the bias is frozen and not an input of the node.

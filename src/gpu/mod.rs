@@ -9,14 +9,16 @@
 
 mod pool;
 pub mod shaders;
+mod shards;
 mod tensor;
 
 pub use pool::PoolStats;
+pub use shards::{lossless_16bit, RowShards};
 pub use tensor::{DType, Tensor};
 
 use crate::{Error, Result};
 use pool::BufferPool;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 
@@ -115,6 +117,29 @@ pub struct GpuContext {
     pending: RefCell<Option<Pending>>,
     /// Per-kernel (calls, seconds) when profiling is on ([`GpuContext::set_profiling`]).
     profile: RefCell<Option<HashMap<&'static str, (u64, f64)>>>,
+    /// The largest tensor one buffer may hold, bytes: the adapter's storage-binding and buffer
+    /// limits, or less when lowered ([`GpuContext::set_max_binding`], `QLORA_MAX_BINDING`).
+    max_binding: Cell<u64>,
+    /// True when `max_binding` was lowered below the adapter's limit.
+    binding_forced: Cell<bool>,
+}
+
+/// Environment variable that lowers the largest tensor one buffer holds below the adapter's limit
+/// (bytes, or with a K, M or G suffix for KiB, MiB, GiB: `QLORA_MAX_BINDING=1M`), so that tests
+/// and users can exercise the sharded paths (row-sharded embedding and lm_head, chunked output
+/// layer) on any adapter.
+pub const MAX_BINDING_ENV: &str = "QLORA_MAX_BINDING";
+
+/// Parses a byte count with an optional K/M/G (binary) suffix.
+pub fn parse_bytes(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mul) = match s.char_indices().last()? {
+        (i, 'K' | 'k') => (&s[..i], 1u64 << 10),
+        (i, 'M' | 'm') => (&s[..i], 1u64 << 20),
+        (i, 'G' | 'g') => (&s[..i], 1u64 << 30),
+        _ => (s, 1),
+    };
+    num.trim().parse::<u64>().ok()?.checked_mul(mul)
 }
 
 fn backend_list(b: wgpu::Backends) -> String {
@@ -199,7 +224,17 @@ impl GpuContext {
             usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
+        let adapter_max = (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size);
+        let forced = if cfg!(target_arch = "wasm32") { None } else { std::env::var(MAX_BINDING_ENV).ok() };
+        let forced = match forced {
+            Some(v) => Some(parse_bytes(&v).filter(|&b| b >= 1024).ok_or_else(|| {
+                Error::Invalid(format!("{MAX_BINDING_ENV}={v:?}: expected a byte count of at least 1K (e.g. 4M)"))
+            })?),
+            None => None,
+        };
         Ok(Rc::new(GpuContext {
+            max_binding: Cell::new(forced.map_or(adapter_max, |f| f.min(adapter_max))),
+            binding_forced: Cell::new(forced.is_some_and(|f| f < adapter_max)),
             device,
             queue,
             info,
@@ -229,13 +264,28 @@ impl GpuContext {
         self.pool.borrow_mut().trim();
     }
 
-    fn check_binding(&self, op: &'static str, bytes: u64) -> Result<()> {
-        if bytes > self.limits.max_storage_buffer_binding_size as u64 || bytes > self.limits.max_buffer_size {
+    /// The largest tensor one buffer may hold, bytes (see [`GpuContext::set_max_binding`]).
+    pub fn max_binding(&self) -> u64 {
+        self.max_binding.get()
+    }
+
+    /// Lowers (or restores, up to the adapter's limit) the largest tensor one buffer may hold:
+    /// tensors larger than this are stored as row shards ([`RowShards`]) where the library
+    /// supports it, and refused elsewhere. Used by tests to run the sharded paths on small models.
+    pub fn set_max_binding(&self, bytes: u64) {
+        let adapter_max = (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size);
+        self.max_binding.set(bytes.clamp(16, adapter_max));
+        self.binding_forced.set(bytes < adapter_max);
+    }
+
+    pub(crate) fn check_binding(&self, op: &'static str, bytes: u64) -> Result<()> {
+        if bytes > self.max_binding.get() {
+            let why = if self.binding_forced.get() { format!(", lowered by {MAX_BINDING_ENV} or set_max_binding") } else { String::new() };
             return Err(Error::Limit {
                 op,
                 msg: format!(
-                    "a tensor of {bytes} bytes exceeds the device's largest storage binding ({} bytes)",
-                    self.limits.max_storage_buffer_binding_size
+                    "a tensor of {bytes} bytes exceeds the device's largest storage binding ({} bytes{why})",
+                    self.max_binding.get()
                 ),
             });
         }
@@ -317,6 +367,9 @@ impl GpuContext {
             ));
         }
         let sz = src.dtype().size() as u64;
+        if (src_at as u64 * sz) % 4 != 0 || (dst_at as u64 * sz) % 4 != 0 || (elems as u64 * sz) % 4 != 0 {
+            return Err(Error::shape("copy_region", format!("{elems} elements at {src_at} -> {dst_at}: not 4-byte aligned")));
+        }
         if elems > 0 {
             self.with_encoder(|enc| {
                 enc.copy_buffer_to_buffer(src.buffer(), src_at as u64 * sz, dst.buffer(), dst_at as u64 * sz, elems as u64 * sz)

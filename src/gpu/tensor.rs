@@ -14,12 +14,20 @@ pub enum DType {
     U32,
     /// 32-bit signed: labels with ignore index -100.
     I32,
+    /// bfloat16 storage (two per 32-bit word, the first element in the low half): read by the
+    /// kernels that take 16-bit tables and widened to f32 there (`bits << 16`).
+    BF16,
+    /// IEEE half storage (two per word, low half first), widened with `unpack2x16float`.
+    F16,
 }
 
 impl DType {
     /// Bytes per element.
     pub fn size(self) -> usize {
-        4
+        match self {
+            DType::F32 | DType::U32 | DType::I32 => 4,
+            DType::BF16 | DType::F16 => 2,
+        }
     }
 }
 

@@ -9,7 +9,7 @@ pub mod hf;
 pub mod quantized;
 pub mod safetensors;
 
-use crate::gpu::GpuContext;
+use crate::gpu::{GpuContext, RowShards};
 use crate::model::config::{names, ModelConfig};
 use crate::ops::lora::Frozen;
 use crate::ops::nf4::Nf4Weight;
@@ -207,7 +207,7 @@ impl HostModel {
     /// (a bitsandbytes checkpoint) stay NF4 on the device; projection biases (Qwen2, Llama with
     /// attention_bias / mlp_bias) are uploaded as f32.
     pub fn upload(&self, ctx: &GpuContext) -> Result<LlamaWeights> {
-        self.upload_with(ctx, None)
+        self.upload_with(ctx, None, true)
     }
 
     /// Uploads for QLoRA: every f32 projection is quantized to NF4 first (`blocksize`, double
@@ -215,10 +215,46 @@ impl HostModel {
     /// the lm_head stay f32 (see docs/nf4.md), and so do projection biases (bitsandbytes keeps a
     /// `Linear4bit` bias in full precision). Projections already NF4 are kept as they are.
     pub fn upload_nf4(&self, ctx: &GpuContext, blocksize: usize, double_quant: bool) -> Result<LlamaWeights> {
-        self.upload_with(ctx, Some((blocksize, double_quant)))
+        self.upload_with(ctx, Some((blocksize, double_quant)), true)
     }
 
-    fn upload_with(&self, ctx: &GpuContext, quantize: Option<(usize, bool)>) -> Result<LlamaWeights> {
+    /// Checks, before anything is uploaded, that every tensor that must live in one buffer fits
+    /// the device's largest binding (the embedding and lm_head are sharded and need not): an
+    /// `Error::Limit` naming the first tensor that does not, its bytes and the limit.
+    pub fn check_fits(&self, ctx: &GpuContext, quantize: Option<(usize, bool)>) -> Result<()> {
+        let max = ctx.max_binding();
+        let check = |name: String, bytes: u64, what: &str| -> Result<()> {
+            if bytes > max {
+                return Err(Error::Limit {
+                    op: "load",
+                    msg: format!(
+                        "tensor `{name}` needs {bytes} bytes {what}, over the device's largest storage binding of {max} bytes{}",
+                        if what.contains("f32") && quantize.is_none() { " (--qlora holds projections in 4 bits)" } else { "" }
+                    ),
+                });
+            }
+            Ok(())
+        };
+        for (i, l) in self.layers.iter().enumerate() {
+            for (m, p) in l.proj.iter().enumerate() {
+                let n = p.shape().iter().product::<usize>() as u64;
+                match (p, quantize) {
+                    (HostWeight::F32(_), None) => check(names::proj(i, m), 4 * n, "in f32")?,
+                    _ => check(names::proj(i, m), n.div_ceil(2), "in NF4")?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Uploads as [`HostModel::upload`] (`quantize` None) or [`HostModel::upload_nf4`]
+    /// (`Some((blocksize, double_quant))`). The embedding and lm_head are row-sharded to fit the
+    /// device's largest binding, and stored in bf16 or f16 when `tables_16bit` and every value
+    /// is exact in it (a 16-bit checkpoint: lossless), else in f32.
+    pub fn upload_with(&self, ctx: &GpuContext, quantize: Option<(usize, bool)>, tables_16bit: bool) -> Result<LlamaWeights> {
+        self.check_fits(ctx, quantize)?;
+        let (v, c) = (self.config.vocab_size, self.config.hidden_size);
+        let table = |t: &HostTensor| RowShards::upload_auto(ctx, &t.data, v, c, tables_16bit);
         let up = |t: &HostTensor| ctx.upload_f32(&t.data, &t.shape);
         let mut layers = Vec::with_capacity(self.layers.len());
         for l in &self.layers {
@@ -244,10 +280,10 @@ impl HostModel {
             });
         }
         Ok(LlamaWeights {
-            embed: up(&self.embed)?,
+            embed: table(&self.embed)?,
             layers,
             final_norm: up(&self.final_norm)?,
-            lm_head: self.lm_head.as_ref().map(up).transpose()?,
+            lm_head: self.lm_head.as_ref().map(table).transpose()?,
         })
     }
 }

@@ -6,10 +6,10 @@
 //! Optional gradient checkpointing per decoder layer.
 
 use crate::autograd::{self, BlockFn, Param, Tape, Var};
-use crate::gpu::{GpuContext, Tensor};
+use crate::gpu::{GpuContext, RowShards, Tensor};
 use crate::ops::lora::{self, Frozen, LoraRun};
 use crate::ops::rope::{self, RopeTables};
-use crate::ops::{attention, embedding, matmul, rmsnorm, swiglu};
+use crate::ops::{attention, embedding, head, matmul, rmsnorm, swiglu};
 use crate::{Error, Result};
 use std::rc::Rc;
 
@@ -67,14 +67,15 @@ pub struct LayerWeights {
 /// The frozen base model on the device.
 #[derive(Clone)]
 pub struct LlamaWeights {
-    /// embed_tokens.weight (V, C).
-    pub embed: Tensor,
+    /// embed_tokens.weight (V, C), row-sharded when larger than one binding; f32, or bf16 / f16
+    /// when the checkpoint's values are exact in it.
+    pub embed: RowShards,
     /// The decoder layers.
     pub layers: Vec<LayerWeights>,
     /// norm.weight (C).
     pub final_norm: Tensor,
-    /// lm_head.weight (V, C); None when tied to the embedding.
-    pub lm_head: Option<Tensor>,
+    /// lm_head.weight (V, C) (stored as the embedding is); None when tied to the embedding.
+    pub lm_head: Option<RowShards>,
 }
 
 impl LlamaWeights {
@@ -84,8 +85,13 @@ impl LlamaWeights {
         let proj = self.layers.iter().flat_map(|l| l.proj.iter()).map(Frozen::bytes).sum();
         let norms: usize = self.layers.iter().map(|l| l.attn_norm.byte_len() + l.mlp_norm.byte_len()).sum();
         let biases: usize = self.layers.iter().flat_map(|l| l.bias.iter().flatten()).map(Tensor::byte_len).sum();
-        let other = self.embed.byte_len() + norms + biases + self.final_norm.byte_len() + self.lm_head.as_ref().map_or(0, Tensor::byte_len);
+        let other = self.embed.byte_len() + norms + biases + self.final_norm.byte_len() + self.lm_head.as_ref().map_or(0, RowShards::byte_len);
         (proj, other)
+    }
+
+    /// The output layer's weights: the lm_head, or the embedding when tied.
+    pub fn head(&self) -> &RowShards {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 }
 
@@ -214,9 +220,10 @@ impl Layer {
     }
 }
 
-/// Logits (B*T, V) of the token ids (B*T, row-major by sequence) through the decoder.
+/// The final hidden states h (B*T, C) (after the final RMSNorm, the input of the output layer) of
+/// the token ids (B*T, row-major by sequence) through the decoder.
 #[allow(clippy::too_many_arguments)]
-pub fn forward(
+pub fn forward_hidden(
     tape: &mut Tape,
     ctx: &Rc<GpuContext>,
     cfg: &LlamaConfig,
@@ -231,8 +238,7 @@ pub fn forward(
         return Err(Error::shape("llama", format!("{} ids do not split into {batch} sequences", ids.len())));
     }
     let seq = ids.len() / batch;
-    let table = tape.constant(w.embed.clone());
-    let mut x = embedding::embedding(tape, ctx, &table, ids)?;
+    let mut x = tape.constant(embedding::forward_shards(ctx, &w.embed, ids)?);
     for (i, lw) in w.layers.iter().enumerate() {
         let layer = Layer {
             ctx: ctx.clone(),
@@ -254,9 +260,53 @@ pub fn forward(
         };
     }
     let nf = tape.constant(w.final_norm.clone());
-    let h = rmsnorm::rmsnorm(tape, ctx, &x, &nf, cfg.rms_eps)?;
-    let head = tape.constant(w.lm_head.clone().unwrap_or_else(|| w.embed.clone()));
-    matmul::linear(tape, ctx, &h, &head)
+    rmsnorm::rmsnorm(tape, ctx, &x, &nf, cfg.rms_eps)
+}
+
+/// Logits (B*T, V) of the token ids through the decoder. With an output layer in one buffer the
+/// product is on the tape (gradients flow from the logits); a row-sharded output layer gives the
+/// logits as a constant (train through [`forward_loss`], which never holds them).
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    tape: &mut Tape,
+    ctx: &Rc<GpuContext>,
+    cfg: &LlamaConfig,
+    w: &LlamaWeights,
+    lora: &LoraSet,
+    ids: &[u32],
+    batch: usize,
+    rope: &Rc<RopeTables>,
+    opts: ForwardOpts,
+) -> Result<Var> {
+    let h = forward_hidden(tape, ctx, cfg, w, lora, ids, batch, rope, opts)?;
+    let out = w.head();
+    if out.parts().len() == 1 {
+        // One buffer (f32, or 16-bit widened to f32 for the product): on the tape.
+        let t = embedding::rows_f32(ctx, &out.parts()[0], 0..out.rows())?;
+        let head = tape.constant(t);
+        return matmul::linear(tape, ctx, &h, &head);
+    }
+    Ok(tape.constant(head::logits(ctx, h.value(), out)?))
+}
+
+/// The causal-LM loss (1) of the token ids against `targets` (B*T, already shifted, -100 =
+/// ignored) through the decoder and the chunked output layer ([`head::loss`]): never holds the
+/// logits (B*T, V), scores only counted rows.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_loss(
+    tape: &mut Tape,
+    ctx: &Rc<GpuContext>,
+    cfg: &LlamaConfig,
+    w: &LlamaWeights,
+    lora: &LoraSet,
+    ids: &[u32],
+    targets: &[i32],
+    batch: usize,
+    rope: &Rc<RopeTables>,
+    opts: ForwardOpts,
+) -> Result<Var> {
+    let h = forward_hidden(tape, ctx, cfg, w, lora, ids, batch, rope, opts)?;
+    head::loss(tape, ctx, &h, w.head(), targets)
 }
 
 /// Keys and values of every layer for one sequence: (max_len, NKV, HS) each, `len` filled.
@@ -289,7 +339,8 @@ impl KvCache {
 }
 
 /// Inference with a KV cache: feeds `ids` (new tokens of one sequence, at positions cache.len()..)
-/// and returns their logits (n, V). `rope` must hold rows for every position up to the cache's
+/// and returns the logits (1, V) of the last of them (the only ones generation samples from, so a
+/// long prompt never needs logits (n, V)). `rope` must hold rows for every position up to the cache's
 /// maximum. LoRA adapters apply without dropout.
 #[allow(clippy::too_many_arguments)]
 pub fn forward_cached(
@@ -311,8 +362,7 @@ pub fn forward_cached(
         )));
     }
     let mut tape = Tape::new(false);
-    let table = tape.constant(w.embed.clone());
-    let mut x = embedding::embedding(&mut tape, ctx, &table, ids)?;
+    let mut x = tape.constant(embedding::forward_shards(ctx, &w.embed, ids)?);
     for (i, lw) in w.layers.iter().enumerate() {
         let layer = Layer {
             ctx: ctx.clone(),
@@ -329,8 +379,12 @@ pub fn forward_cached(
         x = layer.forward_cached(&mut tape, &x, &cache.k[i], &cache.v[i], pos0)?;
     }
     cache.len += ids.len();
+    // Only the last position goes through the final norm and the output layer.
+    let c = cfg.hidden;
+    let last = ctx.empty(&[1, c], crate::gpu::DType::F32)?;
+    ctx.copy_region(x.value(), (ids.len() - 1) * c, &last, 0, c)?;
+    let last = tape.constant(last);
     let nf = tape.constant(w.final_norm.clone());
-    let h = rmsnorm::rmsnorm(&mut tape, ctx, &x, &nf, cfg.rms_eps)?;
-    let head = tape.constant(w.lm_head.clone().unwrap_or_else(|| w.embed.clone()));
-    Ok(matmul::linear(&mut tape, ctx, &h, &head)?.value().clone())
+    let h = rmsnorm::rmsnorm(&mut tape, ctx, &last, &nf, cfg.rms_eps)?;
+    head::logits(ctx, h.value(), w.head())
 }

@@ -14,6 +14,9 @@ use crate::{Error, Result};
 const FORWARD: Kernel = shaders::kernel(shaders::CROSS_ENTROPY, "ce_forward");
 const SUM: Kernel = shaders::kernel(shaders::CROSS_ENTROPY, "ce_sum");
 const BACKWARD: Kernel = shaders::kernel(shaders::CROSS_ENTROPY, "ce_backward");
+const CHUNK_FORWARD: Kernel = shaders::kernel(shaders::CROSS_ENTROPY, "ce_chunk_forward");
+const CHUNK_FINISH: Kernel = shaders::kernel(shaders::CROSS_ENTROPY, "ce_chunk_finish");
+const CHUNK_BACKWARD: Kernel = shaders::kernel(shaders::CROSS_ENTROPY, "ce_chunk_backward");
 /// Workgroup size of shaders/cross_entropy.wgsl (`WG` there).
 pub const WG: u32 = 256;
 /// The target that marks a row as not scored (PyTorch's and transformers' default).
@@ -25,7 +28,7 @@ struct Params {
     n_rows: u32,
     v: u32,
     count: f32,
-    _pad: u32,
+    v0: u32,
 }
 
 /// Checks the targets (N) against the logits' shape (…, V) and returns (N, V, count), count = rows
@@ -61,7 +64,7 @@ fn upload_targets(ctx: &GpuContext, targets: &[i32]) -> Result<Tensor> {
 }
 
 fn forward_on_device(ctx: &GpuContext, logits: &Tensor, targets: &Tensor, n: usize, v: usize, count: usize) -> Result<(Tensor, Tensor, Tensor)> {
-    let p = Params { n_rows: n as u32, v: v as u32, count: count as f32, _pad: 0 };
+    let p = Params { n_rows: n as u32, v: v as u32, count: count as f32, v0: 0 };
     let loss = ctx.empty(&[1], DType::F32)?;
     let row_loss = ctx.empty(&[n], DType::F32)?;
     let lse = ctx.empty(&[n], DType::F32)?;
@@ -75,7 +78,7 @@ fn backward_on_device(ctx: &GpuContext, dloss: &Tensor, logits: &Tensor, targets
     if dloss.numel() != 1 {
         return Err(Error::shape("cross_entropy", format!("dloss {:?} is not a scalar", dloss.shape())));
     }
-    let p = Params { n_rows: n as u32, v: v as u32, count: count as f32, _pad: 0 };
+    let p = Params { n_rows: n as u32, v: v as u32, count: count as f32, v0: 0 };
     let dlogits = ctx.empty(logits.shape(), DType::F32)?;
     ctx.dispatch(
         &BACKWARD,
@@ -85,6 +88,78 @@ fn backward_on_device(ctx: &GpuContext, dloss: &Tensor, logits: &Tensor, targets
         groups_2d(groups_for(n * v, WG as usize)),
     )?;
     Ok(dlogits)
+}
+
+/// Running softmax statistics of the chunked output layer (src/ops/head.rs): per counted row the
+/// running max, the running sum of exp(x − max) and the target's logit (Nc each).
+pub(crate) struct ChunkState {
+    run_m: Tensor,
+    run_s: Tensor,
+    tgt: Tensor,
+}
+
+impl ChunkState {
+    pub(crate) fn new(ctx: &GpuContext, nc: usize) -> Result<Self> {
+        Ok(ChunkState { run_m: ctx.empty(&[nc], DType::F32)?, run_s: ctx.empty(&[nc], DType::F32)?, tgt: ctx.empty(&[nc], DType::F32)? })
+    }
+}
+
+/// Folds the logits of vocabulary columns v0 .. v0 + Vc of the Nc counted rows, `chunk` (Nc, Vc),
+/// into `state`; `targets` (Nc) are the rows' targets (none ignored). Chunks must come in
+/// ascending v0, starting at 0 (see shaders/cross_entropy.wgsl, ce_chunk_forward).
+pub(crate) fn chunk_forward(ctx: &GpuContext, chunk: &Tensor, targets: &Tensor, state: &ChunkState, v0: usize) -> Result<()> {
+    let (nc, vc) = rows_cols(chunk.shape());
+    let p = Params { n_rows: nc as u32, v: vc as u32, count: 0.0, v0: v0 as u32 };
+    ctx.dispatch(
+        &CHUNK_FORWARD,
+        &[],
+        &p,
+        &[(1, chunk), (2, targets), (7, &state.run_m), (8, &state.run_s), (9, &state.tgt)],
+        groups_2d(nc as u32),
+    )
+}
+
+/// After the last chunk: lse (Nc) and the loss (1) = Σ row losses / count, the rows' losses laid
+/// into an (N) zero vector at `rows` (Nc, their batch rows) and summed as [`forward`] sums them.
+pub(crate) fn chunk_finish(ctx: &GpuContext, state: &ChunkState, rows: &Tensor, n: usize, count: usize) -> Result<(Tensor, Tensor)> {
+    let nc = rows.numel();
+    let lse = ctx.empty(&[nc], DType::F32)?;
+    let row_loss = ctx.zeros(&[n], DType::F32)?;
+    let loss = ctx.empty(&[1], DType::F32)?;
+    let p = Params { n_rows: nc as u32, v: 0, count: count as f32, v0: 0 };
+    if nc > 0 {
+        ctx.dispatch(
+            &CHUNK_FINISH,
+            &[],
+            &p,
+            &[(4, &lse), (5, &row_loss), (7, &state.run_m), (8, &state.run_s), (9, &state.tgt), (10, rows)],
+            groups_2d(groups_for(nc, WG as usize)),
+        )?;
+    }
+    let p = Params { n_rows: n as u32, v: 0, count: count as f32, v0: 0 };
+    ctx.dispatch(&SUM, &[], &p, &[(5, &row_loss), (6, &loss)], [1, 1, 1])?;
+    Ok((loss, lse))
+}
+
+/// Turns the logits chunk (Nc, Vc) of columns v0 .. into its gradient in place:
+/// (softmax − onehot(target)) · dloss / count, with the lse (Nc) of [`chunk_finish`].
+pub(crate) fn chunk_backward(ctx: &GpuContext, chunk: &Tensor, targets: &Tensor, dloss: &Tensor, lse: &Tensor, v0: usize, count: usize) -> Result<()> {
+    let (nc, vc) = rows_cols(chunk.shape());
+    if dloss.numel() != 1 {
+        return Err(Error::shape("cross_entropy", format!("dloss {:?} is not a scalar", dloss.shape())));
+    }
+    let p = Params { n_rows: nc as u32, v: vc as u32, count: count as f32, v0: v0 as u32 };
+    ctx.dispatch(
+        &CHUNK_BACKWARD,
+        &[],
+        &p,
+        &[(2, targets), (3, dloss), (4, lse), (6, chunk)],
+        groups_2d(groups_for(nc * vc, WG as usize)),
+    )
+}
+
+pub(crate) fn upload_targets_pub(ctx: &GpuContext, targets: &[i32]) -> Result<Tensor> {
+    upload_targets(ctx, targets)
 }
 
 /// Forward: from logits (…, V) with N rows and targets (N) (-100 = ignored), returns

@@ -1,5 +1,5 @@
-//! Elementwise ops (shaders/elementwise.wgsl): residual add, scale, and the bias of a linear
-//! layer broadcast over its rows.
+//! Elementwise ops (shaders/elementwise.wgsl): residual add, scale, the bias of a linear layer
+//! broadcast over its rows, and column blocks of a matrix (chunked products over sharded weights).
 
 use crate::gpu::{groups_2d, groups_for, shaders, DType, GpuContext, Kernel, Tensor};
 use crate::ops::rows_cols;
@@ -8,6 +8,8 @@ use crate::{Error, Result};
 const ADD: Kernel = shaders::kernel(shaders::ELEMENTWISE, "add_forward");
 const SCALE: Kernel = shaders::kernel(shaders::ELEMENTWISE, "scale");
 const ADD_BIAS: Kernel = shaders::kernel(shaders::ELEMENTWISE, "add_bias_forward");
+const PUT_COLS: Kernel = shaders::kernel(shaders::ELEMENTWISE, "put_cols");
+const TAKE_COLS: Kernel = shaders::kernel(shaders::ELEMENTWISE, "take_cols");
 /// Workgroup size of shaders/elementwise.wgsl (`WG` there).
 pub const WG: u32 = 256;
 
@@ -17,7 +19,15 @@ struct Params {
     n: u32,
     alpha: f32,
     cols: u32,
-    _pad: u32,
+    ld: u32,
+    c0: u32,
+    _pad: [u32; 3],
+}
+
+impl Params {
+    fn new(n: u32, alpha: f32, cols: u32) -> Self {
+        Params { n, alpha, cols, ld: 0, c0: 0, _pad: [0; 3] }
+    }
 }
 
 fn count(op: &'static str, t: &Tensor) -> Result<u32> {
@@ -31,7 +41,7 @@ pub fn add(ctx: &GpuContext, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
     let out = ctx.empty(a.shape(), DType::F32)?;
     let n = a.numel();
-    let p = Params { n: n as u32, alpha: 1.0, cols: 0, _pad: 0 };
+    let p = Params::new(n as u32, 1.0, 0);
     ctx.dispatch(&ADD, &[], &p, &[(1, a), (2, b), (3, &out)], groups_2d(groups_for(n, WG as usize)))?;
     Ok(out)
 }
@@ -40,7 +50,7 @@ pub fn add(ctx: &GpuContext, a: &Tensor, b: &Tensor) -> Result<Tensor> {
 pub fn scale(ctx: &GpuContext, a: &Tensor, alpha: f32) -> Result<Tensor> {
     let out = ctx.empty(a.shape(), DType::F32)?;
     let n = a.numel();
-    let p = Params { n: n as u32, alpha, cols: 0, _pad: 0 };
+    let p = Params::new(n as u32, alpha, 0);
     ctx.dispatch(&SCALE, &[], &p, &[(1, a), (3, &out)], groups_2d(groups_for(n, WG as usize)))?;
     Ok(out)
 }
@@ -53,8 +63,45 @@ pub fn add_bias(ctx: &GpuContext, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     }
     let n = count("add_bias", x)?;
     let out = ctx.empty(x.shape(), DType::F32)?;
-    let p = Params { n, alpha: 1.0, cols: c as u32, _pad: 0 };
+    let p = Params::new(n, 1.0, c as u32);
     ctx.dispatch(&ADD_BIAS, &[], &p, &[(1, x), (2, bias), (3, &out)], groups_2d(groups_for(n as usize, WG as usize)))?;
+    Ok(out)
+}
+
+/// Checks a (R, w) block at column c0 of an (R, ld) matrix; returns (R, w, ld).
+fn block_dims(op: &'static str, block: &Tensor, wide: &Tensor, c0: usize) -> Result<(usize, usize, usize)> {
+    let (r, w) = rows_cols(block.shape());
+    let (r2, ld) = rows_cols(wide.shape());
+    if block.shape().is_empty() || wide.shape().is_empty() || r != r2 || c0 + w > ld {
+        return Err(Error::shape(op, format!("block {:?} at column {c0} of {:?}", block.shape(), wide.shape())));
+    }
+    if r.checked_mul(ld).is_none_or(|x| x > u32::MAX as usize) {
+        return Err(Error::Limit { op, msg: format!("{:?} has more than 2^32 elements", wide.shape()) });
+    }
+    Ok((r, w, ld))
+}
+
+/// wide[:, c0 .. c0 + w] = block (R, w), wide (R, ld): a column block of a wider matrix.
+pub fn put_cols(ctx: &GpuContext, block: &Tensor, wide: &Tensor, c0: usize) -> Result<()> {
+    let (r, w, ld) = block_dims("put_cols", block, wide, c0)?;
+    let mut p = Params::new((r * w) as u32, 1.0, w as u32);
+    (p.ld, p.c0) = (ld as u32, c0 as u32);
+    if r * w > 0 {
+        ctx.dispatch(&PUT_COLS, &[], &p, &[(1, block), (3, wide)], groups_2d(groups_for(r * w, WG as usize)))?;
+    }
+    Ok(())
+}
+
+/// A new (R, w) tensor = wide[:, c0 .. c0 + w], wide (R, ld).
+pub fn take_cols(ctx: &GpuContext, wide: &Tensor, c0: usize, w: usize) -> Result<Tensor> {
+    let (r, _) = rows_cols(wide.shape());
+    let out = ctx.empty(&[r, w], DType::F32)?;
+    let (r, w, ld) = block_dims("take_cols", &out, wide, c0)?;
+    let mut p = Params::new((r * w) as u32, 1.0, w as u32);
+    (p.ld, p.c0) = (ld as u32, c0 as u32);
+    if r * w > 0 {
+        ctx.dispatch(&TAKE_COLS, &[], &p, &[(1, wide), (3, &out)], groups_2d(groups_for(r * w, WG as usize)))?;
+    }
     Ok(out)
 }
 

@@ -2,12 +2,14 @@
 //! scatter-add of rows by id, grouped on the host (CSR), without atomics.
 
 use crate::autograd::{Op, Tape, Var};
-use crate::gpu::{groups_2d, groups_for, shaders, DType, GpuContext, Kernel, Tensor};
+use crate::gpu::{groups_2d, groups_for, shaders, DType, GpuContext, Kernel, RowShards, Tensor};
 use crate::ops::expect_rank;
 use crate::{Error, Result};
 
 const FORWARD: Kernel = shaders::kernel(shaders::EMBEDDING, "embedding_forward");
 const BACKWARD: Kernel = shaders::kernel(shaders::EMBEDDING, "embedding_backward");
+const FORWARD16: Kernel = shaders::kernel(shaders::EMBEDDING, "embedding_forward16");
+const WIDEN16: Kernel = shaders::kernel(shaders::EMBEDDING, "embedding_widen16");
 /// Workgroup size of shaders/embedding.wgsl (`WG` there).
 pub const WG: u32 = 256;
 
@@ -17,7 +19,24 @@ struct Params {
     n: u32,
     c: u32,
     v: u32,
-    _pad: u32,
+    row0: u32,
+    kind: u32,
+    _pad: [u32; 3],
+}
+
+impl Params {
+    fn new(n: usize, c: usize, v: usize) -> Self {
+        Params { n: n as u32, c: c as u32, v: v as u32, row0: 0, kind: 0, _pad: [0; 3] }
+    }
+}
+
+/// The `kind` of a 16-bit table in shaders/embedding.wgsl.
+fn kind16(d: DType) -> Result<u32> {
+    match d {
+        DType::BF16 => Ok(1),
+        DType::F16 => Ok(2),
+        other => Err(Error::Invalid(format!("embedding: a {other:?} table is not 16-bit"))),
+    }
 }
 
 /// Token positions grouped by id (CSR): the positions of `uniq[u]` are
@@ -81,8 +100,67 @@ pub fn forward(ctx: &GpuContext, table: &Tensor, ids: &[u32]) -> Result<Tensor> 
         return Ok(out);
     }
     let ids_t = ctx.upload_u32(ids, &[n])?;
-    let p = Params { n: n as u32, c: c as u32, v: v as u32, _pad: 0 };
+    let p = Params::new(n, c, v);
     ctx.dispatch(&FORWARD, &[], &p, &[(1, table), (2, &ids_t), (6, &out)], groups_2d(groups_for(n * c, WG as usize)))?;
+    Ok(out)
+}
+
+/// Forward from a row-sharded table of any storage (f32, bf16, f16): out (N, C) f32 =
+/// table (V, C) [ids (N)], one dispatch per shard (each writes the positions whose id it holds).
+pub fn forward_shards(ctx: &GpuContext, table: &RowShards, ids: &[u32]) -> Result<Tensor> {
+    if let Some(t) = table.as_single_f32() {
+        return forward(ctx, t, ids);
+    }
+    let (v, c) = (table.rows(), table.cols());
+    check_ids(ids, v)?;
+    let n = ids.len();
+    check_u32("output", n * c)?;
+    let out = ctx.empty(&[n, c], DType::F32)?;
+    if n * c == 0 {
+        return Ok(out);
+    }
+    let ids_t = ctx.upload_u32(ids, &[n])?;
+    for (i, part) in table.parts().iter().enumerate() {
+        let r = table.range(i);
+        check_u32("table shard", r.len() * c)?;
+        let mut p = Params::new(n, c, r.len());
+        p.row0 = r.start as u32;
+        let groups = groups_2d(groups_for(n * c, WG as usize));
+        if table.dtype() == DType::F32 {
+            ctx.dispatch(&FORWARD, &[], &p, &[(1, part), (2, &ids_t), (6, &out)], groups)?;
+        } else {
+            p.kind = kind16(table.dtype())?;
+            ctx.dispatch(&FORWARD16, &[], &p, &[(2, &ids_t), (6, &out), (7, part)], groups)?;
+        }
+    }
+    Ok(out)
+}
+
+/// Rows `rows` of shard `part` (its own row numbering, (R, C)) as a new f32 tensor (rows.len(),
+/// C): widened from bf16 / f16, or copied from f32 (the shard itself when all rows are asked).
+pub fn rows_f32(ctx: &GpuContext, part: &Tensor, rows: std::ops::Range<usize>) -> Result<Tensor> {
+    let (r, c) = table_dims(part.shape())?;
+    if rows.start > rows.end || rows.end > r {
+        return Err(Error::shape("embedding", format!("rows {rows:?} of a ({r}, {c}) table")));
+    }
+    let n = rows.len();
+    if part.dtype() == DType::F32 {
+        if n == r {
+            return Ok(part.clone());
+        }
+        let out = ctx.empty(&[n, c], DType::F32)?;
+        ctx.copy_region(part, rows.start * c, &out, 0, n * c)?;
+        return Ok(out);
+    }
+    check_u32("table", r * c)?;
+    let out = ctx.empty(&[n, c], DType::F32)?;
+    if n * c == 0 {
+        return Ok(out);
+    }
+    let mut p = Params::new(n, c, r);
+    p.row0 = rows.start as u32;
+    p.kind = kind16(part.dtype())?;
+    ctx.dispatch(&WIDEN16, &[], &p, &[(6, &out), (7, part)], groups_2d(groups_for(n * c, WG as usize)))?;
     Ok(out)
 }
 
@@ -121,7 +199,7 @@ pub fn backward_grouped(ctx: &GpuContext, dout: &Tensor, groups: &IdGroups, v: u
     let uniq = ctx.upload_u32(&groups.uniq, &[u])?;
     let offsets = ctx.upload_u32(&groups.offsets, &[u + 1])?;
     let pos = ctx.upload_u32(&groups.pos, &[groups.pos.len()])?;
-    let p = Params { n: u as u32, c: c as u32, v: v as u32, _pad: 0 };
+    let p = Params::new(u, c, v);
     ctx.dispatch(
         &BACKWARD,
         &[],

@@ -6,6 +6,7 @@ pub mod attention;
 pub mod cross_entropy;
 pub mod elementwise;
 pub mod embedding;
+pub mod head;
 pub mod lora;
 pub mod matmul;
 pub mod nf4;

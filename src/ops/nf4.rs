@@ -51,7 +51,7 @@ struct Params {
     offset: f32,
     one: f32,
     tables_at: u32,
-    _pad: u32,
+    word0: u32,
 }
 
 /// How the block scales are laid out in [`Nf4Weight::stats`].
@@ -184,7 +184,7 @@ impl Nf4Weight {
             offset,
             one: 1.0,
             tables_at: self.tables_at as u32,
-            _pad: 0,
+            word0: 0,
         }
     }
 }
@@ -197,6 +197,38 @@ pub fn dequantize(ctx: &GpuContext, w: &Nf4Weight) -> Result<Tensor> {
     let groups = groups_2d(groups_for(words, (WG * WG) as usize));
     ctx.dispatch(&DEQUANTIZE, &[], &w.params(0), &[(1, &w.packed), (2, &w.stats), (5, &out)], groups)?;
     Ok(out)
+}
+
+/// Rows r0 .. r1 of W = dequant(w) in f32 (r1 − r0, K); r0 * K must be a multiple of 8 (a word
+/// boundary of the packed codes).
+pub fn dequantize_rows(ctx: &GpuContext, w: &Nf4Weight, rows: std::ops::Range<usize>) -> Result<Tensor> {
+    let [n, k] = w.shape;
+    if rows.start > rows.end || rows.end > n || (rows.start * k) % 8 != 0 {
+        return Err(Error::shape("nf4_dequantize", format!("rows {rows:?} of W {:?} (start * in must be a multiple of 8)", w.shape)));
+    }
+    let numel = rows.len() * k;
+    let out = ctx.empty(&[rows.len(), k], DType::F32)?;
+    if numel == 0 {
+        return Ok(out);
+    }
+    let mut p = w.params(0);
+    p.numel = numel as u32;
+    p.word0 = (rows.start * k / 8) as u32;
+    let groups = groups_2d(groups_for(numel.div_ceil(8), (WG * WG) as usize));
+    ctx.dispatch(&DEQUANTIZE, &[], &p, &[(1, &w.packed), (2, &w.stats), (5, &out)], groups)?;
+    Ok(out)
+}
+
+/// Row chunks of W whose f32 copy fits the device's largest binding: None when all of W fits.
+fn scratch_chunks(ctx: &GpuContext, w: &Nf4Weight) -> Option<Vec<std::ops::Range<usize>>> {
+    let [n, k] = w.shape;
+    let row = (4 * k.max(1)) as u64;
+    if n as u64 * row <= ctx.max_binding() {
+        return None;
+    }
+    // Multiples of 64 rows: word-aligned starts (r0 * K % 8 == 0) and vec4-friendly widths.
+    let per = ((ctx.max_binding() / row) as usize / 64 * 64).max(64);
+    Some((0..n.div_ceil(per)).map(|i| i * per..((i + 1) * per).min(n)).collect())
 }
 
 /// Checks x (…, K) against w (N, K) and returns (rows M, output shape with the last dim `last`).
@@ -255,18 +287,43 @@ pub fn linear_backward_input(ctx: &GpuContext, dy: &Tensor, w: &Nf4Weight) -> Re
 /// the f32 matmul; any shape.
 pub fn linear_forward_scratch(ctx: &GpuContext, x: &Tensor, w: &Nf4Weight) -> Result<Tensor> {
     let [n, k] = w.shape;
-    check_rows("nf4_linear", "x", x, k, n)?;
-    let scratch = dequantize(ctx, w)?;
-    matmul::x_wt(ctx, x, &scratch)
+    let (m, shape) = check_rows("nf4_linear", "x", x, k, n)?;
+    let Some(chunks) = scratch_chunks(ctx, w) else {
+        let scratch = dequantize(ctx, w)?;
+        return matmul::x_wt(ctx, x, &scratch);
+    };
+    // W's f32 copy exceeds one binding: a row block of W at a time, each giving a column block of y.
+    let y = ctx.empty(&[m, n], DType::F32)?;
+    let x2 = x.reshape(&[m, k]);
+    for r in chunks {
+        let wc = dequantize_rows(ctx, w, r.clone())?;
+        let yc = matmul::matmul(ctx, &x2, &wc, matmul::Trans::NT, 1.0)?;
+        crate::ops::elementwise::put_cols(ctx, &yc, &y, r.start)?;
+    }
+    Ok(y.reshape(&shape))
 }
 
 /// dx (…, K) = dy (…, N) · dequant(W) by dequantizing W into a pooled scratch buffer (N, K) and
 /// the f32 matmul; any shape.
 pub fn linear_backward_input_scratch(ctx: &GpuContext, dy: &Tensor, w: &Nf4Weight) -> Result<Tensor> {
     let [n, k] = w.shape;
-    check_rows("nf4_linear_backward", "dy", dy, n, k)?;
-    let scratch = dequantize(ctx, w)?;
-    matmul::g_w(ctx, dy, &scratch)
+    let (m, shape) = check_rows("nf4_linear_backward", "dy", dy, n, k)?;
+    let Some(chunks) = scratch_chunks(ctx, w) else {
+        let scratch = dequantize(ctx, w)?;
+        return matmul::g_w(ctx, dy, &scratch);
+    };
+    // dx = Σ over row blocks of W: dy[:, block] · W[block, :].
+    let dy2 = dy.reshape(&[m, n]);
+    let mut dx: Option<Tensor> = None;
+    for r in chunks {
+        let wc = dequantize_rows(ctx, w, r.clone())?;
+        let dyc = crate::ops::elementwise::take_cols(ctx, &dy2, r.start, r.len())?;
+        match &dx {
+            None => dx = Some(matmul::matmul(ctx, &dyc, &wc, matmul::Trans::NN, 1.0)?),
+            Some(acc) => matmul::matmul_into(ctx, &dyc, &wc, matmul::Trans::NN, 1.0, 1.0, acc)?,
+        }
+    }
+    Ok(dx.expect("at least one chunk").reshape(&shape))
 }
 
 /// y (…, N) = x (…, K) · dequant(W)^T with the fused kernel (W decoded inside the matmul, no

@@ -4,6 +4,7 @@
 //! training step (`train_step`) that ties them together around any loss function on the tape.
 
 pub mod checkpoint;
+pub mod memory;
 pub mod optim;
 pub mod schedule;
 pub mod trainer;

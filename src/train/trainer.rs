@@ -3,11 +3,11 @@
 //! the state a checkpoint needs to resume bit for bit (step, RNG, data position).
 
 use crate::autograd::{Tape, Var};
-use crate::gpu::{GpuContext, Tensor};
+use crate::gpu::GpuContext;
 use crate::lora::config::LoraConfig;
 use crate::model::llama::{self, ForwardOpts, LlamaConfig, LlamaWeights, LoraSet};
 use crate::ops::adamw::AdamW;
-use crate::ops::cross_entropy::{self, IGNORE_INDEX};
+use crate::ops::cross_entropy::IGNORE_INDEX;
 use crate::ops::rope::{self, RopeTables};
 use crate::train::{train_step, Checkpoint, DataPosition, LoraOptimizer, Schedule, SplitMix64, StepReport, TrainState};
 use crate::{Error, Result};
@@ -45,6 +45,17 @@ impl Model {
             return Err(Error::Invalid(format!("sequence of {seq} tokens is longer than the {} positions prepared", self.rope.rows())));
         }
         llama::forward(tape, ctx, &self.cfg, &self.weights, lora, ids, batch, &self.rope, opts)
+    }
+
+    /// The causal-LM loss (1) of `ids` (B sequences) against `targets` on `tape`, through the
+    /// chunked output layer (no logits (B*T, V) held; only counted rows scored).
+    #[allow(clippy::too_many_arguments)]
+    pub fn loss(&self, tape: &mut Tape, ctx: &Rc<GpuContext>, lora: &LoraSet, ids: &[u32], targets: &[i32], batch: usize, opts: ForwardOpts) -> Result<Var> {
+        let seq = ids.len() / batch.max(1);
+        if seq > self.rope.rows() {
+            return Err(Error::Invalid(format!("sequence of {seq} tokens is longer than the {} positions prepared", self.rope.rows())));
+        }
+        llama::forward_loss(tape, ctx, &self.cfg, &self.weights, lora, ids, targets, batch, &self.rope, opts)
     }
 }
 
@@ -145,8 +156,7 @@ impl Trainer {
             &tokens,
             |tape, i| {
                 let b = &micro[i];
-                let logits = model.logits(tape, ctx, set, &b.ids, b.batch, opts)?;
-                cross_entropy::cross_entropy(tape, ctx, &logits, &b.targets)
+                model.loss(tape, ctx, set, &b.ids, &b.targets, b.batch, opts)
             },
             lr,
             self.state.max_grad_norm,
@@ -179,9 +189,9 @@ pub async fn eval_loss(ctx: &Rc<GpuContext>, model: &Model, set: &LoraSet, batch
             continue;
         }
         let mut tape = Tape::new(false);
-        let logits = model.logits(&mut tape, ctx, set, &b.ids, b.batch, ForwardOpts::default())?;
-        let (loss, _, _): (Tensor, Tensor, Tensor) = cross_entropy::forward(ctx, logits.value(), &b.targets)?;
-        sum += ctx.read_f32(&loss).await?[0] as f64 * k as f64;
+        let loss = model.loss(&mut tape, ctx, set, &b.ids, &b.targets, b.batch, ForwardOpts::default())?;
+        let loss = loss.value();
+        sum += ctx.read_f32(loss).await?[0] as f64 * k as f64;
         n += k;
     }
     if n == 0 {

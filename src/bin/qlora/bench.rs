@@ -1,15 +1,16 @@
-//! `qlora bench`: timed training steps of a SmolLM2-135M-shaped model (random weights with the
-//! real shapes: 30 layers, hidden 576, intermediate 1536, 9 heads / 3 KV heads, vocab 49152,
-//! tied embeddings), QLoRA (NF4 + double quantization) with r=16 on all seven projections, for
-//! each batch shape: mean and best step time, tokens/s and the peak GPU memory the pool held.
-//! Not a test: figures go in the README.
+//! `qlora bench`: timed training steps of a model with real shapes and random weights
+//! (`--arch`: SmolLM2-135M by default, also SmolLM2-360M, Qwen2.5-0.5B, Llama-3.2-1B and
+//! Llama-3.1-8B; src/model/arch.rs), QLoRA (NF4 + double quantization) with r=16 on all seven
+//! projections, for each batch shape: mean and best step time, tokens/s, the peak GPU memory the
+//! pool held and the process's peak resident memory. Projections are generated and quantized one
+//! at a time (an 8B model never exists in f32 on the host); embeddings are bf16-valued, as the
+//! checkpoints are, so they are stored in bf16. Not a test: figures go in the README.
 
 use anyhow::{bail, Result};
 use clap::Args;
 use qlora_webgpu::gpu::{block_on, GpuContext};
 use qlora_webgpu::io::{HostLayer, HostModel, HostTensor, HostWeight};
 use qlora_webgpu::lora::config::{init_lora_set, LoraConfig};
-use qlora_webgpu::model::config::ModelConfig;
 use qlora_webgpu::ops::adamw::AdamW;
 use qlora_webgpu::train::trainer::{Model, TokenBatch, TrainOpts, Trainer};
 use qlora_webgpu::train::{DataPosition, Schedule, ScheduleKind, SplitMix64};
@@ -17,11 +18,6 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Instant;
 
-/// SmolLM2-135M-Instruct's config.json (the fields the decoder reads).
-const SMOLLM2_135M: &str = r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
-"intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
-"vocab_size": 49152, "rms_norm_eps": 1e-05, "rope_theta": 100000, "tie_word_embeddings": true,
-"max_position_embeddings": 8192}"#;
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -44,32 +40,59 @@ pub struct BenchArgs {
     #[arg(long)]
     profile: bool,
     /// Use this model's weights (a .gguf file or a Hugging Face folder) instead of random ones.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "arch")]
     model: Option<PathBuf>,
+    /// Shapes of a known model, random weights: smollm2-135m, smollm2-360m, qwen2.5-0.5b,
+    /// llama-3.2-1b, llama-3.1-8b.
+    #[arg(long, default_value = "smollm2-135m")]
+    arch: String,
 }
 
-fn random_model(seed: u64) -> Result<HostModel> {
-    let config = ModelConfig::from_json("SmolLM2-135M config", SMOLLM2_135M.as_bytes())?;
+/// The process's peak resident memory (VmHWM), bytes; None where /proc is absent.
+fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+/// A model of `arch`'s shapes with random weights: projections uniform in ±0.03 (NF4 with double
+/// quantization, block 64, unless `f32_base`), embeddings rounded to bf16, norms 1, biases 0.01.
+fn random_model(arch: &str, seed: u64, f32_base: bool) -> Result<HostModel> {
+    let config = qlora_webgpu::model::arch::config(arch)?;
     let mut rng = SplitMix64::new(seed);
-    let mut t = |shape: &[usize], scale: f64| HostTensor {
+    let mut t = |shape: &[usize], scale: f64, bf16: bool| HostTensor {
         shape: shape.to_vec(),
-        data: (0..shape.iter().product::<usize>()).map(|_| ((rng.uniform() * 2.0 - 1.0) * scale) as f32).collect(),
+        data: (0..shape.iter().product::<usize>())
+            .map(|_| {
+                let x = ((rng.uniform() * 2.0 - 1.0) * scale) as f32;
+                if bf16 { f32::from_bits(x.to_bits() & 0xffff_0000) } else { x }
+            })
+            .collect(),
     };
     let c = config.hidden_size;
     let lc = config.to_llama();
-    let layers = (0..lc.layers)
-        .map(|_| HostLayer {
-            attn_norm: HostTensor { shape: vec![c], data: vec![1.0; c] },
-            proj: std::array::from_fn(|m| {
-                let (o, i) = lc.proj_shape(m);
-                HostWeight::F32(t(&[o, i], 0.03))
-            }),
-            proj_bias: Default::default(),
-            mlp_norm: HostTensor { shape: vec![c], data: vec![1.0; c] },
-        })
-        .collect();
-    let embed = t(&[lc.vocab, c], 0.03);
-    Ok(HostModel { config, embed, layers, final_norm: HostTensor { shape: vec![c], data: vec![1.0; c] }, lm_head: None, unused: Vec::new() })
+    let ones = |n: usize| HostTensor { shape: vec![n], data: vec![1.0; n] };
+    let mut layers = Vec::with_capacity(lc.layers);
+    for _ in 0..lc.layers {
+        let mut proj = Vec::with_capacity(7);
+        let mut proj_bias: [Option<HostTensor>; 7] = Default::default();
+        for (m, bias) in proj_bias.iter_mut().enumerate() {
+            let (o, i) = lc.proj_shape(m);
+            let w = t(&[o, i], 0.03, false);
+            proj.push(if f32_base {
+                HostWeight::F32(w)
+            } else {
+                HostWeight::Nf4(qlora_webgpu::quant::nf4::quantize_nf4(&w.data, &w.shape, 64, true)?)
+            });
+            if config.proj_has_bias(m) {
+                *bias = Some(HostTensor { shape: vec![o], data: vec![0.01; o] });
+            }
+        }
+        layers.push(HostLayer { attn_norm: ones(c), proj: proj.try_into().expect("seven"), proj_bias, mlp_norm: ones(c) });
+    }
+    let embed = t(&[lc.vocab, c], 0.03, true);
+    let lm_head = (!config.tie_word_embeddings).then(|| t(&[lc.vocab, c], 0.03, true));
+    Ok(HostModel { config, embed, layers, final_norm: ones(c), lm_head, unused: Vec::new() })
 }
 
 fn parse_shapes(s: &str) -> Result<Vec<(usize, usize)>> {
@@ -90,12 +113,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let shapes = parse_shapes(&a.shapes)?;
     let host = match &a.model {
         Some(p) => crate::common::open_model(p)?.host,
-        None => random_model(1)?,
+        None => random_model(&a.arch, 1, a.f32_base)?,
     };
     let cfg = host.config.to_llama();
     println!(
         "qlora bench: {} ({} layers, hidden {}, vocab {}), base {}, LoRA r={} on all seven projections, {} timed steps after 1 warm-up",
-        a.model.as_ref().map_or("SmolLM2-135M shapes, random weights".into(), |p| p.display().to_string()),
+        a.model.as_ref().map_or(format!("{} shapes, random weights", a.arch), |p| p.display().to_string()),
         cfg.layers,
         cfg.hidden,
         cfg.vocab,
@@ -103,8 +126,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         a.r,
         a.steps
     );
-    println!("| batch (B x T) | step time mean / best | tokens/s | peak GPU memory (tensors) | pool total |");
-    println!("|---|---|---|---|---|");
+    println!("| batch (B x T) | step time mean / best | tokens/s | peak GPU memory (tensors) | pool total | peak process memory |");
+    println!("|---|---|---|---|---|---|");
     for (b, t) in shapes {
         // A fresh device per shape, so that the peak is this shape's.
         let ctx = block_on(GpuContext::new())?;
@@ -148,10 +171,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let best = times.iter().cloned().fold(f64::INFINITY, f64::min);
         let st = ctx.pool_stats();
         println!(
-            "| {b} x {t} | {mean:.2} s / {best:.2} s | {:.0} | {:.1} MiB | {:.1} MiB |",
+            "| {b} x {t} | {mean:.2} s / {best:.2} s | {:.0} | {:.1} MiB | {:.1} MiB | {} |",
             (b * t) as f64 / mean,
             st.peak_in_use as f64 / 1048576.0,
-            st.allocated as f64 / 1048576.0
+            st.allocated as f64 / 1048576.0,
+            peak_rss().map_or("n/a".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0))
         );
     }
     Ok(())

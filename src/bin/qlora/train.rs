@@ -10,12 +10,13 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use qlora_webgpu::data::dataset::{Dataset, Format, Split};
 use qlora_webgpu::generate::SamplingConfig;
-use qlora_webgpu::gpu::{block_on, GpuContext};
+use qlora_webgpu::gpu::{block_on, lossless_16bit, DType, GpuContext};
 use qlora_webgpu::lora::config::{InitLoraWeights, LoraConfig, TargetModules};
 use qlora_webgpu::lora::peft::{CONFIG_FILE, WEIGHTS_FILE};
 use qlora_webgpu::lora::write_atomic;
-use qlora_webgpu::session::{self, LoadedModel, Prompt, TrainConfig, TrainSession};
+use qlora_webgpu::session::{self, BaseQuant, LoadedModel, Prompt, TrainConfig, TrainSession};
 use qlora_webgpu::train::checkpoint::{load_checkpoint, save_checkpoint};
+use qlora_webgpu::train::memory::{self, RunShape};
 use qlora_webgpu::train::ScheduleKind;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -149,6 +150,11 @@ pub struct TrainArgs {
     /// Recompute each layer's activations in the backward pass (less memory, ~30% more time).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub grad_checkpoint: Option<bool>,
+    /// GPU memory the run may plan for (e.g. 6G, 7.5G, 512M) [default: 7G, an 8 GB card's
+    /// worth]: past it, per-layer recomputation turns on by itself; if even that does not fit,
+    /// the run stops before loading the model onto the GPU and says what would fit.
+    #[arg(long, value_name = "SIZE")]
+    pub max_memory: Option<String>,
     /// Write a checkpoint every N steps [default: 50].
     #[arg(long, value_name = "N")]
     pub save_every: Option<u64>,
@@ -350,6 +356,19 @@ fn targets_text(l: &LoraConfig, model: &LoadedModel) -> Result<String> {
 }
 
 /// Runs `qlora train`.
+/// A byte size: a number with an optional K, M or G suffix (binary units), e.g. 7.5G.
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mul) = match s.chars().last()? {
+        'K' | 'k' => (&s[..s.len() - 1], (1u64 << 10) as f64),
+        'M' | 'm' => (&s[..s.len() - 1], (1u64 << 20) as f64),
+        'G' | 'g' => (&s[..s.len() - 1], (1u64 << 30) as f64),
+        _ => (s, 1.0),
+    };
+    let x: f64 = num.trim().parse().ok()?;
+    (x.is_finite() && x > 0.0 && x * mul < 1e18).then(|| (x * mul) as u64)
+}
+
 pub fn run(args: TrainArgs) -> Result<i32> {
     let args = args.merged()?;
     let model_path = args.model.clone().context("no model: give MODEL (a .gguf file or a Hugging Face folder) or `model` in --config")?;
@@ -390,7 +409,42 @@ pub fn run(args: TrainArgs) -> Result<i32> {
     let gi = ctx.info();
     eprintln!("gpu      {} ({}, {})", gi.name, gi.backend, gi.device_type);
     let t_load = Instant::now();
-    let model = common::load_model(&ctx, &model_path, quant, cfg.max_len + sample_tokens + 256)?;
+    let src = common::open_model(&model_path)?;
+    let mut cfg = cfg;
+    let budget = match &args.max_memory {
+        Some(m) => parse_size(m).with_context(|| format!("--max-memory {m:?}: expected a size such as 6G, 7.5G or 512M"))?,
+        None => 7 << 30,
+    };
+    let shape = RunShape {
+        batch: cfg.batch_size,
+        seq: cfg.max_len,
+        rank: cfg.lora.r,
+        adapted: 7,
+        nf4: match quant {
+            BaseQuant::F32 => None,
+            BaseQuant::Nf4 { double_quant, .. } => Some(double_quant),
+        },
+        table_bytes: if lossless_16bit(&src.host.embed.data) == DType::F32 { 4 } else { 2 },
+    };
+    let plan = memory::choose(&src.host.config, &shape, budget, cfg.grad_checkpoint).map_err(|e| anyhow::anyhow!("{}: {e}", model_path.display()))?;
+    let gib = |b: u64| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64);
+    eprintln!(
+        "memory   about {} planned (base {}, adapter + optimizer {}, activations {}, transient {}) of {} (--max-memory){}",
+        gib(plan.total()),
+        gib(plan.weights),
+        gib(plan.lora),
+        gib(plan.activations),
+        gib(plan.transient),
+        gib(budget),
+        match (plan.checkpoint, cfg.grad_checkpoint) {
+            (true, false) => "; per-layer recomputation turned on to fit",
+            (true, true) => "; per-layer recomputation on",
+            _ => "",
+        }
+    );
+    cfg.grad_checkpoint = plan.checkpoint;
+    let pos = common::positions_for(&src, cfg.max_len + sample_tokens + 256);
+    let model = src.upload(&ctx, quant, pos)?;
     let (pb_bytes, rest) = model.model.weights.device_bytes();
     eprintln!(
         "model    {} ({} layers, hidden {}), base {} : projections {}, embeddings and norms {}; loaded in {:.1} s",

@@ -1,0 +1,187 @@
+//! `RowShards`: a frozen (R, C) matrix stored as consecutive row blocks, each in its own buffer
+//! within the device's largest storage binding, so that an embedding table or lm_head larger than
+//! one binding (128 MiB on lavapipe, WebGPU's default limits and many mobile GPUs) still lives on
+//! the device. Kernels take one shard per dispatch (WebGPU allows only 8 storage bindings a stage).
+//! Storage is f32, or bf16 / f16 where every value is exactly representable in it (a 16-bit
+//! checkpoint), which halves the bytes and stays bit-exact after widening in the kernels.
+
+use super::{DType, GpuContext, Tensor};
+use crate::{Error, Result};
+
+/// A (rows, cols) matrix as row blocks of `rows_per` rows (the last may be shorter).
+#[derive(Clone, Debug)]
+pub struct RowShards {
+    parts: Vec<Tensor>,
+    rows_per: usize,
+    rows: usize,
+    cols: usize,
+    dtype: DType,
+}
+
+/// Row granularity of a shard: a multiple of 64 keeps the vec4 matmul paths (multiples of 4) and
+/// the 16-bit word packing (even element offsets) on every shard boundary.
+const ROW_ALIGN: usize = 64;
+
+/// bf16 bits of `x` when the conversion is exact (the low 16 bits are zero).
+fn bf16_exact(x: f32) -> Option<u16> {
+    let b = x.to_bits();
+    (b & 0xffff == 0).then_some((b >> 16) as u16)
+}
+
+/// IEEE half bits of `x` when `x` is exactly a half (finite, normal or subnormal, or ±0/±inf/NaN
+/// with a payload that fits), else None.
+pub fn f16_exact(x: f32) -> Option<u16> {
+    let b = x.to_bits();
+    let sign = ((b >> 16) & 0x8000) as u16;
+    let exp = ((b >> 23) & 0xff) as i32;
+    let man = b & 0x7f_ffff;
+    if exp == 0xff {
+        // inf or NaN: keep the top 10 mantissa bits if nothing below them is set.
+        return (man & 0x1fff == 0).then_some(sign | 0x7c00 | (man >> 13) as u16);
+    }
+    if exp == 0 && man == 0 {
+        return Some(sign);
+    }
+    let e = exp - 127; // unbiased
+    if (-14..=15).contains(&e) {
+        // normal half: 10 mantissa bits
+        (man & 0x1fff == 0).then_some(sign | (((e + 15) as u16) << 10) | (man >> 13) as u16)
+    } else if (-24..-14).contains(&e) && exp != 0 {
+        // subnormal half: value = m * 2^-24 with m < 1024
+        let full = man | 0x80_0000; // 24 bits, value = full * 2^(e-23)
+        let shift = (-14 - e) as u32 + 13; // bits dropped to reach units of 2^-24
+        (full & ((1 << shift) - 1) == 0).then_some(sign | (full >> shift) as u16)
+    } else {
+        None
+    }
+}
+
+/// The widest storage that holds every value of `data` exactly: bf16 or f16 (2 bytes), else f32.
+pub fn lossless_16bit(data: &[f32]) -> DType {
+    if data.iter().all(|&x| bf16_exact(x).is_some()) {
+        DType::BF16
+    } else if data.iter().all(|&x| f16_exact(x).is_some()) {
+        DType::F16
+    } else {
+        DType::F32
+    }
+}
+
+/// `data` narrowed to `dtype` (bytes, little-endian). Every value must be exact in it
+/// ([`lossless_16bit`]); f32 is copied as is.
+fn narrow(data: &[f32], dtype: DType) -> Result<Vec<u8>> {
+    let conv: fn(f32) -> Option<u16> = match dtype {
+        DType::F32 => return Ok(bytemuck::cast_slice(data).to_vec()),
+        DType::BF16 => bf16_exact,
+        DType::F16 => f16_exact,
+        other => return Err(Error::Invalid(format!("row shards cannot be stored as {other:?}"))),
+    };
+    let mut out = Vec::with_capacity(data.len() * 2);
+    for (i, &x) in data.iter().enumerate() {
+        let h = conv(x).ok_or_else(|| Error::Invalid(format!("value {x} at {i} is not exact in {dtype:?}")))?;
+        out.extend_from_slice(&h.to_le_bytes());
+    }
+    Ok(out)
+}
+
+impl RowShards {
+    /// Rows per shard for a (rows, cols) matrix of `dtype` on `ctx`: as many as fit the largest
+    /// binding, rounded down to a multiple of 64 (all rows when they fit at once).
+    pub fn rows_per_shard(ctx: &GpuContext, rows: usize, cols: usize, dtype: DType) -> Result<usize> {
+        let row_bytes = (cols * dtype.size()).max(1) as u64;
+        let max = ctx.max_binding();
+        if rows as u64 * row_bytes <= max {
+            return Ok(rows.max(1));
+        }
+        let fit = (max / row_bytes) as usize / ROW_ALIGN * ROW_ALIGN;
+        if fit == 0 {
+            return Err(Error::Limit {
+                op: "shard",
+                msg: format!(
+                    "{ROW_ALIGN} rows of {cols} {dtype:?} values ({} bytes) exceed the device's largest storage binding ({max} bytes)",
+                    ROW_ALIGN as u64 * row_bytes
+                ),
+            });
+        }
+        Ok(fit)
+    }
+
+    /// Uploads a (rows, cols) f32 matrix as row shards, stored in `dtype` (F32, or BF16 / F16
+    /// when every value is exact in it: see [`lossless_16bit`]).
+    pub fn upload(ctx: &GpuContext, data: &[f32], rows: usize, cols: usize, dtype: DType) -> Result<Self> {
+        if data.len() != rows * cols {
+            return Err(Error::shape("shard", format!("{} values for ({rows}, {cols})", data.len())));
+        }
+        let rows_per = Self::rows_per_shard(ctx, rows, cols, dtype)?;
+        let mut parts = Vec::with_capacity(rows.div_ceil(rows_per));
+        let mut r0 = 0;
+        while r0 < rows || parts.is_empty() {
+            let r1 = (r0 + rows_per).min(rows);
+            let bytes = narrow(&data[r0 * cols..r1 * cols], dtype)?;
+            parts.push(ctx.upload_bytes(&bytes, &[r1 - r0, cols], dtype)?);
+            r0 = r1;
+        }
+        Ok(RowShards { parts, rows_per, rows, cols, dtype })
+    }
+
+    /// Uploads in the smallest lossless storage ([`lossless_16bit`]) when `allow_16bit`, else f32.
+    pub fn upload_auto(ctx: &GpuContext, data: &[f32], rows: usize, cols: usize, allow_16bit: bool) -> Result<Self> {
+        let dtype = if allow_16bit { lossless_16bit(data) } else { DType::F32 };
+        Self::upload(ctx, data, rows, cols, dtype)
+    }
+
+    /// One tensor (R, C) as a single shard.
+    pub fn from_tensor(t: Tensor) -> Self {
+        let (rows, cols) = match t.shape() {
+            [r, c] => (*r, *c),
+            s => (s.iter().product::<usize>() / s.last().copied().unwrap_or(1).max(1), s.last().copied().unwrap_or(1)),
+        };
+        let dtype = t.dtype();
+        RowShards { parts: vec![t], rows_per: rows.max(1), rows, cols, dtype }
+    }
+
+    /// The shards, in row order.
+    pub fn parts(&self) -> &[Tensor] {
+        &self.parts
+    }
+    /// Rows of shard `i`: `start..end` in the whole matrix.
+    pub fn range(&self, i: usize) -> std::ops::Range<usize> {
+        let r0 = i * self.rows_per;
+        r0..(r0 + self.rows_per).min(self.rows)
+    }
+    /// R.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    /// C.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// The storage type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    /// Bytes on the device.
+    pub fn byte_len(&self) -> usize {
+        self.parts.iter().map(Tensor::byte_len).sum()
+    }
+    /// The whole matrix as one f32 tensor when it is a single f32 shard.
+    pub fn as_single_f32(&self) -> Option<&Tensor> {
+        (self.parts.len() == 1 && self.dtype == DType::F32).then(|| &self.parts[0])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_exactness() {
+        for (x, want) in [(1.0f32, Some(0x3c00u16)), (-2.0, Some(0xc000)), (65504.0, Some(0x7bff)), (65505.0, None), (0.1, None), (5.960464477539063e-8, Some(1)), (6.103515625e-5, Some(0x0400)), (3.0517578125e-5, Some(0x0200)), (0.0, Some(0)), (-0.0, Some(0x8000)), (f32::INFINITY, Some(0x7c00))] {
+            assert_eq!(f16_exact(x), want, "{x}");
+        }
+        assert_eq!(lossless_16bit(&[1.0, 0.5, -3.0]), DType::BF16);
+        assert_eq!(lossless_16bit(&[1.0, 1.0009765625]), DType::F16);
+        assert_eq!(lossless_16bit(&[0.1]), DType::F32);
+    }
+}

@@ -10,7 +10,7 @@
 //! vocabularies). The weights are noise: the model learns nothing useful, but every tensor has
 //! its real size (the point: sharded embeddings, memory, speed).
 
-use qlora_webgpu::io::safetensors::Dtype;
+use safetensors::Dtype;
 use qlora_webgpu::model::arch;
 use qlora_webgpu::quant::{serialize_tensors, RawTensor};
 use qlora_webgpu::train::SplitMix64;

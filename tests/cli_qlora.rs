@@ -167,3 +167,81 @@ fn qlora_train_from_hf_folder_and_gguf_alike() {
     check_peft_adapter(&gguf_out, 4, 8.0, 0.0, "tiny.gguf");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Runs `args` (a train command writing to `out`), stops it with SIGINT once the metrics log has
+/// `after` lines, checks the exit (130, a checkpoint, a message naming --resume) and returns
+/// the step it stopped at.
+fn interrupt(args: &[String], dir: &Path, out: &str, after: usize, steps: usize) -> usize {
+    let mut child = qlora_cmd(args, dir).stderr(Stdio::piped()).spawn().unwrap();
+    let metrics = dir.join(out).join("metrics.jsonl");
+    let t0 = Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |s| s.lines().count()) < after {
+        assert!(t0.elapsed() < Duration::from_secs(300), "training did not start");
+        assert!(child.try_wait().unwrap().is_none(), "training ended before it could be interrupted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "Ctrl-C exits with 130:\n{err}");
+    assert!(err.contains("--resume"), "the message says how to continue:\n{err}");
+    let stopped_at = metric(&dir.join(out), "loss").len();
+    assert!((after..steps).contains(&stopped_at), "stopped after step {stopped_at} of {steps}");
+    assert!(dir.join(out).join("checkpoint/optimizer.safetensors").is_file());
+    stopped_at
+}
+
+#[test]
+fn qlora_ctrl_c_and_resume_continue_exactly() {
+    let dir = tmp("resume");
+    std::fs::copy(fixtures().join("data/chat.jsonl"), dir.join("chat.jsonl")).unwrap();
+    let m = tiny_model().display().to_string();
+    // With dropout (its masks come from the seed and the step) and the default cosine schedule
+    // with warmup, so the checkpoint must carry the RNG and schedule position as well as the
+    // adapter and AdamW moments.
+    let args = |out: &str, dq: Option<&str>| -> Vec<String> {
+        let mut v = strings(&[
+            "train", &m, "--data", "chat.jsonl", "--qlora", "-r", "4", "--steps", "8", "--lr", "3e-3", "--batch-size", "2",
+            "--max-len", "48", "--lora-dropout", "0.1", "--seed", "5", "--out", out,
+        ]);
+        if let Some(d) = dq {
+            v.extend(strings(&["--bnb-4bit-use-double-quant", d]));
+        }
+        v
+    };
+    let mut whole_losses = Vec::new();
+    // `--qlora` alone double-quantizes (bitsandbytes' bnb_4bit_use_double_quant=True as QLoRA
+    // uses it); `--bnb-4bit-use-double-quant false` keeps f32 block scales.
+    for (dq, name) in [(None, "nf4-dq"), (Some("false"), "nf4")] {
+        let (whole, stopped) = (format!("whole-{name}"), format!("stopped-{name}"));
+        let (_, err) = ok(&args(&whole, dq), &dir);
+        assert_eq!(base_precision(&err), name, "{dq:?}");
+        let stopped_at = interrupt(&args(&stopped, dq), &dir, &stopped, 3, 8);
+        let mut v = args(&stopped, dq);
+        v.push("--resume".into());
+        let (_, err) = ok(&v, &dir);
+        assert_eq!(base_precision(&err), name, "the resumed run's base");
+        let (a, b) = (metric(&dir.join(&whole), "loss"), metric(&dir.join(&stopped), "loss"));
+        assert_eq!(a.len(), 8);
+        // Bit for bit: the metrics log writes the shortest exact decimal of each loss.
+        assert_eq!(a, b, "{name}: losses of a run stopped at step {stopped_at} and resumed");
+        let (wa, wb) = (std::fs::read(dir.join(&whole).join("adapter_model.safetensors")).unwrap(), std::fs::read(dir.join(&stopped).join("adapter_model.safetensors")).unwrap());
+        assert!(wa == wb, "{name}: the resumed run's adapter file equals the uninterrupted run's");
+        eprintln!("{name}: stopped at step {stopped_at}, resumed; 8 losses and the adapter equal bit for bit");
+        whole_losses.push(a);
+    }
+    // The two variants quantize the base differently, so their losses differ (the double
+    // quantization's rounding of the block scales; 7.6e-6 at step 0 in the PEFT reference).
+    let gap = whole_losses[0].iter().zip(&whole_losses[1]).map(|(x, y)| (x.1 - y.1).abs()).fold(0.0, f64::max);
+    eprintln!("largest loss gap between nf4-dq and nf4: {gap:.2e}");
+    assert!(gap > 0.0, "--bnb-4bit-use-double-quant false changes the base");
+
+    // Resuming with the other quantization variant is refused, naming the setting.
+    let mut v = args("stopped-nf4", None);
+    v.push("--resume".into());
+    let (code, _, err) = qlora(&v, &dir);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("bnb_4bit_use_double_quant"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -35,7 +35,7 @@ pub struct Llama64 {
     pub layers: Vec<Layer>,
 }
 
-/// The tensors of a safetensors file as f64 (F32 and BF16), by name, with shapes.
+/// The tensors of a safetensors file as f64 (F32, BF16; U8 as its values), by name, with shapes.
 pub fn read_f64_tensors(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -48,6 +48,7 @@ pub fn read_f64_tensors(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f64>)> 
                 safetensors::Dtype::BF16 => {
                     d.chunks_exact(2).map(|c| f32::from_bits((u32::from(c[1]) << 24) | (u32::from(c[0]) << 16)) as f64).collect()
                 }
+                safetensors::Dtype::U8 => d.iter().map(|&b| b as f64).collect(),
                 other => panic!("{name}: dtype {other:?}"),
             };
             (name, (t.shape().to_vec(), v))

@@ -5,9 +5,13 @@
 //! it also gives the native step time (lavapipe on a machine without a GPU).
 //!
 //! ```text
-//! cargo run --example web_native -- MODEL DATA.jsonl OUT_DIR '{"rank":8,...}' ['{"quant":"f32",...}']
+//! cargo run --example web_native -- MODEL DATA.jsonl OUT_DIR '{"rank":8,...}' ['{"quant":"nf4-dq",...}' [INIT_ADAPTER_DIR]]
 //! ```
-//! MODEL is a .gguf file or a Hugging Face folder. Prints one JSON line per step
+//! MODEL is a .gguf file or a Hugging Face folder. The `ModelOptions` JSON sets the base weights
+//! as the page's choice does (`quant`: "f32", the default, "nf4" or "nf4-dq", QLoRA with double
+//! quantization; `blocksize`; `maxPositions`; `name`). INIT_ADAPTER_DIR (adapter_config.json +
+//! adapter_model.safetensors) starts the run from that adapter, as `Training.fromAdapter` does.
+//! Prints one JSON line per step
 //! (`{"step", "loss", "ms"}`) and a final `{"done", "losses", "stepMs", "heldOut"}` line (the
 //! held-out loss before and after training, null without `validation`); writes
 //! adapter_config.json and adapter_model.safetensors into OUT_DIR.
@@ -16,6 +20,7 @@ use anyhow::{bail, Context, Result};
 use qlora_webgpu::data::dataset::{Dataset, Format};
 use qlora_webgpu::gpu::{block_on, GpuContext};
 use qlora_webgpu::io::hf::{MmapDir, ModelFiles};
+use qlora_webgpu::lora::peft::read_host_adapter;
 use qlora_webgpu::session::{ModelSource, TrainSession};
 use qlora_webgpu::web::options;
 use serde_json::{json, Value};
@@ -25,7 +30,7 @@ use std::time::Instant;
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 4 {
-        bail!("usage: web_native MODEL DATA.jsonl OUT_DIR TRAIN_OPTIONS_JSON [MODEL_OPTIONS_JSON]");
+        bail!("usage: web_native MODEL DATA.jsonl OUT_DIR TRAIN_OPTIONS_JSON [MODEL_OPTIONS_JSON [INIT_ADAPTER_DIR]]");
     }
     let (model_path, data_path, out) = (Path::new(&args[0]), Path::new(&args[1]), Path::new(&args[2]));
     let train_opts: Value = serde_json::from_str(&args[3]).context("TrainOptions JSON")?;
@@ -54,7 +59,11 @@ fn main() -> Result<()> {
     let data_bytes = std::fs::read(data_path).with_context(|| format!("reading {}", data_path.display()))?;
     let name = data_path.file_name().map_or_else(|| data_path.display().to_string(), |n| n.to_string_lossy().into_owned());
     let data = Dataset::from_jsonl(&name, &data_bytes, Format::Auto)?;
-    let mut session = TrainSession::new(&ctx, &model, &data, cfg, None)?;
+    let init = match args.get(5) {
+        Some(dir) => Some(read_host_adapter(Path::new(dir), &model.model.cfg)?),
+        None => None,
+    };
+    let mut session = TrainSession::new(&ctx, &model, &data, cfg, init.as_ref())?;
     let held_out_before = block_on(session.validation_loss())?;
     let (mut losses, mut ms) = (Vec::new(), Vec::new());
     while !session.done() {
@@ -73,7 +82,7 @@ fn main() -> Result<()> {
     println!(
         "{}",
         json!({"done": true, "losses": losses, "stepMs": ms, "heldOut": {"before": held_out_before, "after": held_out_after},
-               "adapter": ctx.info().name, "out": out.display().to_string()})
+               "adapter": ctx.info().name, "quant": model.quant.name(), "out": out.display().to_string()})
     );
     Ok(())
 }

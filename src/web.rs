@@ -43,6 +43,8 @@ mod api {
     export interface GpuInfo {
       name: string; backend: string; deviceType: string; driver: string;
       shaderF16: boolean; subgroups: boolean; timestampQuery: boolean;
+      /** The kernels the matrix products take: "subgroup" when the device has subgroups (`subgroups`), else "vec4". */
+      matmulPath: "subgroup" | "vec4";
       /** Largest storage-buffer binding, bytes. Larger embeddings and lm_heads are stored as
        *  several buffers (row shards); other tensors must fit. */
       maxStorageBufferBindingSize: number; maxBufferSize: number;
@@ -324,6 +326,17 @@ mod api {
         or the GPU blocklisted (chrome://gpu says why). Chromium on Linux needs --enable-unsafe-webgpu \
         --enable-features=Vulkan; without a GPU, also --use-vulkan=swiftshader --use-webgpu-adapter=swiftshader";
 
+    /// The kernel family `ops::matmul` picks for the model's products on `ctx` (the vec4-shaped
+    /// ones: a plain kernel runs only for odd shapes).
+    fn matmul_path(ctx: &GpuContext) -> &'static str {
+        use crate::ops::matmul::{chosen_path, Path, Trans};
+        match chosen_path(ctx, Trans::NT, 4, 4, 4) {
+            Path::Subgroup => "subgroup",
+            // chosen_path gives Subgroup or Vec4 for a vec4-shaped product.
+            _ => "vec4",
+        }
+    }
+
     #[wasm_bindgen]
     impl Gpu {
         /// Opens the GPU adapter (high-performance first) with its own limits. Rejects with kind
@@ -365,6 +378,7 @@ mod api {
             to_js(&json!({
                 "name": i.name, "backend": i.backend, "deviceType": i.device_type, "driver": i.driver,
                 "shaderF16": i.shader_f16, "subgroups": i.subgroups, "timestampQuery": i.timestamp_query,
+                "matmulPath": matmul_path(&self.ctx),
                 "maxStorageBufferBindingSize": i.max_storage_binding, "maxBufferSize": i.max_buffer,
                 "maxBinding": self.ctx.max_binding(),
                 "maxComputeWorkgroupStorageSize": i.max_workgroup_storage,

@@ -1,6 +1,9 @@
 //! Chat template tests: the fixture chat_template.jinja (SmolLM2's) renders the reference chat
-//! (tests/fixtures/tokenizer_ref.json, from transformers' apply_chat_template) exactly, and the
-//! Jinja details transformers relies on behave as in Jinja2.
+//! (tests/fixtures/tokenizer_ref.json, from transformers' apply_chat_template) exactly; SmolLM2's
+//! and Llama-3's templates render every conversation of tests/fixtures/chat_templates.json
+//! (transformers' output: system messages, multi-turn, with and without the generation prompt)
+//! exactly, with the SmolLM2 ids; and the Jinja details transformers relies on behave as in
+//! Jinja2.
 
 use qlora_webgpu::data::{ChatContext, ChatTemplate, Message, Tokenizer};
 use qlora_webgpu::Error;
@@ -23,9 +26,6 @@ fn smol_template() -> ChatTemplate {
 fn ctx() -> ChatContext {
     ChatContext::from_tokenizer_config(&read("tiny-llama/model/tokenizer_config.json")).unwrap()
 }
-
-const SYSTEM_DEFAULT: &str =
-    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n";
 
 #[test]
 fn renders_reference_chat_exactly() {
@@ -54,30 +54,45 @@ fn rendered_reference_chat_tokenizes_to_prompt_ids() {
     assert_eq!(tok.encode(&text, false).unwrap(), want);
 }
 
+/// transformers' renderings (tests/fixtures/chat_templates.json, copied from
+/// ../shared/reference): three conversations (user only; system + multi-turn with an assistant
+/// turn that has surrounding spaces; multi-turn without system) x with / without the generation
+/// prompt x SmolLM2's template (the fixture's chat_template.jinja) and Llama-3's instruct
+/// template (its text is in the file), rendered with the SmolLM2 tokenizer's bos; each text and
+/// its SmolLM2 ids (add_special_tokens=False) must match exactly.
 #[test]
-fn generation_prompt_off_and_on() {
-    let t = smol_template();
-    let m = [Message::new("user", "Hi")];
-    let off = t.render(&m, false, &ctx()).unwrap();
-    assert_eq!(off, format!("{SYSTEM_DEFAULT}<|im_start|>user\nHi<|im_end|>\n"));
-    let on = t.render(&m, true, &ctx()).unwrap();
-    assert_eq!(on, format!("{off}<|im_start|>assistant\n"));
-}
-
-#[test]
-fn given_system_message_replaces_the_default() {
-    let t = smol_template();
-    let m = [
-        Message::new("system", "Be brief."),
-        Message::new("user", "2+2?"),
-        Message::new("assistant", "4"),
-        Message::new("user", "And 3+3?"),
-    ];
-    assert_eq!(
-        t.render(&m, true, &ctx()).unwrap(),
-        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n\
-         <|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\nAnd 3+3?<|im_end|>\n<|im_start|>assistant\n"
-    );
+fn renders_every_reference_conversation_exactly() {
+    let r: Value = serde_json::from_slice(&read("chat_templates.json")).unwrap();
+    let tok = Tokenizer::from_hf_files(
+        &read("tiny-llama/model/tokenizer.json"),
+        Some(&read("tiny-llama/model/tokenizer_config.json")),
+    )
+    .unwrap();
+    let c = ctx();
+    assert_eq!(c.bos_token.as_deref(), r["bos_token"].as_str(), "the reference used the SmolLM2 bos");
+    let llama3 = ChatTemplate::new(r["templates"]["llama3"].as_str().unwrap()).unwrap();
+    let smol = smol_template();
+    let cases = r["cases"].as_object().unwrap();
+    assert_eq!(cases.len(), 12, "3 conversations x 2 settings x 2 templates");
+    let mut seen = std::collections::BTreeSet::new();
+    for (name, case) in cases {
+        let (tname, rest) = name.split_once('/').unwrap();
+        let t = match tname {
+            "smollm2" => &smol,
+            "llama3" => &llama3,
+            other => panic!("{name}: unknown template {other}"),
+        };
+        let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
+        let gen = case["add_generation_prompt"].as_bool().unwrap();
+        assert!(rest.ends_with(&format!("gen={}", if gen { "True" } else { "False" })), "{name}");
+        let want = case["text"].as_str().unwrap();
+        let got = t.render(&messages, gen, &c).unwrap();
+        assert_eq!(got, want, "{name}: rendering differs from transformers'");
+        let ids: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        assert_eq!(tok.encode(&got, false).unwrap(), ids, "{name}: SmolLM2 ids differ");
+        seen.insert((tname.to_string(), rest.rsplit_once('/').unwrap().0.to_string(), gen));
+    }
+    assert_eq!(seen.len(), 12);
 }
 
 #[test]

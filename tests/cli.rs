@@ -2,13 +2,16 @@
 //! - through the CLI alone, PEFT's reference run (its two texts as a {"text"} JSONL, batch 2,
 //!   max length 24, its initial adapter, AdamW lr 1e-3, 20 steps, constant schedule) logs PEFT's
 //!   20 losses within 2e-4 and saves PEFT's final adapter within 1e-3 relative per tensor;
-//! - train (TOML config with a flag overriding it) -> generate with the adapter -> eval ->
-//!   merge, where the merged model's loss equals base + adapter;
+//! - train (TOML config with a flag overriding it) -> generate with the adapter (greedy tokens
+//!   equal to an independent f64 model's on transformers' prompt ids) -> eval -> merge, where
+//!   the merged model's loss equals base + adapter;
 //! - Ctrl-C during training writes a checkpoint and exits 130, and `--resume` finishes the run
 //!   with the same losses and adapter, bit for bit, as a run never stopped;
 //! - bad arguments and inputs exit 1 with a message naming what is wrong.
 
 mod common;
+#[path = "common/llama_f64.rs"]
+mod llama_f64;
 use common::load_safetensors;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -166,10 +169,41 @@ fn train_generate_eval_merge() {
 
     let model = tiny_model();
     let m = model.to_str().unwrap();
-    let (code, _, err) = qlora(&["generate", m, "--adapter", "a", "--prompt", "Hello", "--max-new-tokens", "5"], &dir);
-    assert_eq!(code, 0, "{err}");
-    let summary = err.lines().find(|l| l.contains("prompt tokens")).unwrap_or_else(|| panic!("no generation summary in {err}"));
-    assert!(!summary.contains(", 0 new"), "generated at least one token: {summary}");
+    // Greedy generation with an adapter: the tokens of an independent f64 model (base + the
+    // adapter, tests/common/llama_f64.rs) run greedily on transformers' ids of the same chat
+    // prompt (tests/fixtures/tokenizer_ref.json `chat`, SmolLM2's template). With the adapter
+    // just trained the random tiny model repeats the prompt's last token ("\n"); PEFT's trained
+    // dev adapter (r 8, B far from zero) makes it produce varied tokens.
+    let tok_ref: serde_json::Value = serde_json::from_slice(&std::fs::read(fixtures().join("tokenizer_ref.json")).unwrap()).unwrap();
+    let chat = &tok_ref["chat"];
+    assert_eq!(chat["messages"].as_array().unwrap().len(), 1);
+    let question = chat["messages"][0]["content"].as_str().unwrap();
+    let prompt_ids: Vec<u32> = chat["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let tok = qlora_webgpu::data::Tokenizer::from_hf_files(
+        &std::fs::read(model.join("tokenizer.json")).unwrap(),
+        Some(&std::fs::read(model.join("tokenizer_config.json")).unwrap()),
+    )
+    .unwrap();
+    const NEW: usize = 8;
+    let peft_final = fixtures().join("tiny-llama/dev/adapter_final");
+    for adapter in [dir.join("a"), peft_final] {
+        let mut f64_model = llama_f64::Llama64::from_hf(&model);
+        f64_model.add_lora(&adapter);
+        let (want_ids, min_gap) = f64_model.greedy(&prompt_ids, NEW, &[2]);
+        // The GPU's f32 logits are within ~1e-5 of the f64 ones; a reference whose best and
+        // second-best logits were closer than 1e-3 would not decide the greedy choice
+        // (achieved: 4.8e-2 with the trained adapter, 9.7e-3 with PEFT's).
+        eprintln!("{}: f64 greedy reference {want_ids:?}, smallest top-2 logit gap {min_gap:.2e}", adapter.display());
+        assert!(min_gap > 1e-3, "the reference's greedy choices are near-ties ({min_gap:.2e}): pick another prompt");
+        let want_text = tok.decode(&want_ids, true).unwrap();
+        let ad = adapter.display().to_string();
+        let (code, out, err) = qlora(&["generate", m, "--adapter", &ad, "--prompt", question, "--max-new-tokens", &NEW.to_string()], &dir);
+        assert_eq!(code, 0, "{err}");
+        let summary = err.lines().find(|l| l.contains("prompt tokens")).unwrap_or_else(|| panic!("no generation summary in {err}"));
+        let head = format!("[{} prompt tokens, {} new,", prompt_ids.len(), want_ids.len());
+        assert!(summary.starts_with(&head), "{summary} vs the reference's {head}");
+        assert_eq!(out.strip_suffix('\n').unwrap_or(&out), want_text, "{ad}: greedy text vs the f64 reference's tokens {want_ids:?}");
+    }
 
     // eval with the adapter == eval of the merged model (f32)
     let eval_loss = |args: &[&str]| -> f64 {

@@ -224,7 +224,15 @@ fn chat_spans_with_other_templates() {
     .unwrap();
     let err = Encoder::new(&tok, Some(&t), opts()).unwrap().encode(&rec).unwrap_err().to_string();
     assert!(err.contains("train_on_prompt"), "{err}");
-    assert!(Encoder::new(&tok, Some(&t), EncodeOptions { train_on_prompt: true, ..opts() }).unwrap().encode(&rec).is_ok());
+    // With train_on_prompt the whole render counts, as the template wrote it (no eos appended:
+    // the template ends the turn).
+    let ex = Encoder::new(&tok, Some(&t), EncodeOptions { train_on_prompt: true, ..opts() }).unwrap().encode(&rec).unwrap();
+    let text = "<|im_start|>user\nHello<|im_end|><|im_start|>a\n(old)<|im_end|>\
+                <|im_start|>user\nBye<|im_end|><|im_start|>assistant\nBye!<|im_end|>";
+    assert_eq!(tok.decode(&ex.ids, false).unwrap(), text);
+    assert_eq!(ex.ids, tok.encode(text, false).unwrap());
+    assert_eq!(ex.labels, ex.ids.iter().map(|&i| i as i32).collect::<Vec<_>>(), "every token counted");
+    assert_eq!(counted_runs(&tok, &ex), vec![text]);
 }
 
 #[test]
@@ -349,7 +357,15 @@ fn tokenize_errors_name_file_and_line() {
     let ds = load("text.jsonl", Format::Auto);
     let e = format_err(ds.tokenize(&Encoder::new(&no_eos, None, opts()).unwrap()));
     assert!(e.starts_with("text.jsonl: line 1: the tokenizer has no eos"), "{e}");
-    assert!(ds.tokenize(&Encoder::new(&no_eos, None, EncodeOptions { append_eos: false, ..opts() }).unwrap()).is_ok());
+    // Without append_eos it needs none: each example is the tokenizer's ids, all counted.
+    let td = ds.tokenize(&Encoder::new(&no_eos, None, EncodeOptions { append_eos: false, ..opts() }).unwrap()).unwrap();
+    assert_eq!(td.examples().len(), ds.len());
+    for (rec, ex) in ds.records().iter().zip(td.examples()) {
+        let Record::Text(text) = rec else { panic!("{rec:?}") };
+        assert_eq!(ex.ids, tok.encode(text, true).unwrap());
+        assert_ne!(ex.ids.last(), Some(&IM_END), "no eos appended");
+        assert_eq!(ex.labels, ex.ids.iter().map(|&i| i as i32).collect::<Vec<_>>());
+    }
     assert!(Encoder::new(&tok, None, EncodeOptions { max_len: 1, ..opts() }).is_err());
 }
 

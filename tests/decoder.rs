@@ -31,6 +31,7 @@ fn cfg() -> LlamaConfig {
         rms_eps: 1e-5,
         rope_theta: 10000.0,
         tied: true,
+        sliding_window: None,
     }
 }
 

@@ -48,6 +48,7 @@ fn tiny() -> LlamaConfig {
         rms_eps: 1e-5,
         rope_theta: 10000.0,
         tied: true,
+        sliding_window: None,
     }
 }
 

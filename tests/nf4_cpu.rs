@@ -1,6 +1,7 @@
 //! NF4 on the CPU against bitsandbytes 0.50.2 (tests/fixtures/nf4, tests/fixtures/tiny-llama):
-//! quantization, double quantization and dequantization bit for bit, bitsandbytes' safetensors
-//! layout both ways, and errors (never panics) on bad files and arguments.
+//! quantization, double quantization and dequantization bit for bit (also at real model sizes,
+//! 576x576 and 1536x576), bitsandbytes' safetensors layout both ways, and errors (never panics)
+//! on bad files and arguments.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -16,19 +17,14 @@ use qlora_webgpu::Error;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
+#[path = "support/sha256.rs"]
+mod sha256;
+use sha256::{hex, sha256, sha256_f32_le_hex, Sha256};
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests")
         .join("fixtures")
-}
-
-/// The shared reference folder (not part of a fresh clone): $QLORA_REFERENCE_DIR, else
-/// ../shared/reference next to the crate.
-fn reference_dir() -> PathBuf {
-    match std::env::var_os("QLORA_REFERENCE_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference"),
-    }
 }
 
 fn read_bytes(p: &Path) -> Vec<u8> {
@@ -159,8 +155,98 @@ fn code_tables_equal_reference() {
     assert!(mid[6] < 0.0 && mid[7] > 0.0);
 }
 
-/// Checks one manifest entry of nf4_dev against the file `st` that holds it.
-fn check_entry(st: &SafeTensors, e: &Value) {
+#[test]
+fn sha256_matches_known_digests() {
+    // FIPS 180-4 examples (values as Python's hashlib gives them) and a multi-block message
+    // (the padding crosses a block boundary).
+    assert_eq!(
+        hex(&sha256(b"")),
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    );
+    assert_eq!(
+        hex(&sha256(b"abc")),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+    assert_eq!(
+        hex(&sha256(
+            b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"
+        )),
+        "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1"
+    );
+    // Fed in uneven pieces, the incremental hash is the same (and equals hashlib's).
+    let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let mut inc = Sha256::default();
+    for piece in data.chunks(37) {
+        inc.update(piece);
+    }
+    assert_eq!(inc.finish(), sha256(&data));
+    assert_eq!(
+        hex(&sha256(&data)),
+        "59425e4412e296fc74736673ce067027f384203f59c0d2c3e6be7b13347b3ffc"
+    );
+    // The committed subset file hashes to the digest its generator recorded.
+    let doc: Value = serde_json::from_slice(&read_bytes(
+        &fixtures().join("nf4/nf4_dev_large_subset.json"),
+    ))
+    .unwrap();
+    assert_eq!(
+        hex(&sha256(&read_bytes(
+            &fixtures().join("nf4/nf4_dev_large_subset.safetensors")
+        ))),
+        doc["subset_sha256"].as_str().unwrap()
+    );
+}
+
+/// Where an entry's derived f32 arrays (`.dequant`, `.dq.dequant`, `.dq.absmax_dequant`) come
+/// from: the full arrays in the file, or (for the large entries, whose fixture omits them) the
+/// SHA-256 of bitsandbytes' little-endian bytes plus a strided sample of its values, from
+/// tests/fixtures/nf4/nf4_dev_large_subset.json.
+enum Derived<'a> {
+    Full(&'a SafeTensors<'a>),
+    Digest(&'a Value),
+}
+
+impl Derived<'_> {
+    /// Asserts `ours` equals bitsandbytes' array `key` bit for bit.
+    fn check(&self, key: &str, ours: &[f32], what: &str) {
+        match self {
+            Derived::Full(st) => assert_bits_eq(ours, &f32s(st, key), what),
+            Derived::Digest(doc) => {
+                let d = &doc["digested"][key];
+                assert!(
+                    d.is_object(),
+                    "{key}: no digest in nf4_dev_large_subset.json"
+                );
+                let n: usize = usizes(&d["shape"]).iter().product();
+                assert_eq!(ours.len(), n, "{what}: length");
+                // The sample first, so a difference is named by its element.
+                let stride = d["sample_stride"].as_u64().unwrap() as usize;
+                let sample: Vec<f32> = d["sample"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap() as f32)
+                    .collect();
+                let ours_sampled: Vec<f32> = ours.iter().step_by(stride).copied().collect();
+                assert_bits_eq(
+                    &ours_sampled,
+                    &sample,
+                    &format!("{what} (every {stride}th element)"),
+                );
+                // Then every element: equal SHA-256 of the f32 bytes means equal bits.
+                assert_eq!(
+                    sha256_f32_le_hex(ours),
+                    d["sha256_f32_le"].as_str().unwrap(),
+                    "{what}: SHA-256 of the f32 bytes differs from bitsandbytes'"
+                );
+            }
+        }
+    }
+}
+
+/// Checks one manifest entry of nf4_dev against the file `st` that holds it; `derived` supplies
+/// the expected dequantized arrays.
+fn check_entry(st: &SafeTensors, derived: &Derived, e: &Value) {
     let name = e["name"].as_str().unwrap();
     let shape = usizes(&e["shape"]);
     let bs = e["blocksize"].as_u64().unwrap() as usize;
@@ -198,9 +284,9 @@ fn check_entry(st: &SafeTensors, e: &Value) {
         &format!("{name}: absmax"),
     );
     let deq = t.dequantize();
-    assert_bits_eq(
+    derived.check(
+        &format!("{name}.dequant"),
         &deq,
-        &f32s(st, &format!("{name}.dequant")),
         &format!("{name}: dequant"),
     );
     let codes = t.codes();
@@ -288,14 +374,14 @@ fn check_entry(st: &SafeTensors, e: &Value) {
         nested_absmax.len() as u64,
         e["nested_blocks"].as_u64().unwrap()
     );
-    assert_bits_eq(
+    derived.check(
+        &format!("{name}.dq.absmax_dequant"),
         &tq.absmax_f32(),
-        &f32s(st, &format!("{name}.dq.absmax_dequant")),
         &format!("{name}: decoded absmax"),
     );
-    assert_bits_eq(
+    derived.check(
+        &format!("{name}.dq.dequant"),
         &tq.dequantize(),
-        &f32s(st, &format!("{name}.dq.dequant")),
         &format!("{name}: dq dequant"),
     );
 
@@ -312,9 +398,9 @@ fn check_entry(st: &SafeTensors, e: &Value) {
         },
     };
     stored.validate().unwrap();
-    assert_bits_eq(
+    derived.check(
+        &format!("{name}.dq.dequant"),
         &stored.dequantize(),
-        &f32s(st, &format!("{name}.dq.dequant")),
         &format!("{name}: dequant from stored stats"),
     );
 }
@@ -336,28 +422,39 @@ fn nf4_dev_entries_bit_exact() {
     let entries = entries_in("nf4_dev.safetensors");
     assert_eq!(entries.len(), 6, "all six entries of the small file");
     for e in &entries {
-        check_entry(&st, e);
+        check_entry(&st, &Derived::Full(&st), e);
     }
 }
 
-/// The two large entries (576x576, 1536x576) live in the 15 MB nf4_dev_large.safetensors, which
-/// is not a fixture; they run when the shared reference folder is present.
+/// The two large entries (576x576 and 1536x576, real SmolLM2 projection sizes) of bitsandbytes'
+/// nf4_dev_large.safetensors (15 MB, not copied whole): tests/fixtures/nf4/
+/// nf4_dev_large_subset.safetensors holds its inputs, packed codes, absmax and double-quant
+/// statistics unchanged, and nf4_dev_large_subset.json the SHA-256 (and a strided sample) of its
+/// three dequantized arrays; both written by make_large_subset.py beside them.
 #[test]
-fn nf4_dev_large_entries_bit_exact_if_available() {
-    let path = reference_dir().join("nf4/nf4_dev_large.safetensors");
-    if !path.exists() {
-        eprintln!(
-            "skipped: {} not found (set QLORA_REFERENCE_DIR)",
-            path.display()
-        );
-        return;
-    }
-    let bytes = read_bytes(&path);
+fn nf4_dev_large_entries_bit_exact() {
+    let bytes = read_bytes(&fixtures().join("nf4/nf4_dev_large_subset.safetensors"));
     let st = SafeTensors::deserialize(&bytes).unwrap();
+    let doc: Value = serde_json::from_slice(&read_bytes(
+        &fixtures().join("nf4/nf4_dev_large_subset.json"),
+    ))
+    .unwrap();
+    assert_eq!(
+        doc["source_sha256"],
+        manifest()["sets"]["dev"]["large_file_sha256"],
+        "the subset was cut from the file the manifest describes"
+    );
+    // The code tables in the subset are bitsandbytes' (the same as in the small file).
+    assert_bits_eq(&NF4_CODE, &f32s(&st, "nf4_code"), "nf4_code (large file)");
+    assert_bits_eq(
+        &dynamic_map(),
+        &f32s(&st, "dynamic_code"),
+        "dynamic_code (large file)",
+    );
     let entries = entries_in("nf4_dev_large.safetensors");
     assert_eq!(entries.len(), 2);
     for e in &entries {
-        check_entry(&st, e);
+        check_entry(&st, &Derived::Digest(&doc), e);
     }
 }
 

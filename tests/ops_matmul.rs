@@ -1,13 +1,17 @@
-//! Matmul: every variant (NT, NN, TN) against the f64 reference on odd shapes (1, 3, 63, 65,
-//! 1001, one dimension at a time) and on multiples of 4 that are not multiples of the tile, so
-//! both the vec4 kernels (with edge tiles) and the plain strided kernel run; batches with and
-//! without broadcasting; alpha and beta = 1 accumulation; the vec4 kernels against the plain
-//! kernel; the linear layer on the tape against the reference backward, which passes a
-//! finite-difference check; shape errors. The subgroup kernels (shaders/matmul_subgroup.wgsl),
-//! forced through `matmul_into_path`, on the same shapes, batches and beta = 1 cases against the
-//! reference and the plain kernel, in both their branches (shared and own loads of A); which
-//! path the dispatcher picks, and QLORA_NO_SUBGROUPS. The subgroup tests FAIL on a device without
-//! subgroups instead of skipping: lavapipe, the driver these tests run on here, has them.
+//! Matmul: every variant (NT, NN, TN) through the dispatcher against the f64 reference on odd
+//! shapes (1, 3, 63, 65, 1001, one dimension at a time) and on multiples of 4 that are not
+//! multiples of the tile, so both a fast path (with edge tiles) and the plain strided kernel run,
+//! counted by the path the dispatcher chose; batches with and without broadcasting; alpha and
+//! beta = 1 accumulation; the linear layer on the tape against the reference backward, which
+//! passes a finite-difference check; shape errors. Each fast kernel family forced through
+//! `matmul_into_path` on every shape where it applies, batched with and without broadcast, and
+//! with beta = 1 / beta = 0, against the reference and the plain kernel: the vec4 kernels
+//! (shaders/matmul.wgsl, what browsers and adapters without subgroups run) and the subgroup
+//! kernels (shaders/matmul_subgroup.wgsl) in both their branches (shared and own loads of A).
+//! Which path the dispatcher picks: `Subgroup` here, `Vec4` with QLORA_NO_SUBGROUPS=1; every
+//! test holds under both settings (scripts/test.sh runs this file under both), and the other
+//! setting is checked in a child process either way. The subgroup tests FAIL on a device
+//! without subgroups instead of skipping: lavapipe, the driver these tests run on here, has them.
 //!
 //! Tolerances: inputs are scaled by K^-1/4 so entries of C are O(1); f32 results must then be
 //! within 1e-5 abs + 1e-4 rel of the f64 reference (f32 rounding of a K-term sum is about
@@ -92,55 +96,51 @@ const SHAPES: &[(usize, usize, usize)] = &[
     (4, 4, 4),
 ];
 
+/// Whether QLORA_NO_SUBGROUPS turns the subgroup kernels off in this process (set to anything but
+/// empty or `0`, as src/ops/matmul.rs documents).
+fn no_subgroups_env() -> bool {
+    std::env::var_os(matmul::NO_SUBGROUPS_ENV).is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// The path the dispatcher must take where `vec4_applies`: the vec4 kernels with
+/// QLORA_NO_SUBGROUPS set or on a device without subgroups, else the subgroup kernels.
+fn expected_fast_path(ctx: &GpuContext) -> Path {
+    if no_subgroups_env() || !ctx.info().subgroups {
+        Path::Vec4
+    } else {
+        Path::Subgroup
+    }
+}
+
 #[test]
 fn every_variant_matches_reference() {
     let ctx = gpu();
+    let fast = expected_fast_path(&ctx);
     let mut rng = Rng::new(2);
     for trans in ALL {
-        let (mut vec4_runs, mut plain_runs) = (0, 0);
+        let (mut fast_runs, mut plain_runs) = (0, 0);
         for &(m, n, k) in SHAPES {
             let (a, b) = operands(&mut rng, m, n, k);
             let (sa, sb) = shapes(trans, m, n, k);
             let got = matmul::matmul(&ctx, &up(&ctx, &a, &sa), &up(&ctx, &b, &sb), trans, 1.0).unwrap();
             assert_eq!(got.shape(), [m, n]);
             let want = cpu::matmul(&a, &b, m, n, k, trans);
-            assert_close(&format!("{trans:?} {m}x{n}x{k}"), &read(&ctx, &got), &want, ATOL, RTOL);
-            if matmul::vec4_applies(trans, m, n, k) {
-                vec4_runs += 1;
-            } else {
-                plain_runs += 1;
+            let path = matmul::chosen_path(&ctx, trans, m, n, k);
+            assert_close(&format!("{trans:?} {m}x{n}x{k} ({path:?})"), &read(&ctx, &got), &want, ATOL, RTOL);
+            match path {
+                Path::Plain => plain_runs += 1,
+                p if p == fast => fast_runs += 1,
+                p => panic!("{trans:?} {m}x{n}x{k}: the dispatcher chose {p:?}, expected {fast:?} or Plain"),
             }
         }
-        assert!(vec4_runs >= 5 && plain_runs >= 2, "{trans:?}: {vec4_runs} vec4, {plain_runs} plain shapes");
-    }
-}
-
-#[test]
-fn vec4_kernels_equal_the_plain_kernel() {
-    let ctx = gpu();
-    let mut rng = Rng::new(3);
-    for trans in ALL {
-        for &(m, n, k) in &[(68, 132, 260), (129, 76, 36), (12, 8, 1001), (1001, 12, 8), (4, 4, 4)] {
-            if !matmul::vec4_applies(trans, m, n, k) {
-                continue;
-            }
-            let (a, b) = operands(&mut rng, m, n, k);
-            let (sa, sb) = shapes(trans, m, n, k);
-            let (at, bt) = (up(&ctx, &a, &sa), up(&ctx, &b, &sb));
-            // Forced: on a device with subgroups, matmul() would take the subgroup kernels.
-            let fast = ctx.empty(&[m, n], DType::F32).unwrap();
-            matmul::matmul_into_path(&ctx, &at, &bt, trans, 0.75, 0.0, &fast, Path::Vec4).unwrap();
-            let plain = ctx.empty(&[m, n], DType::F32).unwrap();
-            matmul::matmul_plain_into(&ctx, &at, &bt, trans, 0.75, 0.0, &plain).unwrap();
-            let p: Vec<f64> = read(&ctx, &plain).iter().map(|&v| v as f64).collect();
-            assert_close(&format!("{trans:?} {m}x{n}x{k} vec4 vs plain"), &read(&ctx, &fast), &p, 1e-6, 1e-5);
-        }
+        eprintln!("{trans:?}: {fast_runs} shapes on {fast:?}, {plain_runs} on Plain");
+        assert!(fast_runs >= 5 && plain_runs >= 2, "{trans:?}: {fast_runs} {fast:?}, {plain_runs} plain shapes");
     }
 }
 
 /// Runs a batched product (batch `nb`, `a_batched`/`b_batched`: whether that operand has the
-/// batch dimension) through the dispatcher, the vec4 kernels (where they apply) and the plain
-/// kernel, and checks each batch against the reference.
+/// batch dimension) through the dispatcher and the plain kernel, and checks each batch against
+/// the reference (each fast path forced: `forced_paths_batched`).
 fn check_batched(ctx: &GpuContext, rng: &mut Rng, trans: Trans, nb: usize, (m, n, k): (usize, usize, usize), a_batched: bool, b_batched: bool) {
     let (sa, sb) = shapes(trans, m, n, k);
     let s = (k as f64).powf(-0.25);
@@ -161,11 +161,6 @@ fn check_batched(ctx: &GpuContext, rng: &mut Rng, trans: Trans, nb: usize, (m, n
     let plain = ctx.empty(&[nb, m, n], DType::F32).unwrap();
     matmul::matmul_plain_into(ctx, &at, &bt, trans, 1.0, 0.0, &plain).unwrap();
     assert_close(&format!("{what} plain"), &read(ctx, &plain), &want, ATOL, RTOL);
-    if matmul::vec4_applies(trans, m, n, k) {
-        let v = ctx.empty(&[nb, m, n], DType::F32).unwrap();
-        matmul::matmul_into_path(ctx, &at, &bt, trans, 1.0, 0.0, &v, Path::Vec4).unwrap();
-        assert_close(&format!("{what} vec4"), &read(ctx, &v), &want, ATOL, RTOL);
-    }
 }
 
 #[test]
@@ -194,12 +189,9 @@ fn alpha_and_beta_accumulate() {
             let ab = cpu::matmul(&a, &b, m, n, k, trans);
             let alpha = -0.375;
             let want: Vec<f64> = c0.iter().zip(&ab).map(|(c, p)| c + alpha * p).collect();
-            // Auto (the dispatcher's choice), and each kernel family forced where it applies.
-            let mut paths = vec![Path::Auto, Path::Plain];
-            if matmul::vec4_applies(trans, m, n, k) {
-                paths.push(Path::Vec4);
-            }
-            for path in paths {
+            // Auto (the dispatcher's choice) and the plain kernel; each fast path forced:
+            // forced_paths_alpha_and_beta.
+            for path in [Path::Auto, Path::Plain] {
                 let out = up(&ctx, &c0, &[m, n]);
                 matmul::matmul_into_path(&ctx, &at, &bt, trans, alpha as f32, 1.0, &out, path).unwrap();
                 assert_close(&format!("{trans:?} {m}x{n}x{k} beta=1 {path:?}"), &read(&ctx, &out), &want, ATOL, RTOL);
@@ -349,7 +341,7 @@ fn block_constants_match_rust() {
     assert_eq!(wgsl_consts(MATMUL_SUBGROUP, &names), [Some(matmul::SG_WG), Some(matmul::SG_BM), Some(matmul::SG_BN)]);
 }
 
-// ---- The subgroup kernels -------------------------------------------------------------------
+// ---- The fast kernels forced: vec4 and subgroup ---------------------------------------------
 
 /// A context whose device has subgroups, or a panic saying why the test cannot run: these tests
 /// check the subgroup path and must not pass vacuously (lavapipe, the driver here, has them).
@@ -372,12 +364,12 @@ fn run_path(ctx: &GpuContext, a: &Tensor, b: &Tensor, trans: Trans, alpha: f32, 
     read(ctx, &out)
 }
 
-#[test]
-fn subgroup_kernels_match_reference_and_plain() {
-    // The vec4 shapes of SHAPES and of vec4_kernels_equal_the_plain_kernel: edges on every side
-    // of the 32 x 512 workgroup tile, K = 4 .. 1001, M and N of 1 and 12.
-    let ctx = gpu_with_subgroups();
-    let mut rng = Rng::new(8);
+/// Each of `paths` forced on every shape of SHAPES and of the extra list where `vec4_applies`
+/// (edges on every side of the vec4 64 x 64 and the subgroup 32 x 512 workgroup tiles, K = 4 ..
+/// 1001, M and N of 1 and 12), against the reference (ATOL, RTOL) and the plain kernel (1e-6 abs
+/// + 1e-5 rel); at least 8 shapes per variant.
+fn forced_paths_match_reference_and_plain(ctx: &GpuContext, paths: &[Path], seed: u64) {
+    let mut rng = Rng::new(seed);
     let extra = [(68, 132, 260), (129, 76, 36), (12, 8, 1001), (1001, 12, 8), (4, 4, 4), (40, 1100, 12)];
     for trans in ALL {
         let mut runs = 0;
@@ -387,27 +379,28 @@ fn subgroup_kernels_match_reference_and_plain() {
             }
             let (a, b) = operands(&mut rng, m, n, k);
             let (sa, sb) = shapes(trans, m, n, k);
-            let (at, bt) = (up(&ctx, &a, &sa), up(&ctx, &b, &sb));
+            let (at, bt) = (up(ctx, &a, &sa), up(ctx, &b, &sb));
             let want: Vec<f64> = cpu::matmul(&a, &b, m, n, k, trans).iter().map(|v| 0.75 * v).collect();
-            let plain: Vec<f64> = run_path(&ctx, &at, &bt, trans, 0.75, &[m, n], Path::Plain).iter().map(|&v| v as f64).collect();
-            for path in SUBGROUP_PATHS {
-                let got = run_path(&ctx, &at, &bt, trans, 0.75, &[m, n], path);
+            let plain: Vec<f64> = run_path(ctx, &at, &bt, trans, 0.75, &[m, n], Path::Plain).iter().map(|&v| v as f64).collect();
+            for &path in paths {
+                let got = run_path(ctx, &at, &bt, trans, 0.75, &[m, n], path);
                 let what = format!("{trans:?} {m}x{n}x{k} {path:?}");
                 assert_close(&what, &got, &want, ATOL, RTOL);
                 assert_close(&format!("{what} vs plain"), &got, &plain, 1e-6, 1e-5);
             }
             runs += 1;
         }
-        assert!(runs >= 8, "{trans:?}: only {runs} shapes took the subgroup kernels");
+        assert!(runs >= 8, "{trans:?}: only {runs} shapes took {paths:?}");
     }
 }
 
-#[test]
-fn subgroup_kernels_batched_with_and_without_broadcast() {
-    let ctx = gpu_with_subgroups();
-    let mut rng = Rng::new(9);
+/// Each of `paths` forced on batch-3 products, both operands batched or one broadcast, against
+/// the reference.
+fn forced_paths_batched(ctx: &GpuContext, paths: &[Path], seed: u64) {
+    let mut rng = Rng::new(seed);
     let nb = 3;
     for trans in ALL {
+        let mut runs = 0;
         for &(m, n, k) in &[(20, 12, 16), (68, 72, 36), (36, 520, 8)] {
             if !matmul::vec4_applies(trans, m, n, k) {
                 continue;
@@ -417,60 +410,98 @@ fn subgroup_kernels_batched_with_and_without_broadcast() {
                 let s = (k as f64).powf(-0.25);
                 let a = rng.vec(if a_batched { nb } else { 1 } * m * k, s);
                 let b = rng.vec(if b_batched { nb } else { 1 } * n * k, s);
-                let at = up(&ctx, &a, &with_batch(a_batched.then_some(nb), sa));
-                let bt = up(&ctx, &b, &with_batch(b_batched.then_some(nb), sb));
+                let at = up(ctx, &a, &with_batch(a_batched.then_some(nb), sa));
+                let bt = up(ctx, &b, &with_batch(b_batched.then_some(nb), sb));
                 let mut want = Vec::new();
                 for z in 0..nb {
                     let az = if a_batched { &a[z * m * k..(z + 1) * m * k] } else { &a[..] };
                     let bz = if b_batched { &b[z * n * k..(z + 1) * n * k] } else { &b[..] };
                     want.extend(cpu::matmul(az, bz, m, n, k, trans));
                 }
-                for path in SUBGROUP_PATHS {
+                for &path in paths {
                     let what = format!("{trans:?} batch {nb} (a {a_batched}, b {b_batched}) {m}x{n}x{k} {path:?}");
-                    assert_close(&what, &run_path(&ctx, &at, &bt, trans, 1.0, &[nb, m, n], path), &want, ATOL, RTOL);
+                    assert_close(&what, &run_path(ctx, &at, &bt, trans, 1.0, &[nb, m, n], path), &want, ATOL, RTOL);
                 }
+                runs += 1;
+            }
+        }
+        assert_eq!(runs, 9, "{trans:?}: every batched shape must take {paths:?}");
+    }
+}
+
+/// Each of `paths` forced with beta = 1 (C = C0 + alpha AB) and beta = 0 over NaN (never read),
+/// on a shape with edge tiles and on the smallest one.
+fn forced_paths_alpha_and_beta(ctx: &GpuContext, paths: &[Path], seed: u64) {
+    let mut rng = Rng::new(seed);
+    for trans in ALL {
+        for &(m, n, k) in &[(68, 132, 36), (4, 4, 4)] {
+            let (a, b) = operands(&mut rng, m, n, k);
+            let (sa, sb) = shapes(trans, m, n, k);
+            let (at, bt) = (up(ctx, &a, &sa), up(ctx, &b, &sb));
+            let c0 = rng.vec(m * n, 1.0);
+            let ab = cpu::matmul(&a, &b, m, n, k, trans);
+            let alpha = -0.375;
+            let want: Vec<f64> = c0.iter().zip(&ab).map(|(c, p)| c + alpha * p).collect();
+            let scaled: Vec<f64> = ab.iter().map(|p| alpha * p).collect();
+            for &path in paths {
+                let out = up(ctx, &c0, &[m, n]);
+                matmul::matmul_into_path(ctx, &at, &bt, trans, alpha as f32, 1.0, &out, path).unwrap();
+                assert_close(&format!("{trans:?} {m}x{n}x{k} beta=1 {path:?}"), &read(ctx, &out), &want, ATOL, RTOL);
+                // beta = 0 never reads out: NaN there must not leak into the result.
+                let nan = ctx.upload_f32(&vec![f32::NAN; m * n], &[m, n]).unwrap();
+                matmul::matmul_into_path(ctx, &at, &bt, trans, alpha as f32, 0.0, &nan, path).unwrap();
+                assert_close(&format!("{trans:?} {m}x{n}x{k} beta=0 {path:?}"), &read(ctx, &nan), &scaled, ATOL, RTOL);
             }
         }
     }
 }
 
 #[test]
-fn subgroup_kernels_alpha_and_beta_accumulate() {
-    let ctx = gpu_with_subgroups();
-    let mut rng = Rng::new(10);
-    for trans in ALL {
-        let (m, n, k) = (68, 132, 36);
-        let (a, b) = operands(&mut rng, m, n, k);
-        let (sa, sb) = shapes(trans, m, n, k);
-        let (at, bt) = (up(&ctx, &a, &sa), up(&ctx, &b, &sb));
-        let c0 = rng.vec(m * n, 1.0);
-        let ab = cpu::matmul(&a, &b, m, n, k, trans);
-        let alpha = -0.375;
-        let want: Vec<f64> = c0.iter().zip(&ab).map(|(c, p)| c + alpha * p).collect();
-        let scaled: Vec<f64> = ab.iter().map(|p| alpha * p).collect();
-        for path in SUBGROUP_PATHS {
-            let out = up(&ctx, &c0, &[m, n]);
-            matmul::matmul_into_path(&ctx, &at, &bt, trans, alpha as f32, 1.0, &out, path).unwrap();
-            assert_close(&format!("{trans:?} beta=1 {path:?}"), &read(&ctx, &out), &want, ATOL, RTOL);
-            // beta = 0 never reads out: NaN there must not leak into the result.
-            let nan = ctx.upload_f32(&vec![f32::NAN; m * n], &[m, n]).unwrap();
-            matmul::matmul_into_path(&ctx, &at, &bt, trans, alpha as f32, 0.0, &nan, path).unwrap();
-            assert_close(&format!("{trans:?} beta=0 {path:?}"), &read(&ctx, &nan), &scaled, ATOL, RTOL);
-        }
-    }
+fn vec4_kernels_match_reference_and_plain() {
+    forced_paths_match_reference_and_plain(&gpu(), &[Path::Vec4], 3);
 }
 
 #[test]
-fn dispatcher_picks_the_subgroup_kernels_here() {
+fn vec4_kernels_batched_with_and_without_broadcast() {
+    forced_paths_batched(&gpu(), &[Path::Vec4], 11);
+}
+
+#[test]
+fn vec4_kernels_alpha_and_beta_accumulate() {
+    forced_paths_alpha_and_beta(&gpu(), &[Path::Vec4], 12);
+}
+
+#[test]
+fn subgroup_kernels_match_reference_and_plain() {
+    forced_paths_match_reference_and_plain(&gpu_with_subgroups(), &SUBGROUP_PATHS, 8);
+}
+
+#[test]
+fn subgroup_kernels_batched_with_and_without_broadcast() {
+    forced_paths_batched(&gpu_with_subgroups(), &SUBGROUP_PATHS, 9);
+}
+
+#[test]
+fn subgroup_kernels_alpha_and_beta_accumulate() {
+    forced_paths_alpha_and_beta(&gpu_with_subgroups(), &SUBGROUP_PATHS, 10);
+}
+
+/// The line `dispatcher_picks_the_path_the_environment_asks_for` prints (with --nocapture) for
+/// the path it asserted, which the child-process test looks for.
+fn dispatcher_line(path: Path) -> String {
+    format!("dispatcher chose {path:?} where vec4 applies")
+}
+
+#[test]
+fn dispatcher_picks_the_path_the_environment_asks_for() {
+    // Subgroup on this device (it has subgroups), Vec4 with QLORA_NO_SUBGROUPS=1.
     let ctx = gpu_with_subgroups();
-    assert!(
-        std::env::var_os(matmul::NO_SUBGROUPS_ENV).is_none(),
-        "unset QLORA_NO_SUBGROUPS to run this test (it turns the subgroup kernels off)"
-    );
+    let want = if no_subgroups_env() { Path::Vec4 } else { Path::Subgroup };
     for trans in ALL {
-        assert_eq!(matmul::chosen_path(&ctx, trans, 64, 64, 64), Path::Subgroup, "{trans:?}");
+        assert_eq!(matmul::chosen_path(&ctx, trans, 64, 64, 64), want, "{trans:?}");
         assert_eq!(matmul::chosen_path(&ctx, trans, 7, 5, 3), Path::Plain, "{trans:?}");
     }
+    println!("{} ({}={:?})", dispatcher_line(want), matmul::NO_SUBGROUPS_ENV, std::env::var_os(matmul::NO_SUBGROUPS_ENV));
     // Forcing a path where it does not apply is an error, not a silent fallback.
     let (a, b) = (ctx.zeros(&[4, 3], DType::F32).unwrap(), ctx.zeros(&[5, 3], DType::F32).unwrap());
     for path in [Path::Vec4, Path::Subgroup, Path::SubgroupOwnLoads] {
@@ -480,31 +511,25 @@ fn dispatcher_picks_the_subgroup_kernels_here() {
     }
 }
 
-/// Run by `no_subgroups_env_turns_the_subgroup_kernels_off` in a child process with
-/// QLORA_NO_SUBGROUPS=1; ignored otherwise.
 #[test]
-#[ignore = "runs in a child process with QLORA_NO_SUBGROUPS=1"]
-fn child_no_subgroups_env() {
-    assert_eq!(std::env::var(matmul::NO_SUBGROUPS_ENV).as_deref(), Ok("1"), "run through the parent test");
-    // chosen_path is what matmul_into dispatches for Auto; the vec4 kernels themselves are
-    // checked above (no dispatch here: a child process would compile its pipelines again).
-    let ctx = gpu_with_subgroups();
-    for trans in ALL {
-        assert_eq!(matmul::chosen_path(&ctx, trans, 64, 64, 64), Path::Vec4, "{trans:?}");
-        assert_eq!(matmul::chosen_path(&ctx, trans, 7, 5, 3), Path::Plain, "{trans:?}");
-    }
-}
-
-#[test]
-fn no_subgroups_env_turns_the_subgroup_kernels_off() {
-    // Set in a child process: setting it here would race with the other tests' dispatches.
+fn the_other_no_subgroups_setting_in_a_child_process() {
+    // The dispatcher test again in a child process with QLORA_NO_SUBGROUPS flipped (set to 1
+    // when unset here, removed when set), so each run of this file checks both settings; set
+    // here, it would race with the other tests' dispatches. No dispatch in the child beyond the
+    // error checks: it would compile its pipelines again.
     let exe = std::env::current_exe().unwrap();
-    let out = std::process::Command::new(exe)
-        .args(["--exact", "child_no_subgroups_env", "--ignored", "--test-threads=1"])
-        .env(matmul::NO_SUBGROUPS_ENV, "1")
-        .output()
-        .unwrap();
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["--exact", "dispatcher_picks_the_path_the_environment_asks_for", "--nocapture", "--test-threads=1"]);
+    let want = if no_subgroups_env() {
+        cmd.env_remove(matmul::NO_SUBGROUPS_ENV);
+        Path::Subgroup
+    } else {
+        cmd.env(matmul::NO_SUBGROUPS_ENV, "1");
+        Path::Vec4
+    };
+    let out = cmd.output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "child failed:\n{text}");
     assert!(text.contains("1 passed"), "the child ran no test:\n{text}");
+    assert!(text.contains(&dispatcher_line(want)), "the child did not assert {want:?}:\n{text}");
 }

@@ -3,7 +3,7 @@
 //!   formulas;
 //! - the GPU global gradient norm against f64, clipping applied only above max_norm, determinism;
 //! - the optimizer over a LoRA set reproduces PEFT's reference first AdamW step (adapter_init +
-//!   grads_init -> adapter_after_step1, tests/fixtures/tiny-llama/dev) within 1e-6 relative;
+//!   grads_init -> adapter_after_step1, tests/fixtures/tiny-llama/dev) within 4e-8 relative;
 //! - gradient accumulation weighted by token counts equals the full-batch gradient, the step
 //!   stops on a NaN loss without updating;
 //! - checkpoints: bytes -> checkpoint -> bytes is the identity, and a restored run continues
@@ -44,6 +44,7 @@ fn tiny() -> LlamaConfig {
         rms_eps: 1e-5,
         rope_theta: 10000.0,
         tied: true,
+        sliding_window: None,
     }
 }
 
@@ -113,7 +114,8 @@ fn global_norm_and_clipping_match_f64() {
     let norm = read(&ctx, &global_grad_norm(&ctx, &tr).unwrap())[0];
     let rel = (norm as f64 - want).abs() / want;
     eprintln!("global norm: {norm} vs f64 {want}: relative error {rel:.2e}");
-    assert!(rel <= 1e-6, "global norm {norm} vs {want}");
+    // Achieved 1.3e-8; bound 1e-7.
+    assert!(rel <= 1e-7, "global norm {norm} vs {want}");
     let again = read(&ctx, &global_grad_norm(&ctx, &tr).unwrap())[0];
     assert_eq!(norm.to_bits(), again.to_bits(), "deterministic");
 
@@ -126,12 +128,14 @@ fn global_norm_and_clipping_match_f64() {
     for (t, x) in ts.iter().zip(&xs) {
         let scaled: Vec<f64> = x.iter().map(|v| v * coef).collect();
         let got = read(&ctx, t);
-        assert_close("clipped", &got, &scaled, 1e-12, 2e-6);
+        // Achieved 7.3e-8 relative per element; bound 5e-7.
+        assert_close("clipped", &got, &scaled, 1e-12, 5e-7);
         worst = worst.max(rel_err(&got, &scaled));
     }
     eprintln!("clipped gradients: worst relative (L2) error {worst:.2e}");
     let after = read(&ctx, &global_grad_norm(&ctx, &tr).unwrap())[0];
-    assert!((after as f64 - max as f64).abs() <= 2e-6 * max as f64, "norm after clipping {after} vs max {max}");
+    // Achieved 9.2e-8 relative; bound 5e-7.
+    assert!((after as f64 - max as f64).abs() <= 5e-7 * max as f64, "norm after clipping {after} vs max {max}");
 
     // Below max_norm: nothing changes, bit for bit.
     let before: Vec<Vec<f32>> = ts.iter().map(|t| read(&ctx, t)).collect();
@@ -195,6 +199,7 @@ fn optimizer_reproduces_the_reference_first_adamw_step() {
     let wbytes = fixture("dev/adapter_after_step1.safetensors");
     let want_file = SafeTensors::deserialize(&wbytes).unwrap();
     let (mut worst_rel, mut worst_abs, mut exact, mut total) = (0f64, 0f64, 0usize, 0usize);
+    let mut worst_formula = 0f64;
     for (key, id) in peft_params() {
         let want = f32s(want_file.tensor(&key).unwrap().data());
         let (li, mi, bi) = lora::param_of(id);
@@ -203,7 +208,8 @@ fn optimizer_reproduces_the_reference_first_adamw_step() {
         let want64: Vec<f64> = want.iter().map(|&v| v as f64).collect();
         let rel = rel_err(got, &want64);
         let max_abs = got.iter().zip(&want).map(|(g, w)| (g - w).abs() as f64).fold(0.0, f64::max);
-        assert!(rel <= 1e-6, "{key}: relative error {rel:.3e}");
+        // Achieved 4.5e-9 (all but 2 of 17,920 values bit-identical); bound 4e-8.
+        assert!(rel <= 4e-8, "{key}: relative error {rel:.3e}");
         worst_rel = worst_rel.max(rel);
         worst_abs = worst_abs.max(max_abs);
         exact += got.iter().zip(&want).filter(|(g, w)| g.to_bits() == w.to_bits()).count();
@@ -214,11 +220,14 @@ fn optimizer_reproduces_the_reference_first_adamw_step() {
         let g: Vec<f64> = host_grads[&key].iter().map(|&v| v as f64).collect();
         let (mut mm, mut vv) = (vec![0.0; p.len()], vec![0.0; p.len()]);
         adamw::cpu::step(&hp, &mut p, &g, &mut mm, &mut vv, 1, 1e-3);
-        assert!(rel_err(&want, &p) <= 1e-6, "{key}: reference file vs f64 formula");
+        let rf = rel_err(&want, &p);
+        worst_formula = worst_formula.max(rf);
+        // Achieved 3.2e-8 (torch's f32 roundings); bound 1e-7.
+        assert!(rf <= 1e-7, "{key}: reference file vs f64 formula");
     }
     eprintln!(
         "step 1 vs PEFT/torch: worst per-tensor relative (L2) error {worst_rel:.3e}, worst abs {worst_abs:.3e}, \
-         {exact}/{total} values bit-identical"
+         {exact}/{total} values bit-identical; reference file vs f64 formula {worst_formula:.3e}"
     );
 }
 
@@ -263,9 +272,12 @@ fn accumulation_weighted_by_tokens_equals_the_full_batch() {
     let acc_loss = block_on(acc.loss(&ctx)).unwrap();
     let grads = acc.finish();
     let summed = read(&ctx, &grads[&pa.id]);
-    assert!((acc_loss - full_loss).abs() <= 1e-6 * full_loss, "loss {acc_loss} vs full batch {full_loss}");
+    // Achieved 7.3e-8 relative; bound 5e-7.
+    assert!((acc_loss - full_loss).abs() <= 5e-7 * full_loss, "loss {acc_loss} vs full batch {full_loss}");
     let full64: Vec<f64> = full.iter().map(|&v| v as f64).collect();
-    assert_close("accumulated gradient", &summed, &full64, 1e-8, 1e-5);
+    // Achieved 0 (bit-identical here); bound 2e-7 relative per element (~2 f32 ulps: the
+    // weighted sum may round differently on another device).
+    assert_close("accumulated gradient", &summed, &full64, 1e-12, 2e-7);
     eprintln!("accumulated vs full-batch gradient: relative (L2) error {:.2e}", rel_err(&summed, &full64));
     // The plain mean of the micro-batch gradients (each micro-batch weighted 1/2) is not it.
     let mut naive = Accumulator::new(2).unwrap();
@@ -329,25 +341,26 @@ fn train_step_accumulates_clips_and_updates_like_the_full_batch() {
         Some(0.05),
     ))
     .unwrap();
-    assert!((report.loss - full_loss).abs() <= 1e-6 * full_loss, "{} vs {full_loss}", report.loss);
+    // Achieved: loss 4.8e-8 relative (bound 4e-7); grad norm and parameters bit-identical
+    // (bounds 2e-7 relative and 2e-7 absolute on values of size ~1: ~2 f32 ulps).
+    assert!((report.loss - full_loss).abs() <= 4e-7 * full_loss, "{} vs {full_loss}", report.loss);
     let gn = report.grad_norm.unwrap();
-    assert!((gn - norm).abs() <= 1e-6 * norm, "grad norm {gn} vs {norm}");
+    assert!((gn - norm).abs() <= 2e-7 * norm, "grad norm {gn} vs {norm}");
     let got = read(&ctx, &pa.value);
     let want: Vec<f64> = read(&ctx, &pa_ref.value).iter().map(|&v| v as f64).collect();
-    assert_close("params after the step", &got, &want, 1e-6, 0.0);
+    assert_close("params after the step", &got, &want, 2e-7, 0.0);
     // B got no gradient: torch skips it (no decay, no state).
     assert_eq!(read(&ctx, &set.layers[0][0].as_ref().unwrap().b.value), b_before);
     assert_eq!(opt.state().keys().copied().collect::<Vec<_>>(), vec![pa.id]);
     assert_eq!(opt.step_count(), 1);
 
-    // A NaN loss stops the step before any update.
-    let mut bad = a.clone();
-    bad[5] = f64::NAN;
-    let set = logits_set(&ctx, &bad, rows, v);
+    // A NaN loss stops the step before any update: after one good step, a step whose loss is
+    // NaN leaves the parameters, the AdamW moments (m, v, t) and the step count exactly as the
+    // good step left them.
+    let set = logits_set(&ctx, &a, rows, v);
     let pa = set.layers[0][0].as_ref().unwrap().a.clone();
-    let before = read(&ctx, &pa.value);
     let mut opt = LoraOptimizer::new(hp);
-    let e = block_on(train_step(
+    block_on(train_step(
         &ctx,
         &set,
         &mut opt,
@@ -359,12 +372,39 @@ fn train_step_accumulates_clips_and_updates_like_the_full_batch() {
         1e-2,
         None,
     ))
+    .unwrap();
+    let bits = |x: Vec<f32>| x.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
+    let snapshot = |opt: &LoraOptimizer| -> Vec<(ParamId, Vec<u32>, Vec<u32>, u64)> {
+        opt.state().iter().map(|(id, mo)| (*id, bits(read(&ctx, &mo.m)), bits(read(&ctx, &mo.v)), mo.t)).collect()
+    };
+    let good_params = bits(read(&ctx, &pa.value));
+    let good_moments = snapshot(&opt);
+    assert_eq!(good_moments.len(), 1);
+    assert_eq!(good_moments[0].3, 1);
+    assert!(good_moments[0].1.iter().any(|&m| m != 0), "the good step wrote the first moment");
+    let mut poison = vec![0.0; rows * v];
+    poison[5] = f64::NAN;
+    let poison = up(&ctx, &poison, &[rows, v]);
+    let e = block_on(train_step(
+        &ctx,
+        &set,
+        &mut opt,
+        &[7],
+        |tape, _| {
+            let x = tape.param(&pa);
+            let p = tape.constant(poison.clone());
+            let y = qlora_webgpu::autograd::add(tape, &ctx, &x, &p)?;
+            cross_entropy::cross_entropy(tape, &ctx, &y, &targets)
+        },
+        1e-2,
+        None,
+    ))
     .unwrap_err()
     .to_string();
-    assert!(e.contains("NaN") && e.contains("step 1") && e.contains("stopped"), "{e}");
-    let after = read(&ctx, &pa.value);
-    assert!(before.iter().zip(&after).all(|(x, y)| x.to_bits() == y.to_bits()), "no update after a NaN loss");
-    assert_eq!(opt.step_count(), 0);
+    assert!(e.contains("NaN") && e.contains("step 2") && e.contains("stopped"), "{e}");
+    assert_eq!(bits(read(&ctx, &pa.value)), good_params, "no update after a NaN loss");
+    assert!(snapshot(&opt) == good_moments, "the moments are the good step's after a NaN loss");
+    assert_eq!(opt.step_count(), 1);
 }
 
 #[test]

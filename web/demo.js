@@ -76,7 +76,7 @@ worker.onmessage = (ev) => {
       } else {
         state.gpu = m.info;
         const i = m.info;
-        $('gpu').textContent = `${i.name || 'WebGPU adapter'} (${i.backend}${i.subgroups ? ', subgroups' : ''}${i.shaderF16 ? ', f16' : ''}); ` +
+        $('gpu').textContent = `${i.name || 'WebGPU adapter'} (${i.backend}${i.subgroups ? ', subgroups' : ''}${i.shaderF16 ? ', f16' : ''}; ${i.matmulPath} matmul kernels); ` +
           `largest buffer binding ${fmtBytes(i.maxStorageBufferBindingSize)}. qlora-webgpu ${m.version}`;
         setPhase('ready', 'Choose a model, then Train.');
       }

@@ -16,8 +16,8 @@ use crate::{Error, Result};
 pub enum Architecture {
     /// `LlamaForCausalLM` (Llama 1/2/3, SmolLM, SmolLM2, TinyLlama, ...).
     Llama,
-    /// `MistralForCausalLM` (sliding-window attention, ignored by the decoder: exact for
-    /// sequences no longer than the window).
+    /// `MistralForCausalLM` (sliding-window attention, not applied by the decoder: exact for
+    /// sequences no longer than the window, and longer ones are refused).
     Mistral,
     /// `Qwen2ForCausalLM` (q, k and v projections always carry a bias).
     Qwen2,
@@ -96,7 +96,9 @@ pub struct ModelConfig {
     /// `mlp_bias` (Llama only): bias on gate, up and down.
     pub mlp_bias: bool,
     /// `sliding_window` when sliding-window attention is on (Mistral; Qwen2 with
-    /// `use_sliding_window`); the decoder attends over the full causal context.
+    /// `use_sliding_window`). The decoder attends over the full causal context, which is exact
+    /// for sequences of at most this many tokens; it refuses longer ones
+    /// ([`LlamaConfig::check_sequence`]).
     pub sliding_window: Option<usize>,
     /// `quantization_config.quant_method`, if any (e.g. "bitsandbytes").
     pub quant_method: Option<String>,
@@ -400,8 +402,8 @@ impl ModelConfig {
         Ok((theta, scaling))
     }
 
-    /// The decoder's hyperparameters (rope scaling, biases and the sliding window are not part
-    /// of [`LlamaConfig`]; see those fields here).
+    /// The decoder's hyperparameters (rope scaling and biases are not part of [`LlamaConfig`];
+    /// see those fields here).
     pub fn to_llama(&self) -> LlamaConfig {
         LlamaConfig {
             hidden: self.hidden_size,
@@ -414,6 +416,7 @@ impl ModelConfig {
             rms_eps: self.rms_norm_eps as f32,
             rope_theta: self.rope_theta,
             tied: self.tie_word_embeddings,
+            sliding_window: self.sliding_window,
         }
     }
 

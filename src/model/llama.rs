@@ -39,9 +39,29 @@ pub struct LlamaConfig {
     pub rope_theta: f64,
     /// tie_word_embeddings: the lm_head is the embedding table.
     pub tied: bool,
+    /// `sliding_window` of a model with sliding-window attention (Mistral; Qwen2 with
+    /// `use_sliding_window`), None for full causal attention. The decoder does not apply the
+    /// window: it attends over the full causal context, which equals the windowed attention
+    /// only for sequences of at most this many tokens, so longer ones are refused
+    /// ([`LlamaConfig::check_sequence`]).
+    pub sliding_window: Option<usize>,
 }
 
 impl LlamaConfig {
+    /// `Error::Invalid` naming `sliding_window`, the window and the length when a sequence of
+    /// `len` tokens is longer than the model's sliding window (which the decoder does not apply:
+    /// it would attend farther back than the model does).
+    pub fn check_sequence(&self, len: usize) -> Result<()> {
+        match self.sliding_window {
+            Some(w) if len > w => Err(Error::Invalid(format!(
+                "a sequence of {len} tokens is longer than the model's sliding_window of {w} tokens; \
+                 sliding-window attention is not implemented, so sequences are limited to {w} tokens \
+                 (shorten max_len, or the prompt plus max_new_tokens)"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// (out, in) of projection `m` (index into TARGETS).
     pub fn proj_shape(&self, m: usize) -> (usize, usize) {
         let (c, i) = (self.hidden, self.intermediate);
@@ -238,6 +258,7 @@ pub fn forward_hidden(
         return Err(Error::shape("llama", format!("{} ids do not split into {batch} sequences", ids.len())));
     }
     let seq = ids.len() / batch;
+    cfg.check_sequence(seq)?;
     let mut x = tape.constant(embedding::forward_shards(ctx, &w.embed, ids)?);
     for (i, lw) in w.layers.iter().enumerate() {
         let layer = Layer {
@@ -361,6 +382,7 @@ pub fn forward_cached(
             rope.rows()
         )));
     }
+    cfg.check_sequence(pos0 + ids.len())?;
     let mut tape = Tape::new(false);
     let mut x = tape.constant(embedding::forward_shards(ctx, &w.embed, ids)?);
     for (i, lw) in w.layers.iter().enumerate() {

@@ -14,7 +14,7 @@
 // (src/gpu/shards.rs), one dispatch per shard; a shard holds ids row0 .. row0 + v, and positions
 // whose id lies outside it are left for the other shards' dispatches. A bf16 or f16 table (two
 // values per u32 word, the element with the even index in the low half) is widened to f32 here:
-//   bf16: bitcast<f32>(bits << 16)          f16: unpack2x16float(bits).x
+//   bf16: bitcast<f32>(bits << 16)          f16: half_to_f32 (integer operations, exact)
 //
 // embedding_forward:  one invocation per output element (N * C); ceil(N*C / WG) workgroups split
 //                     over x and y past 65535 (flat workgroup index = wid.x + wid.y * 65535);
@@ -56,7 +56,24 @@ fn load16(e: u32) -> f32 {
     if (params.kind == 1u) {
         return bitcast<f32>(bits << 16u);
     }
-    return unpack2x16float(bits).x;
+    return half_to_f32(bits);
+}
+
+// IEEE half bits (low 16) as f32, exactly, with integer operations only (unpack2x16float needs a
+// capability some backends lack).
+fn half_to_f32(h: u32) -> f32 {
+    let sign = (h & 0x8000u) << 16u;
+    let e = (h >> 10u) & 0x1fu;
+    let m = h & 0x3ffu;
+    if (e == 0u) {
+        // zero or subnormal: m * 2^-24 (exact in f32)
+        let v = f32(m) * 5.9604644775390625e-8;
+        return bitcast<f32>(bitcast<u32>(v) | sign);
+    }
+    if (e == 31u) {
+        return bitcast<f32>(sign | 0x7f800000u | (m << 13u));
+    }
+    return bitcast<f32>(sign | ((e + 112u) << 23u) | (m << 13u));
 }
 
 @compute @workgroup_size(WG)

@@ -199,6 +199,12 @@ fn embedding_gather_across_shards_and_16bit_storage_is_exact() {
         let rows = read(&ctx, &qlora_webgpu::ops::embedding::rows_f32(&ctx, &shards.parts()[1], 3..9).unwrap());
         assert_eq!(bits(&rows), bits(&table[(r.start + 3) * c..(r.start + 9) * c]), "{dt:?} rows");
     }
+    // f16 widening of subnormals, the largest half, signed zeros and infinities, exactly.
+    let special: Vec<f32> = vec![5.960464477539063e-8, -3.0517578125e-5, 6.103515625e-5, 65504.0, -0.0, 0.0, f32::INFINITY, -1.5];
+    let t = RowShards::upload(&ctx, &special, 4, 2, DType::F16).unwrap();
+    let got = read(&ctx, &qlora_webgpu::ops::embedding::forward_shards(&ctx, &t, &[3, 0, 1, 2]).unwrap());
+    let want: Vec<f32> = [3, 0, 1, 2].iter().flat_map(|&r| special[2 * r..2 * r + 2].to_vec()).collect();
+    assert_eq!(bits(&got), bits(&want), "f16 special values");
     // A value that is not exact in the asked storage is refused, not rounded.
     let e = RowShards::upload(&ctx, &[0.1, 0.2], 1, 2, DType::BF16).err().expect("0.1 is not a bf16");
     assert!(e.to_string().contains("not exact"), "{e}");

@@ -139,7 +139,6 @@ fn resume_from_a_checkpoint_continues_exactly() {
     // "all-linear" is written out as the seven names, as PEFT does: compare what it selects.
     assert_eq!(a.config.targets(&model.cfg).unwrap(), b.config.targets(&model.cfg).unwrap());
     assert_eq!((a.config.r, a.config.lora_alpha, a.config.lora_dropout), (b.config.r, b.config.lora_alpha, b.config.lora_dropout));
-    assert!(all[19] < all[0], "the loss fell over the run: {} -> {}", all[0], all[19]);
 }
 
 #[test]

@@ -17,7 +17,7 @@ pub enum DType {
     /// bfloat16 storage (two per 32-bit word, the first element in the low half): read by the
     /// kernels that take 16-bit tables and widened to f32 there (`bits << 16`).
     BF16,
-    /// IEEE half storage (two per word, low half first), widened with `unpack2x16float`.
+    /// IEEE half storage (two per word, low half first), widened exactly with integer operations.
     F16,
 }
 

@@ -409,7 +409,7 @@ mod api {
     fn upload(gpu: &Gpu, src: ModelSource, opts: &Value) -> Result<Model, JsValue> {
         let name = src.name.clone();
         let (quant, max_positions, _) = options::model_options(opts, &src.host.config).map_err(|e| fail(format!("loading {name}"), e))?;
-        options::check_model_fits(&name, &src.host.config, &gpu.info).map_err(|e| fail(format!("loading {name}"), e))?;
+        options::check_model_fits(&name, &src.host.config, quant, &gpu.info, gpu.ctx.max_binding()).map_err(|e| fail(format!("loading {name}"), e))?;
         let m = src
             .upload(&gpu.ctx, quant, max_positions)
             .map_err(|e| fail(format!("uploading {name} to the GPU ({})", gpu.info.name), e))?;
@@ -705,7 +705,7 @@ mod api {
         let opts = from_js("TrainOptions", options)?;
         let m = &model.inner;
         let cfg = options::train_config(&opts).map_err(|e| fail("starting training", e))?;
-        options::check_training_fits(&m.m.config, &cfg, &m.info).map_err(|e| fail("starting training", e))?;
+        options::check_training_fits(&m.m.config, &cfg, &m.info, m.ctx.max_binding()).map_err(|e| fail("starting training", e))?;
         let session = TrainSession::new(&m.ctx, &m.m, &data.d, cfg, init)
             .map_err(|e| fail(format!("starting training of {} on {}", m.m.name, data.d.file()), e))?;
         Ok(Training { inner: Rc::new(TrainingInner { model: m.clone(), session: RefCell::new(session), options: opts }) })

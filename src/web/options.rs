@@ -293,60 +293,56 @@ fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / 1048576.0)
 }
 
-/// Checks that the largest buffers a model needs on the device fit the adapter's limits (one
-/// storage binding and one buffer): the embedding table (V, C) in f32, the lm_head when not tied,
-/// the largest projection. The message names the tensor, its size and the limit.
-pub fn check_model_fits(name: &str, config: &ModelConfig, info: &GpuInfo) -> Result<()> {
+/// Checks that the buffers a model needs whole fit `limit`, the device's largest binding
+/// (`GpuContext::max_binding`): its largest projection, in f32 or, for QLoRA, as packed NF4 codes
+/// (the embedding and lm_head are stored as row shards and need not fit). The message names the
+/// tensor, its size and the limit, and says what would fit.
+pub fn check_model_fits(name: &str, config: &ModelConfig, quant: BaseQuant, info: &GpuInfo, limit: u64) -> Result<()> {
     let c = config.to_llama();
-    let limit = info.max_storage_binding.min(info.max_buffer);
-    let mut tensors: Vec<(String, u64)> = vec![("the token embedding table".into(), (c.vocab * c.hidden * 4) as u64)];
-    if !c.tied {
-        tensors.push(("lm_head".into(), (c.vocab * c.hidden * 4) as u64));
-    }
-    let proj = (0..7).map(|m| c.proj_shape(m)).max_by_key(|&(o, i)| o * i).unwrap_or((0, 0));
-    tensors.push((format!("a projection ({} x {})", proj.0, proj.1), (proj.0 * proj.1 * 4) as u64));
-    for (what, bytes) in tensors {
-        if bytes > limit {
-            return Err(Error::Limit {
-                op: "load model",
-                msg: format!(
-                    "{name} does not fit this GPU adapter ({}): {what} takes {} in f32, and the adapter's largest storage \
-                     buffer binding is {} (maxStorageBufferBindingSize {}, maxBufferSize {}). A model with a smaller \
-                     vocabulary or hidden size, or a GPU with higher limits, is needed (splitting large tensors is not \
-                     implemented yet)",
-                    info.name,
-                    mib(bytes),
-                    mib(limit),
-                    info.max_storage_binding,
-                    info.max_buffer
-                ),
-            });
-        }
+    let (o, i) = (0..7).map(|m| c.proj_shape(m)).max_by_key(|&(o, i)| o * i).unwrap_or((0, 0));
+    let (bytes, how) = match quant {
+        BaseQuant::F32 => ((o * i * 4) as u64, "in f32"),
+        BaseQuant::Nf4 { .. } => ((o * i).div_ceil(2) as u64, "in NF4"),
+    };
+    if bytes > limit {
+        return Err(Error::Limit {
+            op: "load model",
+            msg: format!(
+                "{name} does not fit this GPU adapter ({}): its largest projection ({o} x {i}) takes {} {how}, and the                  largest storage buffer it may bind is {} (maxStorageBufferBindingSize {}, maxBufferSize {}){}",
+                info.name,
+                mib(bytes),
+                mib(limit),
+                info.max_storage_binding,
+                info.max_buffer,
+                if quant == BaseQuant::F32 { "; QLoRA (quant \"nf4-dq\") holds projections in 4 bits" } else { "" }
+            ),
+        });
     }
     Ok(())
 }
 
-/// Checks that a training step's largest buffer fits the adapter's limits: the logits of one
-/// micro-batch, (batch_size x max_len, V) f32 (and their gradient, the same size). The message
-/// says which batch size or length would fit.
-pub fn check_training_fits(config: &ModelConfig, cfg: &TrainConfig, info: &GpuInfo) -> Result<()> {
-    let v = config.vocab_size as u64;
-    let limit = info.max_storage_binding.min(info.max_buffer);
+/// Checks that a training step's largest activation fits `limit`: (batch_size x max_len) rows of
+/// the widest of the MLP's intermediate size, the hidden size, the query width and the output
+/// layer's smallest vocabulary chunk (64), in f32 (the output layer never holds all logits). The
+/// message says which batch size or length would fit.
+pub fn check_training_fits(config: &ModelConfig, cfg: &TrainConfig, info: &GpuInfo, limit: u64) -> Result<()> {
+    let c = config.to_llama();
+    let width = c.intermediate.max(c.hidden).max(c.heads * c.head_dim).max(64) as u64;
     let rows = (cfg.batch_size * cfg.max_len) as u64;
-    let bytes = rows * v * 4;
+    let bytes = rows * width * 4;
     if bytes > limit {
-        let fit_rows = limit / (v * 4).max(1);
+        let fit_rows = limit / (width * 4).max(1);
         return Err(Error::Limit {
             op: "training",
             msg: format!(
-                "a batch of {} examples of up to {} tokens needs logits of {} ({} rows x {} vocabulary x 4 bytes), more than \
+                "a batch of {} examples of up to {} tokens needs activations of {} ({} rows x {} x 4 bytes), more than \
                  this GPU adapter's largest storage buffer binding, {} ({}); use batch size x max length <= {} (for example \
                  batch size {} with max length {}), or gradient accumulation for a larger effective batch",
                 cfg.batch_size,
                 cfg.max_len,
                 mib(bytes),
                 rows,
-                v,
+                width,
                 mib(limit),
                 info.name,
                 fit_rows,
@@ -424,19 +420,23 @@ mod tests {
     #[test]
     fn limits_are_checked_with_a_clear_message() {
         let cfg = smollm2_like();
-        // SmolLM2-135M's embedding is 49152 x 576 x 4 = 108 MiB: fits WebGPU's default 128 MiB binding.
-        check_model_fits("SmolLM2", &cfg, &info(128)).unwrap();
-        let e = check_model_fits("SmolLM2", &cfg, &info(64)).unwrap_err().to_string();
-        assert!(e.contains("SmolLM2 does not fit this GPU adapter (test adapter)") && e.contains("108.0 MiB") && e.contains("64.0 MiB"), "{e}");
+        let limit = |i: &GpuInfo| i.max_storage_binding.min(i.max_buffer);
+        // SmolLM2-135M's embedding (108 MiB in f32) is sharded; its largest projection is
+        // 1536 x 576: 3.4 MiB in f32, 0.4 MiB in NF4.
+        check_model_fits("SmolLM2", &cfg, BaseQuant::F32, &info(64), limit(&info(64))).unwrap();
+        let e = check_model_fits("SmolLM2", &cfg, BaseQuant::F32, &info(2), 2 << 20).unwrap_err().to_string();
+        assert!(e.contains("SmolLM2 does not fit this GPU adapter (test adapter)") && e.contains("3.4 MiB in f32") && e.contains("2.0 MiB") && e.contains("nf4-dq"), "{e}");
+        check_model_fits("SmolLM2", &cfg, BaseQuant::QLORA, &info(2), 2 << 20).unwrap();
         let (q, n, _) = model_options(&Value::Null, &cfg).unwrap();
         assert_eq!((q, n), (BaseQuant::F32, DEFAULT_MAX_POSITIONS));
         let mut t = TrainConfig::default();
-        t.batch_size = 4;
+        t.batch_size = 64;
         t.max_len = 512;
-        // 2048 x 49152 x 4 = 384 MiB of logits.
-        let e = check_training_fits(&cfg, &t, &info(128)).unwrap_err().to_string();
-        assert!(e.contains("384.0 MiB") && e.contains("batch size x max length <= 682"), "{e}");
-        t.batch_size = 1;
-        check_training_fits(&cfg, &t, &info(128)).unwrap();
+        // 32768 rows x 1536 x 4 = 192 MiB of MLP activations.
+        let e = check_training_fits(&cfg, &t, &info(128), 128 << 20).unwrap_err().to_string();
+        assert!(e.contains("192.0 MiB") && e.contains("batch size x max length <= 21845"), "{e}");
+        t.batch_size = 4;
+        check_training_fits(&cfg, &t, &info(128), 128 << 20).unwrap();
     }
+
 }

@@ -165,10 +165,10 @@ function writeAdapter(dir, files) {
 }
 
 /** examples/web_native.rs: the same run natively. Resolves to its final JSON line. */
-async function nativeRun(trainOpts, modelOpts, outDir, initDir) {
+async function nativeRun(trainOpts, modelOpts, outDir, initDir, env = {}) {
   const args = ['run', '-q', '-j1', '--example', 'web_native', '--', MODEL_DIR, DATA, outDir, JSON.stringify(trainOpts), JSON.stringify(modelOpts)];
   if (initDir) args.push(initDir);
-  const { stdout } = await promisify(execFile)('cargo', args, { cwd: REPO_ROOT, maxBuffer: 1 << 24, timeout: 15 * 60e3 });
+  const { stdout } = await promisify(execFile)('cargo', args, { cwd: REPO_ROOT, maxBuffer: 1 << 24, timeout: 15 * 60e3, env: { ...process.env, ...env } });
   return JSON.parse(stdout.trim().split('\n').pop());
 }
 
@@ -206,15 +206,16 @@ test('the demo trains the tiny model in Chromium (SwiftShader) and exports the a
   const page = await openDemo(lines);
   await page.setInputFiles('#model-files', MODEL_FILES.map((f) => path.join(MODEL_DIR, f)));
 
-  // A batch whose logits (64 x 128 rows x 49,152 x 4 bytes = 1.5 GiB) exceed the adapter's largest
-  // storage binding (SwiftShader: 1 GiB): a clear message before any step.
-  await page.fill('#batch', '64');
-  await page.fill('#max-len', '128');
+  // A batch whose MLP activations (8192 x 256 rows x 160 x 4 bytes = 1.25 GiB) exceed the adapter's
+  // largest storage binding (SwiftShader: 1 GiB): a clear message before any step. (The output
+  // layer never holds all logits, so the vocabulary does not limit the batch.)
+  await page.fill('#batch', '8192');
+  await page.fill('#max-len', '256');
   await page.click('#train');
   await page.waitForFunction(() => window.demo.error, null, { timeout: 120e3 });
   const limit = await page.evaluate(() => ({ chain: window.demo.error, text: document.getElementById('error').textContent, phase: window.demo.phase }));
   assert.equal(limit.chain.at(-1).kind, 'limit', JSON.stringify(limit.chain));
-  assert.match(limit.text, /starting training\n  caused by: device limit exceeded in training: a batch of 64 examples of up to 128 tokens needs logits of 1536\.0 MiB/);
+  assert.match(limit.text, /starting training\n  caused by: device limit exceeded in training: a batch of 8192 examples of up to 256 tokens needs activations of 1280\.0 MiB/);
   assert.match(limit.text, /larger than what this GPU adapter allows/);
   assert.equal(limit.phase, 'ready');
   const form = { '#rank': '8', '#alpha': '16', '#steps': String(STEPS), '#lr': '0.005', '#batch': '2', '#max-len': '96', '#seed': '3' };
@@ -436,6 +437,44 @@ test('the package API in a page: a run stopped by its progress callback exports 
   console.log(`# native stop + resume: ${secs(t1)}`);
   compareWithNative('stopped (nf4)', { losses: r.stopped.losses, dir: stopDir }, nativeStop, BOUNDS.stopResume);
   compareWithNative('resumed (nf4)', { losses: r.resumedLosses, dir: resumeDir }, nativeResume, BOUNDS.stopResume);
+});
+
+test('the package API in a page: with the binding limit lowered to 1 MiB the sharded embedding trains as natively (QLoRA)', { timeout: 20 * 60e3 }, async () => {
+  // The tiny model's embedding (49,152 x 64, bf16: 6 MiB) is also its output layer: at 1 MiB it
+  // lives in 6 shards and the output layer runs in chunks, in the page as in the native run
+  // (QLORA_MAX_BINDING=1M there).
+  const t0 = Date.now();
+  const opts = { rank: 4, alpha: 8, steps: 2, lr: 0.005, batchSize: 2, maxLen: 64, seed: 11, schedule: 'constant', warmupSteps: 0, maxGradNorm: 1, dropout: 0 };
+  const modelOpts = { quant: 'nf4-dq', maxPositions: 128, name: 'model' };
+  const lines = [];
+  const page = await apiPage(lines);
+  const r = await page.evaluate(async ({ opts, modelOpts }) => {
+    const { q, gpu } = window;
+    gpu.setMaxBinding(1 << 20);
+    try {
+      const limit = gpu.info.maxBinding;
+      const model = q.Model.fromHuggingFace(gpu, window.hfFiles, modelOpts);
+      const data = q.Dataset.fromJsonl('pirate.jsonl', window.pirate);
+      const run = new q.Training(model, data, opts);
+      const reports = await run.train();
+      const files = await run.exportAdapter();
+      let tooBig;
+      try { new q.Training(model, data, { ...opts, batchSize: 64, maxLen: 128 }); } catch (e) { tooBig = { message: e.cause?.message ?? e.message, kind: e.cause?.kind ?? e.kind }; }
+      return { limit, info: model.info, losses: reports.map((x) => x.loss), tooBig, files: { adapterConfig: files.adapterConfig, adapterModel: [...files.adapterModel] } };
+    } finally {
+      gpu.setMaxBinding(0);
+    }
+  }, { opts, modelOpts });
+  await page.close();
+  console.log(`# browser at a 1 MiB binding: ${secs(t0)}; losses ${r.losses.map((l) => l.toFixed(5)).join(' ')}; device bytes ${JSON.stringify(r.info.deviceBytes)}`);
+  assert.equal(r.limit, 1 << 20);
+  // 64 x 128 rows of the 160-wide MLP in f32 = 5 MiB: over the lowered limit, said clearly.
+  assert.equal(r.tooBig?.kind, 'limit', JSON.stringify(r.tooBig));
+  assert.match(r.tooBig.message, /use batch size x max length <= 1638/);
+  const webDir = path.join(tmp, 'browser-sharded');
+  writeAdapter(webDir, r.files);
+  const native = await nativeRun(opts, modelOpts, path.join(tmp, 'native-sharded'), undefined, { QLORA_MAX_BINDING: '1M' });
+  compareWithNative('sharded (1 MiB binding, nf4-dq)', { losses: r.losses, dir: webDir }, native, BOUNDS.qlora);
 });
 
 test('the package API in a page: the "busy" and "callback" errors', { timeout: 600e3 }, async () => {

@@ -52,10 +52,10 @@ fn main() -> Result<()> {
         ModelSource::from_hf(&name, &dir as &dyn ModelFiles)?
     };
     let (quant, max_positions, _) = options::model_options(&model_opts, &src.host.config)?;
-    options::check_model_fits(&src.name, &src.host.config, ctx.info())?;
+    options::check_model_fits(&src.name, &src.host.config, quant, ctx.info(), ctx.max_binding())?;
     let model = src.upload(&ctx, quant, max_positions)?;
     let cfg = options::train_config(&train_opts)?;
-    options::check_training_fits(&model.config, &cfg, ctx.info())?;
+    options::check_training_fits(&model.config, &cfg, ctx.info(), ctx.max_binding())?;
     let data_bytes = std::fs::read(data_path).with_context(|| format!("reading {}", data_path.display()))?;
     let name = data_path.file_name().map_or_else(|| data_path.display().to_string(), |n| n.to_string_lossy().into_owned());
     let data = Dataset::from_jsonl(&name, &data_bytes, Format::Auto)?;

@@ -8,7 +8,8 @@
 //!   and still match PEFT's reference;
 //! - generation's last-position logits (KV cache) are bit for bit the same;
 //! - bf16 storage (the checkpoint's own type, lossless) equals f32 storage bit for bit, unsharded;
-//! - QLoRA (NF4 projections) with the sharded embedding follows the unsharded run.
+//! - QLoRA (NF4 projections) with the sharded embedding follows the unsharded run;
+//! - a projection that cannot fit the binding is refused, naming it, before anything is uploaded.
 
 mod common;
 use common::*;
@@ -198,4 +199,21 @@ fn qlora_with_a_sharded_embedding_follows_the_single_buffer() {
     eprintln!("QLoRA sharded: loss {ls} vs {l1}, worst gradient rel {dg:.1e}");
     // Measured: the same loss, gradients 8.0e-6 apart (as for the f32 base).
     assert!(((ls - l1) / l1).abs() <= 2e-7 && dg <= 5e-5, "loss {ls} vs {l1}, gradients {dg:.2e}");
+}
+
+#[test]
+fn a_model_that_cannot_fit_is_refused_before_anything_is_uploaded() {
+    let ctx = gpu();
+    let host = load_hf_dir(fixtures().join("model")).unwrap();
+    let before = ctx.pool_stats().in_use;
+    // 16 KiB: gate_proj (160 x 64) takes 40 KiB in f32 and 5 KiB in NF4.
+    let lowered = Lowered::new(&ctx, 16 << 10);
+    let e = host.upload_with(&ctx, None, true).err().expect("an f32 projection over the binding").to_string();
+    assert!(e.contains("model.layers.0.mlp.gate_proj.weight") && e.contains("40960 bytes in f32") && e.contains("16384 bytes") && e.contains("--qlora"), "{e}");
+    assert_eq!(ctx.pool_stats().in_use, before, "nothing was uploaded");
+    // The same model in NF4 fits: its embedding in 384 shards of 128 bf16 rows.
+    let w = host.upload_with(&ctx, Some((64, true)), true).unwrap();
+    assert_eq!(w.embed.parts().len(), 384);
+    drop(w);
+    drop(lowered);
 }

@@ -24,7 +24,8 @@ pub struct BenchArgs {
     /// Batch shapes, BxT each (B sequences of T tokens).
     #[arg(long, default_value = "1x256,4x128")]
     shapes: String,
-    /// Timed steps per shape (after one untimed warm-up step).
+    /// Timed steps per shape, after one untimed warm-up step (0: time the warm-up step alone,
+    /// for shapes too slow to run twice).
     #[arg(long, default_value_t = 3)]
     steps: usize,
     /// LoRA rank (alpha = r).
@@ -151,7 +152,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         for k in 0..=a.steps {
             let t0 = Instant::now();
             block_on(trainer.step(&batch, DataPosition { epoch: 0, index: k as u64 + 1 }))?;
-            if k > 0 {
+            // With --steps 0 the one step run (the warm-up, pipelines compiled in it) is timed.
+            if k > 0 || a.steps == 0 {
                 times.push(t0.elapsed().as_secs_f64());
             }
         }

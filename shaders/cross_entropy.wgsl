@@ -59,11 +59,10 @@ struct Params {
 var<workgroup> red_m: array<f32, WG>;
 var<workgroup> red_s: array<f32, WG>;
 
-@compute @workgroup_size(WG)
-fn ce_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let row = wid.x + wid.y * 65535u;
-    if (row >= params.n_rows) { return; }
-    let base = row * params.v;
+// A safe logsumexp's parts of logits[base .. base + params.v] in one read: each invocation keeps a
+// running (max m, sum s of exp(x - m)), rescaling s when m grows; the pairs are merged in a tree.
+// Leaves the row's (m, s) in red_m[0], red_s[0]. Every invocation of the workgroup calls it.
+fn row_max_sumexp(base: u32, lid: u32) {
     var m = M0;
     var s = 0.0;
     for (var j = lid; j < params.v; j = j + WG) {
@@ -91,6 +90,14 @@ fn ce_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
         workgroupBarrier();
         stride = stride / 2u;
     }
+}
+
+@compute @workgroup_size(WG)
+fn ce_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let row = wid.x + wid.y * 65535u;
+    if (row >= params.n_rows) { return; }
+    let base = row * params.v;
+    row_max_sumexp(base, lid);
     if (lid == 0u) {
         let l = red_m[0] + log(red_s[0]);
         lse[row] = l;
@@ -153,33 +160,7 @@ fn ce_chunk_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
     let row = wid.x + wid.y * 65535u;
     if (row >= params.n_rows) { return; }
     let base = row * params.v;
-    var m = M0;
-    var s = 0.0;
-    for (var j = lid; j < params.v; j = j + WG) {
-        let x = logits[base + j];
-        if (x > m) {
-            s = s * exp(m - x) + 1.0;
-            m = x;
-        } else {
-            s = s + exp(x - m);
-        }
-    }
-    red_m[lid] = m;
-    red_s[lid] = s;
-    workgroupBarrier();
-    var stride = WG / 2u;
-    loop {
-        if (stride == 0u) { break; }
-        if (lid < stride) {
-            let m1 = red_m[lid];
-            let m2 = red_m[lid + stride];
-            let mm = max(m1, m2);
-            red_s[lid] = red_s[lid] * exp(m1 - mm) + red_s[lid + stride] * exp(m2 - mm);
-            red_m[lid] = mm;
-        }
-        workgroupBarrier();
-        stride = stride / 2u;
-    }
+    row_max_sumexp(base, lid);
     if (lid == 0u) {
         let t = u32(targets[row]);
         let inside = t >= params.v0 && t - params.v0 < params.v;

@@ -30,22 +30,6 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama")
 }
 
-/// Restores the adapter's binding limit when dropped (the context is shared by the thread's tests).
-struct Lowered<'a>(&'a GpuContext);
-
-impl<'a> Lowered<'a> {
-    fn new(ctx: &'a GpuContext, bytes: u64) -> Self {
-        ctx.set_max_binding(bytes);
-        Lowered(ctx)
-    }
-}
-
-impl Drop for Lowered<'_> {
-    fn drop(&mut self) {
-        self.0.set_max_binding(u64::MAX);
-    }
-}
-
 struct Batch {
     ids: Vec<u32>,
     targets: Vec<i32>,

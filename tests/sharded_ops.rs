@@ -78,22 +78,6 @@ fn reference(k: &Case) -> (f64, Vec<f64>) {
     (loss, dh)
 }
 
-/// Restores the adapter's binding limit when dropped (the context is shared by the thread's tests).
-struct Lowered<'a>(&'a GpuContext);
-
-impl<'a> Lowered<'a> {
-    fn new(ctx: &'a GpuContext, bytes: u64) -> Self {
-        ctx.set_max_binding(bytes);
-        Lowered(ctx)
-    }
-}
-
-impl Drop for Lowered<'_> {
-    fn drop(&mut self) {
-        self.0.set_max_binding(u64::MAX);
-    }
-}
-
 fn bits(x: &[f32]) -> Vec<u32> {
     x.iter().map(|v| v.to_bits()).collect()
 }

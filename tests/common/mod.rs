@@ -130,3 +130,23 @@ pub fn load_safetensors(path: &std::path::Path) -> std::collections::HashMap<Str
     }
     out
 }
+
+/// Lowers the device's binding limit (`GpuContext::set_max_binding`) and restores the adapter's
+/// when dropped: the context is shared by the thread's tests.
+#[allow(dead_code)]
+pub struct Lowered<'a>(&'a GpuContext);
+
+#[allow(dead_code)]
+impl<'a> Lowered<'a> {
+    /// Lowers the limit to `bytes`.
+    pub fn new(ctx: &'a GpuContext, bytes: u64) -> Self {
+        ctx.set_max_binding(bytes);
+        Lowered(ctx)
+    }
+}
+
+impl Drop for Lowered<'_> {
+    fn drop(&mut self) {
+        self.0.set_max_binding(u64::MAX);
+    }
+}

@@ -78,7 +78,9 @@ fn smollm2_f32_logits_greedy_answer_and_perplexity_match_transformers() {
     // logsumexp over the whole vocabulary.
     let mut cache = KvCache::new(&ctx, &cfg, 256).unwrap();
     let logits = block_on(ctx.read_f32(&llama::forward_cached(&ctx, &cfg, &model.weights, &none, &prompt, &mut cache, &model.rope).unwrap())).unwrap();
-    let last = &logits[(prompt.len() - 1) * v..];
+    // forward_cached gives the last position's logits only.
+    assert_eq!(logits.len(), v);
+    let last = &logits[..];
     let top = &r["chat"]["last_position_top5"];
     let top_ids = ids(&top["ids"]);
     let mut order: Vec<usize> = (0..v).collect();
@@ -139,7 +141,7 @@ fn smollm2_f32_logits_greedy_answer_and_perplexity_match_transformers() {
     let mut streamed = String::new();
     let out = generate(
         &enc,
-        |ids, _pos| block_on(ctx.read_f32(&llama::forward_cached(&ctx, &cfg, &model.weights, &none, ids, &mut cache, &model.rope)?)).map(|l| l[(ids.len() - 1) * v..].to_vec()),
+        |ids, _pos| block_on(ctx.read_f32(&llama::forward_cached(&ctx, &cfg, &model.weights, &none, ids, &mut cache, &model.rope)?)).map(|l| l[..v].to_vec()),
         &tok,
         &cfg_s,
         |t| streamed.push_str(t),

@@ -122,6 +122,33 @@ pub struct GpuContext {
     max_binding: Cell<u64>,
     /// True when `max_binding` was lowered below the adapter's limit.
     binding_forced: Cell<bool>,
+    /// GPU timing from timestamp queries written at each compute pass's start and end
+    /// ([`GpuContext::set_gpu_timing`]); native only.
+    timing: RefCell<Option<Timing>>,
+}
+
+/// Kernel times measured on the GPU: every dispatch of the pending encoder writes two timestamps
+/// (its pass's start and end) into `query_set`; `flush` resolves them, reads them back and adds
+/// each pass's duration to its entry point's total.
+struct Timing {
+    query_set: wgpu::QuerySet,
+    resolve: wgpu::Buffer,
+    readback: wgpu::Buffer,
+    /// Entry point of each timed dispatch in the pending encoder, in order.
+    names: Vec<&'static str>,
+    /// Per entry point: (calls, GPU seconds).
+    totals: HashMap<&'static str, (u64, f64)>,
+    /// Sum of all passes' GPU time, seconds.
+    busy: f64,
+}
+
+/// A GPU-time profile ([`GpuContext::gpu_timing_report`]).
+#[derive(Clone, Debug, Default)]
+pub struct GpuTimes {
+    /// (entry point, calls, GPU seconds), most time first.
+    pub kernels: Vec<(&'static str, u64, f64)>,
+    /// GPU seconds of all compute passes together.
+    pub busy: f64,
 }
 
 /// Environment variable that lowers the largest tensor one buffer holds below the adapter's limit
@@ -235,6 +262,7 @@ impl GpuContext {
         Ok(Rc::new(GpuContext {
             max_binding: Cell::new(forced.map_or(adapter_max, |f| f.min(adapter_max))),
             binding_forced: Cell::new(forced.is_some_and(|f| f < adapter_max)),
+            timing: RefCell::new(None),
             device,
             queue,
             info,
@@ -399,11 +427,79 @@ impl GpuContext {
 
     /// Submits everything recorded so far.
     pub fn flush(&self) {
-        let Some(p) = self.pending.borrow_mut().take() else { return };
+        let Some(mut p) = self.pending.borrow_mut().take() else { return };
         if !p.params.is_empty() {
             self.queue.write_buffer(&self.param_arena, 0, &p.params);
         }
+        let timed = self.timing.borrow().as_ref().map_or(0, |t| t.names.len()) as u32;
+        if timed > 0 {
+            let t = self.timing.borrow();
+            let t = t.as_ref().expect("timing on");
+            p.encoder.resolve_query_set(&t.query_set, 0..2 * timed, &t.resolve, 0);
+            p.encoder.copy_buffer_to_buffer(&t.resolve, 0, &t.readback, 0, 16 * timed as u64);
+        }
         self.queue.submit(Some(p.encoder.finish()));
+        if timed > 0 {
+            self.collect_timing(timed);
+        }
+    }
+
+    /// Reads back the timestamps of the `n` timed passes just submitted and adds them up.
+    fn collect_timing(&self, n: u32) {
+        let mut guard = self.timing.borrow_mut();
+        let Some(t) = guard.as_mut() else { return };
+        let names = std::mem::take(&mut t.names);
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let slice = t.readback.slice(..16 * n as u64);
+            slice.map_async(wgpu::MapMode::Read, |_| {});
+            if self.device.poll(wgpu::PollType::wait_indefinitely()).is_err() {
+                return;
+            }
+            let period = self.queue.get_timestamp_period() as f64 * 1e-9;
+            if let Ok(view) = t.readback.get_mapped_range(..16 * n as u64) {
+                let ticks: &[u64] = bytemuck::cast_slice(&view);
+                for (i, name) in names.iter().enumerate() {
+                    let dt = ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period;
+                    let e = t.totals.entry(name).or_insert((0, 0.0));
+                    e.0 += 1;
+                    e.1 += dt;
+                    t.busy += dt;
+                }
+            }
+            t.readback.unmap();
+        }
+        #[cfg(target_arch = "wasm32")]
+        let _ = (names, n);
+    }
+
+    /// Turns GPU timing on or off (native, on adapters with timestamp queries; returns whether it
+    /// is on): each compute pass writes a timestamp at its start and end, read back at every
+    /// submit, so kernels run as batched as usual and their GPU time is measured, not the launch
+    /// latency a wait per dispatch would add. Turning it on clears the totals.
+    pub fn set_gpu_timing(&self, on: bool) -> bool {
+        self.flush();
+        if !on || !self.info.timestamp_query || cfg!(target_arch = "wasm32") {
+            *self.timing.borrow_mut() = None;
+            return false;
+        }
+        let count = 2 * MAX_PENDING as u32;
+        let query_set = self.device.create_query_set(&wgpu::QuerySetDescriptor { label: Some("pass timestamps"), ty: wgpu::QueryType::Timestamp, count });
+        let mk = |label, usage| self.device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size: 8 * count as u64, usage, mapped_at_creation: false });
+        let resolve = mk("timestamps", wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC);
+        let readback = mk("timestamps readback", wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST);
+        *self.timing.borrow_mut() = Some(Timing { query_set, resolve, readback, names: Vec::new(), totals: HashMap::new(), busy: 0.0 });
+        true
+    }
+
+    /// The GPU times so far (empty when timing is off); flushes what is pending first.
+    pub fn gpu_timing_report(&self) -> GpuTimes {
+        self.flush();
+        let t = self.timing.borrow();
+        let Some(t) = t.as_ref() else { return GpuTimes::default() };
+        let mut kernels: Vec<_> = t.totals.iter().map(|(k, &(n, s))| (*k, n, s)).collect();
+        kernels.sort_by(|a, b| b.2.total_cmp(&a.2));
+        GpuTimes { kernels, busy: t.busy }
     }
 
     fn pipeline(&self, k: &Kernel, constants: &[(&str, f64)]) -> Rc<wgpu::ComputePipeline> {
@@ -506,15 +602,24 @@ impl GpuContext {
             layout: &layout,
             entries: &entries,
         });
+        let timing = self.timing.borrow();
+        let ts = timing.as_ref().map(|t| {
+            let i = t.names.len() as u32;
+            wgpu::ComputePassTimestampWrites { query_set: &t.query_set, beginning_of_pass_write_index: Some(2 * i), end_of_pass_write_index: Some(2 * i + 1) }
+        });
         self.with_encoder(|enc| {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some(kernel.entry),
-                timestamp_writes: None,
+                timestamp_writes: ts,
             });
             pass.set_pipeline(&pipeline);
             pass.set_bind_group(0, &bind_group, &[]);
             pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
         });
+        drop(timing);
+        if let Some(t) = self.timing.borrow_mut().as_mut() {
+            t.names.push(kernel.entry);
+        }
         #[cfg(not(target_arch = "wasm32"))]
         if self.profile.borrow().is_some() {
             let t0 = std::time::Instant::now();

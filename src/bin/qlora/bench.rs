@@ -37,7 +37,9 @@ pub struct BenchArgs {
     /// Recompute layer activations in the backward pass.
     #[arg(long)]
     grad_checkpoint: bool,
-    /// Also run one step per shape with per-kernel timing and print where the time goes.
+    /// Also run one step per shape with per-kernel timing and print where the time goes: GPU time
+    /// from timestamp queries where the adapter has them (GPU-busy share of the wall time, time
+    /// per kernel), else the wall time of each dispatch waited for on its own.
     #[arg(long)]
     profile: bool,
     /// Use this model's weights (a .gguf file or a Hugging Face folder) instead of random ones.
@@ -157,7 +159,25 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 times.push(t0.elapsed().as_secs_f64());
             }
         }
-        if a.profile {
+        if a.profile && ctx.set_gpu_timing(true) {
+            // Timestamp queries around every compute pass: kernels run batched as in the timed
+            // steps, and the GPU's own clock says how long each took.
+            let t0 = Instant::now();
+            block_on(trainer.step(&batch, DataPosition { epoch: 0, index: 99 }))?;
+            let wall = t0.elapsed().as_secs_f64();
+            let rep = ctx.gpu_timing_report();
+            ctx.set_gpu_timing(false);
+            let calls: u64 = rep.kernels.iter().map(|k| k.1).sum();
+            eprintln!(
+                "GPU profile of one {b} x {t} step (timestamp queries): GPU busy {:.3} s of {wall:.3} s wall ({:.0}%), {calls} dispatches; \
+                 the rest is CPU-side work (recording, uploads, readbacks) and gaps between submits",
+                rep.busy,
+                100.0 * rep.busy / wall
+            );
+            for (k, n, s) in rep.kernels.iter().take(15) {
+                eprintln!("  {k:32} {n:6} calls {:9.2} ms {:5.1}% of GPU time", s * 1e3, 100.0 * s / rep.busy.max(1e-12));
+            }
+        } else if a.profile {
             ctx.set_profiling(true);
             let t0 = Instant::now();
             block_on(trainer.step(&batch, DataPosition { epoch: 0, index: 99 }))?;

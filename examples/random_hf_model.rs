@@ -5,8 +5,8 @@
 //!
 //! config.json (the architecture's own fields; `--layers N` keeps N decoder layers), one
 //! model.safetensors in bf16 (projections uniform in ±0.03, embeddings ±0.03, norms 1, Qwen2's
-//! q/k/v biases 0.01; seeded, deterministic), and SmolLM2's tokenizer files from
-//! tests/fixtures/tiny-llama/model (49,152 ids: every id it produces is inside each of these
+//! q/k/v biases 0.01; seeded, deterministic), and SmolLM2's tokenizer files and chat template
+//! from tests/fixtures/tiny-llama/model (49,152 ids: every id it produces is inside each of these
 //! vocabularies). The weights are noise: the model learns nothing useful, but every tensor has
 //! its real size (the point: sharded embeddings, memory, speed).
 
@@ -61,7 +61,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     drop(tensors);
     std::fs::write(out.join("model.safetensors"), bytes)?;
     let tok = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama/model");
-    for f in ["tokenizer.json", "tokenizer_config.json"] {
+    for f in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"] {
         std::fs::copy(tok.join(f), out.join(f))?;
     }
     eprintln!("wrote {} ({name}{}): {} layers, hidden {}, vocab {}", out.display(), layers.map_or(String::new(), |n| format!(", {n} layers kept")), config.num_hidden_layers, config.hidden_size, config.vocab_size);

@@ -259,6 +259,8 @@ pub struct Generation<'a> {
     ids: Vec<u32>,
     pos: usize,
     stop: Option<StopReason>,
+    /// Ids the tokenizer can decode: 0 .. tok_vocab.
+    tok_vocab: usize,
 }
 
 impl<'a> Generation<'a> {
@@ -269,7 +271,7 @@ impl<'a> Generation<'a> {
             return Err(Error::Invalid("generate: the prompt is empty".into()));
         }
         let stop = (cfg.max_new_tokens == 0).then_some(StopReason::MaxNewTokens);
-        Ok(Generation { sampler, stream: TextStream::new(cfg, tok), cfg, prompt: prompt_ids.to_vec(), ids: Vec::new(), pos: 0, stop })
+        Ok(Generation { sampler, stream: TextStream::new(cfg, tok), cfg, prompt: prompt_ids.to_vec(), ids: Vec::new(), pos: 0, stop, tok_vocab: tok.vocab_size() })
     }
 
     /// The ids to feed next and the position of the first (the prompt at 0, then each new
@@ -285,13 +287,15 @@ impl<'a> Generation<'a> {
     }
 
     /// Takes the logits [V] of the last fed position: samples the next id, streams its text to
-    /// `on_text`, and returns true when generation has stopped.
+    /// `on_text`, and returns true when generation has stopped. Only ids the tokenizer can decode
+    /// are sampled: a model whose vocabulary has more rows than its tokenizer has ids (padding
+    /// rows, as Qwen2.5's 151,936 rows for 151,665 ids) never emits one it cannot spell.
     pub fn push_logits(&mut self, logits: &[f32], on_text: &mut impl FnMut(&str)) -> Result<bool> {
         if self.stop.is_some() {
             return Err(Error::Invalid("generate: logits pushed after generation stopped".into()));
         }
         self.pos = self.prompt.len() + self.ids.len();
-        let id = self.sampler.sample(logits)?;
+        let id = self.sampler.sample(&logits[..logits.len().min(self.tok_vocab.max(1))])?;
         self.ids.push(id);
         if self.cfg.eos_ids.contains(&id) {
             self.stop = Some(StopReason::Eos(id));

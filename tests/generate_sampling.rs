@@ -350,3 +350,26 @@ fn sampled_generation_is_reproducible() {
     assert_ne!(gen(1).ids, gen(2).ids);
     assert!(generate(&[], |_, _| Ok(vec![0.0]), tok(), &cfg(0.0, 0, 1.0, 0), |_| {}).is_err());
 }
+
+#[test]
+fn ids_beyond_the_tokenizer_are_never_sampled() {
+    // A model with more vocabulary rows than its tokenizer has ids (padding rows): the largest
+    // logit sits on a row the tokenizer cannot decode; greedy takes the best decodable id.
+    let tok = tok();
+    let v = tok.vocab_size();
+    let cfg = SamplingConfig { max_new_tokens: 1, ..SamplingConfig::default() };
+    let out = generate(
+        &[1],
+        |_, _| {
+            let mut l = vec![0.0f32; v + 8];
+            l[v + 3] = 9.0; // a padding row
+            l[42] = 5.0;
+            Ok(l)
+        },
+        tok,
+        &cfg,
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(out.ids, vec![42]);
+}

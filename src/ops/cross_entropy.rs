@@ -44,6 +44,12 @@ pub fn check_targets(logits_shape: &[usize], targets: &[i32]) -> Result<(usize, 
     if n.checked_mul(v).is_none_or(|nv| nv > u32::MAX as usize) {
         return Err(Error::shape("cross_entropy", format!("logits {logits_shape:?} exceed u32 indexing")));
     }
+    Ok((n, v, check_target_values(targets, v)?))
+}
+
+/// Checks that each target is -100 or in [0, V) (the error names the first bad row) and returns
+/// the count of rows that are not -100.
+pub(crate) fn check_target_values(targets: &[i32], v: usize) -> Result<usize> {
     let mut count = 0;
     for (row, &t) in targets.iter().enumerate() {
         if t == IGNORE_INDEX {
@@ -56,10 +62,10 @@ pub fn check_targets(logits_shape: &[usize], targets: &[i32]) -> Result<(usize, 
         }
         count += 1;
     }
-    Ok((n, v, count))
+    Ok(count)
 }
 
-fn upload_targets(ctx: &GpuContext, targets: &[i32]) -> Result<Tensor> {
+pub(crate) fn upload_targets(ctx: &GpuContext, targets: &[i32]) -> Result<Tensor> {
     ctx.upload_bytes(bytemuck::cast_slice(targets), &[targets.len()], DType::I32)
 }
 
@@ -156,10 +162,6 @@ pub(crate) fn chunk_backward(ctx: &GpuContext, chunk: &Tensor, targets: &Tensor,
         &[(2, targets), (3, dloss), (4, lse), (6, chunk)],
         groups_2d(groups_for(nc * vc, WG as usize)),
     )
-}
-
-pub(crate) fn upload_targets_pub(ctx: &GpuContext, targets: &[i32]) -> Result<Tensor> {
-    upload_targets(ctx, targets)
 }
 
 /// Forward: from logits (…, V) with N rows and targets (N) (-100 = ignored), returns

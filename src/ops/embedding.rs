@@ -99,10 +99,17 @@ pub fn forward(ctx: &GpuContext, table: &Tensor, ids: &[u32]) -> Result<Tensor> 
     if n * c == 0 {
         return Ok(out);
     }
-    let ids_t = ctx.upload_u32(ids, &[n])?;
-    let p = Params::new(n, c, v);
-    ctx.dispatch(&FORWARD, &[], &p, &[(1, table), (2, &ids_t), (6, &out)], groups_2d(groups_for(n * c, WG as usize)))?;
+    gather_into(ctx, table, &ctx.upload_u32(ids, &[n])?, &out)?;
     Ok(out)
+}
+
+/// out (N, C) = table (V, C) [ids_t (N)] with the ids already on the device (checked by the
+/// caller against V).
+pub(crate) fn gather_into(ctx: &GpuContext, table: &Tensor, ids_t: &Tensor, out: &Tensor) -> Result<()> {
+    let (v, c) = table_dims(table.shape())?;
+    let n = ids_t.numel();
+    let p = Params::new(n, c, v);
+    ctx.dispatch(&FORWARD, &[], &p, &[(1, table), (2, ids_t), (6, out)], groups_2d(groups_for(n * c, WG as usize)))
 }
 
 /// Forward from a row-sharded table of any storage (f32, bf16, f16): out (N, C) f32 =

@@ -108,21 +108,8 @@ pub fn logits(ctx: &GpuContext, h: &Tensor, head: &RowShards) -> Result<Tensor> 
 
 /// The counted rows of `targets` (N) and their targets; checks each target is -100 or in [0, V).
 fn counted(targets: &[i32], v: usize) -> Result<(Vec<u32>, Vec<i32>)> {
-    let mut rows = Vec::new();
-    let mut t = Vec::new();
-    for (row, &x) in targets.iter().enumerate() {
-        if x == IGNORE_INDEX {
-            continue;
-        }
-        if x < 0 || x as usize >= v {
-            return Err(Error::Invalid(format!(
-                "cross_entropy: target {x} at row {row} is neither {IGNORE_INDEX} (ignored) nor in [0, {v})"
-            )));
-        }
-        rows.push(row as u32);
-        t.push(x);
-    }
-    Ok((rows, t))
+    cross_entropy::check_target_values(targets, v)?;
+    Ok(targets.iter().enumerate().filter(|(_, &t)| t != IGNORE_INDEX).map(|(r, &t)| (r as u32, t)).unzip())
 }
 
 pub(crate) struct Saved {
@@ -144,7 +131,6 @@ impl Saved {
         if !needs[0] {
             return Ok(vec![None]);
         }
-        let c = self.head.cols();
         let nc = self.rows.len();
         if nc == 0 {
             return Ok(vec![Some(ctx.zeros(&self.h_shape, DType::F32)?)]);
@@ -173,7 +159,6 @@ impl Saved {
             let groups = IdGroups { uniq: self.rows.clone(), offsets: (0..=nc as u32).collect(), pos: (0..nc as u32).collect() };
             embedding::backward_grouped(ctx, &dh_c, &groups, self.n)?
         };
-        let _ = c;
         Ok(vec![Some(dh.reshape(&self.h_shape))])
     }
 }
@@ -190,12 +175,19 @@ pub fn loss(tape: &mut Tape, ctx: &GpuContext, h: &Var, head: &RowShards, target
     let v = head.rows();
     let (rows, tc) = counted(targets, v)?;
     let nc = rows.len();
-    let targets_t = cross_entropy::upload_targets_pub(ctx, &tc)?;
+    let targets_t = cross_entropy::upload_targets(ctx, &tc)?;
     let rows_t = ctx.upload_u32(&rows, &[nc])?;
     let state = ChunkState::new(ctx, nc)?;
     let chunks = plan(ctx, head, nc);
     let h2 = h.value().reshape(&[n, c]);
-    let h_c = if nc == n { h2 } else { embedding::forward(ctx, &h2, &rows)? };
+    let h_c = if nc == n {
+        h2
+    } else {
+        // The counted rows of h, gathered with the row indices already uploaded for the loss.
+        let out = ctx.empty(&[nc, c], DType::F32)?;
+        embedding::gather_into(ctx, &h2, &rows_t, &out)?;
+        out
+    };
     let keep = (nc * v * 4) as u64 <= KEEP_BYTES && tape.is_recording() && h.requires_grad();
     let mut kept = Vec::new();
     if nc > 0 {

@@ -122,6 +122,8 @@ pub struct GpuContext {
     max_binding: Cell<u64>,
     /// True when `max_binding` was lowered below the adapter's limit.
     binding_forced: Cell<bool>,
+    /// A lower limit for f32 projection weights only ([`GpuContext::set_projection_shard_limit`]).
+    projection_limit: Cell<Option<u64>>,
     /// GPU timing from timestamp queries written at each compute pass's start and end
     /// ([`GpuContext::set_gpu_timing`]); native only.
     timing: RefCell<Option<Timing>>,
@@ -262,6 +264,7 @@ impl GpuContext {
         Ok(Rc::new(GpuContext {
             max_binding: Cell::new(forced.map_or(adapter_max, |f| f.min(adapter_max))),
             binding_forced: Cell::new(forced.is_some_and(|f| f < adapter_max)),
+            projection_limit: Cell::new(None),
             timing: RefCell::new(None),
             device,
             queue,
@@ -304,6 +307,19 @@ impl GpuContext {
         let adapter_max = (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size);
         self.max_binding.set(bytes.clamp(16, adapter_max));
         self.binding_forced.set(bytes < adapter_max);
+    }
+
+    /// The largest block of an f32 projection weight, bytes: the largest binding, or less where
+    /// [`GpuContext::set_projection_shard_limit`] lowered it.
+    pub fn projection_shard_limit(&self) -> u64 {
+        self.projection_limit.get().map_or(self.max_binding(), |p| p.min(self.max_binding()))
+    }
+
+    /// Lowers the block size of f32 projection weights alone (None restores the largest
+    /// binding), so tests can shard every projection of a tiny model while its activations,
+    /// which are never sharded, keep one buffer each.
+    pub fn set_projection_shard_limit(&self, bytes: Option<u64>) {
+        self.projection_limit.set(bytes.map(|b| b.max(16)));
     }
 
     pub(crate) fn check_binding(&self, op: &'static str, bytes: u64) -> Result<()> {

@@ -88,18 +88,22 @@ impl RowShards {
     /// Rows per shard for a (rows, cols) matrix of `dtype` on `ctx`: as many as fit the largest
     /// binding, rounded down to a multiple of 64 (all rows when they fit at once).
     pub fn rows_per_shard(ctx: &GpuContext, rows: usize, cols: usize, dtype: DType) -> Result<usize> {
+        Self::rows_per_block(ctx.max_binding(), rows, cols, dtype, ROW_ALIGN)
+    }
+
+    /// Rows per shard within `max` bytes, a multiple of `align` (all rows when they fit at once).
+    fn rows_per_block(max: u64, rows: usize, cols: usize, dtype: DType, align: usize) -> Result<usize> {
         let row_bytes = (cols * dtype.size()).max(1) as u64;
-        let max = ctx.max_binding();
         if rows as u64 * row_bytes <= max {
             return Ok(rows.max(1));
         }
-        let fit = (max / row_bytes) as usize / ROW_ALIGN * ROW_ALIGN;
+        let fit = (max / row_bytes) as usize / align * align;
         if fit == 0 {
             return Err(Error::Limit {
                 op: "shard",
                 msg: format!(
-                    "{ROW_ALIGN} rows of {cols} {dtype:?} values ({} bytes) exceed the device's largest storage binding ({max} bytes)",
-                    ROW_ALIGN as u64 * row_bytes
+                    "{align} rows of {cols} {dtype:?} values ({} bytes) exceed the device's largest storage binding ({max} bytes)",
+                    align as u64 * row_bytes
                 ),
             });
         }
@@ -113,6 +117,21 @@ impl RowShards {
             return Err(Error::shape("shard", format!("{} values for ({rows}, {cols})", data.len())));
         }
         let rows_per = Self::rows_per_shard(ctx, rows, cols, dtype)?;
+        Self::upload_blocks(ctx, data, rows, cols, dtype, rows_per)
+    }
+
+    /// Uploads an f32 projection weight (out, in) in row blocks within
+    /// [`GpuContext::projection_shard_limit`], each a multiple of 4 rows (the vec4 matmul
+    /// paths' granularity): one block when it fits.
+    pub fn upload_projection(ctx: &GpuContext, data: &[f32], rows: usize, cols: usize) -> Result<Self> {
+        if data.len() != rows * cols {
+            return Err(Error::shape("shard", format!("{} values for ({rows}, {cols})", data.len())));
+        }
+        let rows_per = Self::rows_per_block(ctx.projection_shard_limit(), rows, cols, DType::F32, 4)?;
+        Self::upload_blocks(ctx, data, rows, cols, DType::F32, rows_per)
+    }
+
+    fn upload_blocks(ctx: &GpuContext, data: &[f32], rows: usize, cols: usize, dtype: DType, rows_per: usize) -> Result<Self> {
         let mut parts = Vec::with_capacity(rows.div_ceil(rows_per));
         let mut r0 = 0;
         while r0 < rows || parts.is_empty() {

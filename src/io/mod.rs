@@ -239,7 +239,8 @@ impl HostModel {
             for (m, p) in l.proj.iter().enumerate() {
                 let n = p.shape().iter().product::<usize>() as u64;
                 match (p, quantize) {
-                    (HostWeight::F32(_), None) => check(names::proj(i, m), 4 * n, "in f32")?,
+                    // f32 projections are row-sharded: four rows must fit (the block granularity).
+                    (HostWeight::F32(_), None) => check(names::proj(i, m), 16 * p.shape()[1] as u64, "for four rows in f32")?,
                     _ => check(names::proj(i, m), n.div_ceil(2), "in NF4")?,
                 }
             }
@@ -261,7 +262,7 @@ impl HostModel {
             let mut proj = Vec::with_capacity(7);
             for p in &l.proj {
                 proj.push(match (p, quantize) {
-                    (HostWeight::F32(t), None) => Frozen::F32(up(t)?),
+                    (HostWeight::F32(t), None) => Frozen::upload_f32(ctx, &t.data, t.shape[0], t.shape[1])?,
                     (HostWeight::F32(t), Some((bs, dq))) => {
                         Frozen::Nf4(Nf4Weight::upload(ctx, &crate::quant::nf4::quantize_nf4(&t.data, &t.shape, bs, dq)?)?)
                     }

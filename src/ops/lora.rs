@@ -5,7 +5,7 @@
 //! included, first, then the scaled low-rank term added to it.
 
 use crate::autograd::{self, Op, Tape, Var};
-use crate::gpu::{groups_2d, groups_for, shaders, DType, GpuContext, Kernel, Tensor};
+use crate::gpu::{groups_2d, groups_for, shaders, DType, GpuContext, Kernel, RowShards, Tensor};
 use crate::ops::elementwise;
 use crate::ops::matmul::{self, Trans};
 use crate::ops::nf4::{self, Nf4Weight};
@@ -17,21 +17,36 @@ const DROPOUT_BACKWARD: Kernel = shaders::kernel(shaders::LORA, "lora_dropout_ba
 /// Workgroup size of shaders/lora.wgsl (`WG` there).
 pub const WG: u32 = 256;
 
-/// A frozen base weight W0 (out, in): f32, or NF4 dequantized on the fly (QLoRA). It never gets
-/// a gradient; its input gradient is dy·W0.
+/// A frozen base weight W0 (out, in): f32 (in one buffer, or in row blocks when it exceeds the
+/// device's largest binding), or NF4 dequantized on the fly (QLoRA). It never gets a gradient;
+/// its input gradient is dy·W0.
 #[derive(Clone, Debug)]
 pub enum Frozen {
     /// f32 (out, in).
     F32(Tensor),
+    /// f32 (out, in) as row blocks, each within the device's largest binding: the forward gives
+    /// y a column block per shard (the same bits as one buffer), the input gradient sums the
+    /// shards' products.
+    F32Rows(RowShards),
     /// NF4 (bitsandbytes layout) on the device.
     Nf4(Nf4Weight),
 }
 
 impl Frozen {
+    /// Uploads an f32 weight (out, in): one buffer when it fits
+    /// [`GpuContext::projection_shard_limit`], else row blocks ([`Frozen::F32Rows`]).
+    pub fn upload_f32(ctx: &GpuContext, data: &[f32], out: usize, inp: usize) -> Result<Frozen> {
+        let w = RowShards::upload_projection(ctx, data, out, inp)?;
+        Ok(match w.parts() {
+            [one] => Frozen::F32(one.clone()),
+            _ => Frozen::F32Rows(w),
+        })
+    }
     /// (out, in).
     pub fn shape(&self) -> [usize; 2] {
         match self {
             Frozen::F32(t) => [t.shape()[0], t.shape()[1]],
+            Frozen::F32Rows(w) => [w.rows(), w.cols()],
             Frozen::Nf4(w) => w.shape(),
         }
     }
@@ -39,6 +54,7 @@ impl Frozen {
     pub fn bytes(&self) -> usize {
         match self {
             Frozen::F32(t) => t.byte_len(),
+            Frozen::F32Rows(w) => w.byte_len(),
             Frozen::Nf4(w) => w.bytes(),
         }
     }
@@ -46,6 +62,14 @@ impl Frozen {
     pub fn forward(&self, ctx: &GpuContext, x: &Tensor) -> Result<Tensor> {
         match self {
             Frozen::F32(w) => matmul::matmul(ctx, x, w, Trans::NT, 1.0),
+            Frozen::F32Rows(w) => {
+                let (rows, k) = rows_cols(x.shape());
+                let ranges: Vec<_> = (0..w.parts().len()).map(|i| w.range(i)).collect();
+                let y = matmul::x_wt_row_blocks(ctx, &x.reshape(&[rows, k]), w.rows(), &ranges, |i| Ok(w.parts()[i].clone()))?;
+                let mut shape = x.shape().to_vec();
+                *shape.last_mut().unwrap() = w.rows();
+                Ok(y.reshape(&shape))
+            }
             Frozen::Nf4(w) => nf4::linear_forward(ctx, x, w),
         }
     }
@@ -53,8 +77,28 @@ impl Frozen {
     pub fn backward_input(&self, ctx: &GpuContext, dy: &Tensor) -> Result<Tensor> {
         match self {
             Frozen::F32(w) => matmul::matmul(ctx, dy, w, Trans::NN, 1.0),
+            Frozen::F32Rows(w) => {
+                let (rows, n) = rows_cols(dy.shape());
+                let ranges: Vec<_> = (0..w.parts().len()).map(|i| w.range(i)).collect();
+                let dx = matmul::g_w_row_blocks(ctx, &dy.reshape(&[rows, n]), &ranges, |i| Ok(w.parts()[i].clone()))?;
+                let mut shape = dy.shape().to_vec();
+                *shape.last_mut().unwrap() = w.cols();
+                Ok(dx.reshape(&shape))
+            }
             Frozen::Nf4(w) => nf4::linear_backward_input(ctx, dy, w),
         }
+    }
+}
+
+/// What a frozen linear over a sharded f32 weight saves for backward: the weight (shared handles).
+pub(crate) struct FrozenSaved {
+    w: Frozen,
+}
+
+impl FrozenSaved {
+    /// dx = g · W0 when needs[0]; W0 is frozen and has no gradient.
+    pub(crate) fn backward(self, ctx: &GpuContext, g: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![if needs[0] { Some(self.w.backward_input(ctx, g)?) } else { None }])
     }
 }
 
@@ -64,6 +108,10 @@ pub fn frozen_linear(tape: &mut Tape, ctx: &GpuContext, x: &Var, w0: &Frozen) ->
         Frozen::F32(w) => {
             let w = tape.constant(w.clone());
             matmul::linear(tape, ctx, x, &w)
+        }
+        Frozen::F32Rows(_) => {
+            let y = w0.forward(ctx, x.value())?;
+            Ok(tape.record(y, &[x], || Op::FrozenLinear(FrozenSaved { w: w0.clone() })))
         }
         Frozen::Nf4(w) => nf4::nf4_linear(tape, ctx, x, w),
     }

@@ -364,6 +364,47 @@ pub fn matmul(ctx: &GpuContext, a: &Tensor, b: &Tensor, trans: Trans, alpha: f32
     Ok(out)
 }
 
+/// y (M, N) = x (M, K) · W^T for a weight W (N, K) held (or produced) in row blocks: `block(i)`
+/// gives rows `ranges[i]` of W in f32 (a shard, or a dequantized chunk), whose product with x is
+/// the column block `ranges[i]` of y. Each block's product is the same dot products as one
+/// product with all of W, so y is bit-identical whatever the blocking.
+pub fn x_wt_row_blocks(
+    ctx: &GpuContext,
+    x: &Tensor,
+    n: usize,
+    ranges: &[std::ops::Range<usize>],
+    mut block: impl FnMut(usize) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let m = x.shape()[0];
+    let y = ctx.empty(&[m, n], DType::F32)?;
+    for (i, r) in ranges.iter().enumerate() {
+        let yc = matmul(ctx, x, &block(i)?, Trans::NT, 1.0)?;
+        crate::ops::elementwise::put_cols(ctx, &yc, &y, r.start)?;
+    }
+    Ok(y)
+}
+
+/// dx (M, K) = dy (M, N) · W for W (N, K) in row blocks (see [`x_wt_row_blocks`]): the sum over
+/// blocks of dy[:, block] · W[block, :] (accumulated in block order: within f32 rounding of
+/// one product, not bit-identical to it).
+pub fn g_w_row_blocks(
+    ctx: &GpuContext,
+    dy: &Tensor,
+    ranges: &[std::ops::Range<usize>],
+    mut block: impl FnMut(usize) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let mut dx: Option<Tensor> = None;
+    for (i, r) in ranges.iter().enumerate() {
+        let wc = block(i)?;
+        let dyc = crate::ops::elementwise::take_cols(ctx, dy, r.start, r.len())?;
+        match &dx {
+            None => dx = Some(matmul(ctx, &dyc, &wc, Trans::NN, 1.0)?),
+            Some(acc) => matmul_into(ctx, &dyc, &wc, Trans::NN, 1.0, 1.0, acc)?,
+        }
+    }
+    dx.ok_or_else(|| Error::shape("g_w_row_blocks", "no row blocks".to_string()))
+}
+
 /// Folds every leading dimension of `t` (…, C) into rows: (rows, C).
 fn rows_2d(op: &'static str, what: &str, t: &Tensor) -> Result<Tensor> {
     if t.shape().is_empty() {

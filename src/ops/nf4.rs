@@ -293,13 +293,7 @@ pub fn linear_forward_scratch(ctx: &GpuContext, x: &Tensor, w: &Nf4Weight) -> Re
         return matmul::x_wt(ctx, x, &scratch);
     };
     // W's f32 copy exceeds one binding: a row block of W at a time, each giving a column block of y.
-    let y = ctx.empty(&[m, n], DType::F32)?;
-    let x2 = x.reshape(&[m, k]);
-    for r in chunks {
-        let wc = dequantize_rows(ctx, w, r.clone())?;
-        let yc = matmul::matmul(ctx, &x2, &wc, matmul::Trans::NT, 1.0)?;
-        crate::ops::elementwise::put_cols(ctx, &yc, &y, r.start)?;
-    }
+    let y = matmul::x_wt_row_blocks(ctx, &x.reshape(&[m, k]), n, &chunks, |i| dequantize_rows(ctx, w, chunks[i].clone()))?;
     Ok(y.reshape(&shape))
 }
 
@@ -313,17 +307,8 @@ pub fn linear_backward_input_scratch(ctx: &GpuContext, dy: &Tensor, w: &Nf4Weigh
         return matmul::g_w(ctx, dy, &scratch);
     };
     // dx = Σ over row blocks of W: dy[:, block] · W[block, :].
-    let dy2 = dy.reshape(&[m, n]);
-    let mut dx: Option<Tensor> = None;
-    for r in chunks {
-        let wc = dequantize_rows(ctx, w, r.clone())?;
-        let dyc = crate::ops::elementwise::take_cols(ctx, &dy2, r.start, r.len())?;
-        match &dx {
-            None => dx = Some(matmul::matmul(ctx, &dyc, &wc, matmul::Trans::NN, 1.0)?),
-            Some(acc) => matmul::matmul_into(ctx, &dyc, &wc, matmul::Trans::NN, 1.0, 1.0, acc)?,
-        }
-    }
-    Ok(dx.expect("at least one chunk").reshape(&shape))
+    let dx = matmul::g_w_row_blocks(ctx, &dy.reshape(&[m, n]), &chunks, |i| dequantize_rows(ctx, w, chunks[i].clone()))?;
+    Ok(dx.reshape(&shape))
 }
 
 /// y (…, N) = x (…, K) · dequant(W)^T with the fused kernel (W decoded inside the matmul, no

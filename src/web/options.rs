@@ -290,6 +290,9 @@ pub fn sampling_config(v: &Value) -> Result<SamplingConfig> {
 }
 
 fn mib(bytes: u64) -> String {
+    if bytes < 100 << 10 {
+        return format!("{:.1} KiB", bytes as f64 / 1024.0);
+    }
     format!("{:.1} MiB", bytes as f64 / 1048576.0)
 }
 
@@ -301,7 +304,8 @@ pub fn check_model_fits(name: &str, config: &ModelConfig, quant: BaseQuant, info
     let c = config.to_llama();
     let (o, i) = (0..7).map(|m| c.proj_shape(m)).max_by_key(|&(o, i)| o * i).unwrap_or((0, 0));
     let (bytes, how) = match quant {
-        BaseQuant::F32 => ((o * i * 4) as u64, "in f32"),
+        // f32 projections are stored in row blocks of a multiple of 4 rows (`Frozen::F32Rows`).
+        BaseQuant::F32 => ((4 * i * 4) as u64, "for its smallest row block (4 rows) in f32"),
         BaseQuant::Nf4 { .. } => ((o * i).div_ceil(2) as u64, "in NF4"),
     };
     if bytes > limit {
@@ -421,12 +425,17 @@ mod tests {
     fn limits_are_checked_with_a_clear_message() {
         let cfg = smollm2_like();
         let limit = |i: &GpuInfo| i.max_storage_binding.min(i.max_buffer);
-        // SmolLM2-135M's embedding (108 MiB in f32) is sharded; its largest projection is
-        // 1536 x 576: 3.4 MiB in f32, 0.4 MiB in NF4.
+        // SmolLM2-135M's embedding (108 MiB in f32) is sharded, and so are f32 projections (in
+        // blocks of 4 rows or more); its largest projection is 1536 x 576: 3.4 MiB in f32, 0.4 MiB
+        // in NF4, which must fit one binding.
         check_model_fits("SmolLM2", &cfg, BaseQuant::F32, &info(64), limit(&info(64))).unwrap();
-        let e = check_model_fits("SmolLM2", &cfg, BaseQuant::F32, &info(2), 2 << 20).unwrap_err().to_string();
-        assert!(e.contains("SmolLM2 does not fit this GPU adapter (test adapter)") && e.contains("3.4 MiB in f32") && e.contains("2.0 MiB") && e.contains("nf4-dq"), "{e}");
+        check_model_fits("SmolLM2", &cfg, BaseQuant::F32, &info(2), 2 << 20).unwrap();
         check_model_fits("SmolLM2", &cfg, BaseQuant::QLORA, &info(2), 2 << 20).unwrap();
+        // 4 rows of down_proj's 1536 inputs in f32: 24 KiB.
+        let e = check_model_fits("SmolLM2", &cfg, BaseQuant::F32, &info(2), 16 << 10).unwrap_err().to_string();
+        assert!(e.contains("SmolLM2 does not fit this GPU adapter (test adapter)") && e.contains("24.0 KiB for its smallest row block") && e.contains("nf4-dq"), "{e}");
+        let e = check_model_fits("SmolLM2", &cfg, BaseQuant::QLORA, &info(2), 256 << 10).unwrap_err().to_string();
+        assert!(e.contains("0.4 MiB in NF4"), "{e}");
         let (q, n, _) = model_options(&Value::Null, &cfg).unwrap();
         assert_eq!((q, n), (BaseQuant::F32, DEFAULT_MAX_POSITIONS));
         let mut t = TrainConfig::default();

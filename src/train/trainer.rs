@@ -76,6 +76,43 @@ impl TokenBatch {
     pub fn n_tokens(&self) -> usize {
         self.targets.iter().filter(|&&t| t != IGNORE_INDEX).count()
     }
+
+    /// The batch as consecutive runs of whole sequences whose largest activation (one
+    /// (rows, width) f32 tensor: the MLP's intermediate, the hidden size or the query width,
+    /// whichever is widest) fits `max_binding` bytes, leaving out runs without a counted target.
+    /// Activations are never sharded: a batch too large for one binding is run as several
+    /// micro-batches, which gives the step of the whole batch (gradient accumulation weights
+    /// each by its counted tokens), and `Error::Limit` says how long a sequence may be when one
+    /// sequence alone does not fit.
+    pub fn split_to_fit(&self, cfg: &LlamaConfig, max_binding: u64) -> Result<Vec<TokenBatch>> {
+        let b = self.batch.max(1);
+        let t = self.ids.len() / b;
+        let width = cfg.intermediate.max(cfg.hidden).max(cfg.heads * cfg.head_dim).max(1) as u64;
+        let per_seq = t as u64 * width * 4;
+        if per_seq * b as u64 <= max_binding {
+            return Ok(vec![self.clone()]);
+        }
+        let fit = (max_binding / per_seq.max(1)) as usize;
+        if fit == 0 {
+            return Err(Error::Limit {
+                op: "training",
+                msg: format!(
+                    "a sequence of {t} tokens needs activations of {per_seq} bytes ({t} x {width} x 4), over the device's largest \
+                     storage binding of {max_binding} bytes; sequences of at most {} tokens fit (a smaller max length)",
+                    max_binding / (width * 4)
+                ),
+            });
+        }
+        let mut out = Vec::new();
+        for s0 in (0..b).step_by(fit) {
+            let s1 = (s0 + fit).min(b);
+            let part = TokenBatch { ids: self.ids[s0 * t..s1 * t].to_vec(), targets: self.targets[s0 * t..s1 * t].to_vec(), batch: s1 - s0 };
+            if part.n_tokens() > 0 {
+                out.push(part);
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Hyperparameters of a run that are not the adapter's.
@@ -140,6 +177,12 @@ impl Trainer {
         if micro.is_empty() {
             return Err(Error::Invalid("a training step needs at least one micro-batch".into()));
         }
+        // Micro-batches whose activations would exceed one binding run in parts.
+        let mut split = Vec::with_capacity(micro.len());
+        for b in micro {
+            split.extend(b.split_to_fit(&self.model.cfg, self.ctx.max_binding())?);
+        }
+        let micro = &split[..];
         let tokens: Vec<usize> = micro.iter().map(TokenBatch::n_tokens).collect();
         if tokens.iter().sum::<usize>() == 0 {
             return Err(Error::Invalid(format!("step {}: no target token counts in this batch (all labels are -100)", self.state.step + 1)));
@@ -183,7 +226,11 @@ impl Trainer {
 /// Token-weighted mean loss of `batches` under adapter `set` (inference: no dropout).
 pub async fn eval_loss(ctx: &Rc<GpuContext>, model: &Model, set: &LoraSet, batches: &[TokenBatch]) -> Result<f64> {
     let (mut sum, mut n) = (0.0f64, 0usize);
+    let mut split = Vec::with_capacity(batches.len());
     for b in batches {
+        split.extend(b.split_to_fit(&model.cfg, ctx.max_binding())?);
+    }
+    for b in &split {
         let k = b.n_tokens();
         if k == 0 {
             continue;

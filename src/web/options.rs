@@ -325,33 +325,28 @@ pub fn check_model_fits(name: &str, config: &ModelConfig, quant: BaseQuant, info
     Ok(())
 }
 
-/// Checks that a training step's largest activation fits `limit`: (batch_size x max_len) rows of
-/// the widest of the MLP's intermediate size, the hidden size, the query width and the output
-/// layer's smallest vocabulary chunk (64), in f32 (the output layer never holds all logits). The
-/// message says which batch size or length would fit.
+/// Checks that one sequence's largest activation fits `limit`: max_len rows of the widest of
+/// the MLP's intermediate size, the hidden size and the query width, in f32 (the output layer
+/// never holds all logits, and a batch whose activations exceed one binding runs as several
+/// micro-batches of whole sequences: `TokenBatch::split_to_fit`). The message says which length
+/// would fit.
 pub fn check_training_fits(config: &ModelConfig, cfg: &TrainConfig, info: &GpuInfo, limit: u64) -> Result<()> {
     let c = config.to_llama();
-    let width = c.intermediate.max(c.hidden).max(c.heads * c.head_dim).max(64) as u64;
-    let rows = (cfg.batch_size * cfg.max_len) as u64;
-    let bytes = rows * width * 4;
+    let width = c.intermediate.max(c.hidden).max(c.heads * c.head_dim).max(1) as u64;
+    let bytes = cfg.max_len as u64 * width * 4;
     if bytes > limit {
-        let fit_rows = limit / (width * 4).max(1);
         return Err(Error::Limit {
             op: "training",
             msg: format!(
-                "a batch of {} examples of up to {} tokens needs activations of {} ({} rows x {} x 4 bytes), more than \
-                 this GPU adapter's largest storage buffer binding, {} ({}); use batch size x max length <= {} (for example \
-                 batch size {} with max length {}), or gradient accumulation for a larger effective batch",
-                cfg.batch_size,
+                "a sequence of up to {} tokens needs activations of {} ({} rows x {} x 4 bytes), more than this GPU adapter's \
+                 largest storage buffer binding, {} ({}); use max length <= {}",
                 cfg.max_len,
                 mib(bytes),
-                rows,
+                cfg.max_len,
                 width,
                 mib(limit),
                 info.name,
-                fit_rows,
-                (fit_rows / cfg.max_len as u64).max(1),
-                if fit_rows >= cfg.max_len as u64 { cfg.max_len as u64 } else { fit_rows }
+                limit / (width * 4),
             ),
         });
     }
@@ -439,13 +434,14 @@ mod tests {
         let (q, n, _) = model_options(&Value::Null, &cfg).unwrap();
         assert_eq!((q, n), (BaseQuant::F32, DEFAULT_MAX_POSITIONS));
         let mut t = TrainConfig::default();
+        // 64 x 512 rows x 1536 x 4 = 192 MiB of MLP activations: run as micro-batches of 42
+        // sequences; one sequence of 32768 tokens alone needs 192 MiB.
         t.batch_size = 64;
         t.max_len = 512;
-        // 32768 rows x 1536 x 4 = 192 MiB of MLP activations.
-        let e = check_training_fits(&cfg, &t, &info(128), 128 << 20).unwrap_err().to_string();
-        assert!(e.contains("192.0 MiB") && e.contains("batch size x max length <= 21845"), "{e}");
-        t.batch_size = 4;
         check_training_fits(&cfg, &t, &info(128), 128 << 20).unwrap();
+        t.max_len = 32768;
+        let e = check_training_fits(&cfg, &t, &info(128), 128 << 20).unwrap_err().to_string();
+        assert!(e.contains("192.0 MiB") && e.contains("max length <= 21845"), "{e}");
     }
 
 }

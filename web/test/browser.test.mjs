@@ -458,8 +458,13 @@ test('the package API in a page: with the binding limit lowered to 1 MiB the sha
       const run = new q.Training(model, data, opts);
       const reports = await run.train();
       const files = await run.exportAdapter();
+      // A batch whose activations exceed the binding runs as micro-batches of whole sequences;
+      // a sequence that alone exceeds it is refused.
+      new q.Training(model, data, { ...opts, batchSize: 64, maxLen: 128 });
       let tooBig;
-      try { new q.Training(model, data, { ...opts, batchSize: 64, maxLen: 128 }); } catch (e) { tooBig = { message: e.cause?.message ?? e.message, kind: e.cause?.kind ?? e.kind }; }
+      gpu.setMaxBinding(64 << 10);
+      try { new q.Training(model, data, { ...opts, maxLen: 128 }); } catch (e) { tooBig = { message: e.cause?.message ?? e.message, kind: e.cause?.kind ?? e.kind }; }
+      gpu.setMaxBinding(1 << 20);
       return { limit, info: model.info, losses: reports.map((x) => x.loss), tooBig, files: { adapterConfig: files.adapterConfig, adapterModel: [...files.adapterModel] } };
     } finally {
       gpu.setMaxBinding(0);
@@ -468,9 +473,9 @@ test('the package API in a page: with the binding limit lowered to 1 MiB the sha
   await page.close();
   console.log(`# browser at a 1 MiB binding: ${secs(t0)}; losses ${r.losses.map((l) => l.toFixed(5)).join(' ')}; device bytes ${JSON.stringify(r.info.deviceBytes)}`);
   assert.equal(r.limit, 1 << 20);
-  // 64 x 128 rows of the 160-wide MLP in f32 = 5 MiB: over the lowered limit, said clearly.
+  // One sequence of 128 rows of the 160-wide MLP in f32 = 80 KiB: over a 64 KiB limit, said clearly.
   assert.equal(r.tooBig?.kind, 'limit', JSON.stringify(r.tooBig));
-  assert.match(r.tooBig.message, /use batch size x max length <= 1638/);
+  assert.match(r.tooBig.message, /use max length <= 102\b/);
   const webDir = path.join(tmp, 'browser-sharded');
   writeAdapter(webDir, r.files);
   const native = await nativeRun(opts, modelOpts, path.join(tmp, 'native-sharded'), undefined, { QLORA_MAX_BINDING: '1M' });

@@ -261,7 +261,7 @@ fn setup(dropout: f32) -> Setup {
     let host_lora = host_lora(&c, r, &mut rng);
     let up2 = |v: &[f64], shape: &[usize]| -> Tensor { up(&ctx, v, shape) };
     let w = LlamaWeights {
-        embed: RowShards::from_tensor(up2(&host.embed, &[c.vocab, c.hidden])),
+        embed: qlora_webgpu::model::llama::InputEmbedding::Device(RowShards::from_tensor(up2(&host.embed, &[c.vocab, c.hidden]))),
         layers: host
             .layers
             .iter()
@@ -518,6 +518,8 @@ fn biased_setup(kind: Biased, dropout: f32, nf4: bool) -> Setup {
     } else {
         loaded.upload(&ctx).unwrap()
     };
+    // An untied input embedding (Qwen2 here) stays in host memory; a tied one is the output layer.
+    assert_eq!(w.embed.device().is_none(), !kind.cfg().tied, "where the input embedding lives");
     for lw in &w.layers {
         for m in 0..7 {
             assert_eq!(matches!(lw.proj[m], Frozen::Nf4(_)), nf4);

@@ -124,12 +124,12 @@ fn sharded_output_layer_matches_the_single_buffer_and_peft() {
     let host = load_hf_dir(fixtures().join("model")).unwrap();
     let b = reference_batch();
     let one = run(&ctx, &host, None, true, b.seq);
-    assert_eq!((one.w.embed.parts().len(), one.w.embed.dtype()), (1, DType::BF16), "a bf16 checkpoint stays bf16");
+    assert_eq!((one.w.embed.device().unwrap().parts().len(), one.w.embed.device().unwrap().dtype()), (1, DType::BF16), "a bf16 checkpoint stays bf16");
     let (l1, g1, _) = loss_and_grads(&ctx, &one, &b);
     let c1 = cached_logits(&ctx, &one, &b);
     // f32 storage of the same (bf16-exact) values: identical.
     let f32s = run(&ctx, &host, None, false, b.seq);
-    assert_eq!(f32s.w.embed.dtype(), DType::F32);
+    assert_eq!(f32s.w.embed.device().unwrap().dtype(), DType::F32);
     let (lf, gf, _) = loss_and_grads(&ctx, &f32s, &b);
     assert_eq!(lf.to_bits(), l1.to_bits(), "f32 vs bf16 storage: loss");
     assert_eq!(worst_grad_diff(&gf, &g1), 0.0, "f32 vs bf16 storage: gradients");
@@ -137,7 +137,7 @@ fn sharded_output_layer_matches_the_single_buffer_and_peft() {
     for (tables_16bit, shards) in [(true, 6), (false, 12)] {
         let lowered = Lowered::new(&ctx, 1 << 20);
         let sh = run(&ctx, &host, None, tables_16bit, b.seq);
-        assert_eq!(sh.w.embed.parts().len(), shards, "16-bit {tables_16bit}: shards of the embedding");
+        assert_eq!(sh.w.embed.device().unwrap().parts().len(), shards, "16-bit {tables_16bit}: shards of the embedding");
         let (ls, gs, _) = loss_and_grads(&ctx, &sh, &b);
         let cs = cached_logits(&ctx, &sh, &b);
         drop(lowered);
@@ -180,7 +180,7 @@ fn qlora_with_a_sharded_embedding_follows_the_single_buffer() {
     let (l1, g1, _) = loss_and_grads(&ctx, &one, &b);
     let lowered = Lowered::new(&ctx, 1 << 20);
     let sh = run(&ctx, &host, q, true, b.seq);
-    assert!(sh.w.embed.parts().len() > 1);
+    assert!(sh.w.embed.device().unwrap().parts().len() > 1);
     let (ls, gs, _) = loss_and_grads(&ctx, &sh, &b);
     drop(lowered);
     let dg = worst_grad_diff(&gs, &g1);
@@ -221,7 +221,7 @@ fn every_projection_sharded_matches_the_single_buffer_and_peft() {
     let lowered = Lowered::new(&ctx, 1 << 20);
     let blocks = ProjectionBlocks::new(&ctx, 4 << 10);
     let sh = run(&ctx, &host, None, true, b.seq);
-    assert_eq!(sh.w.embed.parts().len(), 6);
+    assert_eq!(sh.w.embed.device().unwrap().parts().len(), 6);
     for l in &sh.w.layers {
         let n: Vec<usize> = l.proj.iter().map(|p| if let Frozen::F32Rows(w) = p { w.parts().len() } else { 1 }).collect();
         assert_eq!(n, [4, 2, 2, 4, 10, 10, 16], "row blocks per projection");
@@ -271,7 +271,7 @@ fn a_model_that_cannot_fit_is_refused_before_anything_is_uploaded() {
     drop(w);
     // The same model in NF4 fits: its embedding in 384 shards of 128 bf16 rows.
     let w = host.upload_with(&ctx, Some((64, true)), true).unwrap();
-    assert_eq!(w.embed.parts().len(), 384);
+    assert_eq!(w.embed.device().unwrap().parts().len(), 384);
     drop(w);
     drop(lowered);
 }

@@ -183,6 +183,18 @@ fn embedding_gather_across_shards_and_16bit_storage_is_exact() {
         let rows = read(&ctx, &qlora_webgpu::ops::embedding::rows_f32(&ctx, &shards.parts()[1], 3..9).unwrap());
         assert_eq!(bits(&rows), bits(&table[(r.start + 3) * c..(r.start + 9) * c]), "{dt:?} rows");
     }
+    // The same rows gathered from a table kept in host memory (an untied input embedding): bf16
+    // storage for these bf16 values (half the bytes), f32 otherwise, the same bits.
+    let host = qlora_webgpu::gpu::HostRows::new(&table, v, c).unwrap();
+    assert_eq!(host.byte_len(), 2 * v * c);
+    assert_eq!(bits(&read(&ctx, &qlora_webgpu::ops::embedding::forward_host(&ctx, &host, &ids).unwrap())), want, "host table");
+    let wide: Vec<f32> = table.iter().enumerate().map(|(i, &x)| x + (i % 3) as f32 * 1e-6).collect();
+    let host = qlora_webgpu::gpu::HostRows::new(&wide, v, c).unwrap();
+    assert_eq!(host.byte_len(), 4 * v * c);
+    let want_wide = bits(&read(&ctx, &qlora_webgpu::ops::embedding::forward(&ctx, &ctx.upload_f32(&wide, &[v, c]).unwrap(), &ids).unwrap()));
+    assert_eq!(bits(&read(&ctx, &qlora_webgpu::ops::embedding::forward_host(&ctx, &host, &ids).unwrap())), want_wide, "host table, f32");
+    let e = qlora_webgpu::ops::embedding::forward_host(&ctx, &host, &[v as u32]).err().expect("id V is out of range");
+    assert!(e.to_string().contains("outside the vocabulary"), "{e}");
     // f16 widening of subnormals, the largest half, signed zeros and infinities, exactly.
     let special: Vec<f32> = vec![5.960464477539063e-8, -3.0517578125e-5, 6.103515625e-5, 65504.0, -0.0, 0.0, f32::INFINITY, -1.5];
     let t = RowShards::upload(&ctx, &special, 4, 2, DType::F16).unwrap();

@@ -49,7 +49,7 @@ fn tiny_model(ctx: &Rc<GpuContext>, seed: u64) -> Rc<Model> {
             mlp_norm: ones(ctx),
         })
         .collect();
-    let w = LlamaWeights { embed: RowShards::from_tensor(up2(c.vocab * c.hidden, &[c.vocab, c.hidden], 0.5)), layers, final_norm: ones(ctx), lm_head: None };
+    let w = LlamaWeights { embed: qlora_webgpu::model::llama::InputEmbedding::Device(RowShards::from_tensor(up2(c.vocab * c.hidden, &[c.vocab, c.hidden], 0.5))), layers, final_norm: ones(ctx), lm_head: None };
     Rc::new(Model::new(ctx, c, w, None, 32).unwrap())
 }
 

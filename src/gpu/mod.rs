@@ -13,7 +13,7 @@ mod shards;
 mod tensor;
 
 pub use pool::PoolStats;
-pub use shards::{lossless_16bit, RowShards};
+pub use shards::{lossless_16bit, HostRows, RowShards};
 pub use tensor::{DType, Tensor};
 
 use crate::{Error, Result};

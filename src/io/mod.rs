@@ -9,11 +9,11 @@ pub mod hf;
 pub mod quantized;
 pub mod safetensors;
 
-use crate::gpu::{GpuContext, RowShards};
+use crate::gpu::{GpuContext, HostRows, RowShards};
 use crate::model::config::{names, ModelConfig};
 use crate::ops::lora::Frozen;
 use crate::ops::nf4::Nf4Weight;
-use crate::model::llama::{LayerWeights, LlamaWeights, TARGETS};
+use crate::model::llama::{InputEmbedding, LayerWeights, LlamaWeights, TARGETS};
 use crate::quant::Nf4Tensor;
 use crate::{Error, Result};
 
@@ -281,7 +281,11 @@ impl HostModel {
             });
         }
         Ok(LlamaWeights {
-            embed: table(&self.embed)?,
+            // An untied input embedding is only gathered from: it stays in host memory.
+            embed: match self.lm_head {
+                Some(_) => InputEmbedding::Host(std::rc::Rc::new(HostRows::new(&self.embed.data, v, c)?)),
+                None => InputEmbedding::Device(table(&self.embed)?),
+            },
             layers,
             final_norm: up(&self.final_norm)?,
             lm_head: self.lm_head.as_ref().map(table).transpose()?,

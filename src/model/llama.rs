@@ -6,7 +6,7 @@
 //! Optional gradient checkpointing per decoder layer.
 
 use crate::autograd::{self, BlockFn, Param, Tape, Var};
-use crate::gpu::{GpuContext, RowShards, Tensor};
+use crate::gpu::{GpuContext, HostRows, RowShards, Tensor};
 use crate::ops::lora::{self, Frozen, LoraRun};
 use crate::ops::rope::{self, RopeTables};
 use crate::ops::{attention, embedding, head, matmul, rmsnorm, swiglu};
@@ -84,12 +84,51 @@ pub struct LayerWeights {
     pub mlp_norm: Tensor,
 }
 
+/// The input embedding embed_tokens.weight (V, C): on the device (row-sharded when larger than
+/// one binding; f32, or bf16 / f16 when the checkpoint's values are exact in it) when it is also
+/// the output layer (tied), else in host memory, since only a gather of the batch's rows reads it
+/// (see [`HostRows`]).
+#[derive(Clone)]
+pub enum InputEmbedding {
+    /// On the device.
+    Device(RowShards),
+    /// In host memory.
+    Host(Rc<HostRows>),
+}
+
+impl InputEmbedding {
+    /// The device table, None when the table is in host memory.
+    pub fn device(&self) -> Option<&RowShards> {
+        match self {
+            InputEmbedding::Device(t) => Some(t),
+            InputEmbedding::Host(_) => None,
+        }
+    }
+    /// Bytes on the device.
+    pub fn device_bytes(&self) -> usize {
+        self.device().map_or(0, RowShards::byte_len)
+    }
+    /// (V, C).
+    pub fn shape(&self) -> [usize; 2] {
+        match self {
+            InputEmbedding::Device(t) => [t.rows(), t.cols()],
+            InputEmbedding::Host(t) => [t.rows(), t.cols()],
+        }
+    }
+    /// The rows of `ids` (N, C) in f32 on the device.
+    pub fn gather(&self, ctx: &GpuContext, ids: &[u32]) -> Result<Tensor> {
+        match self {
+            InputEmbedding::Device(t) => embedding::forward_shards(ctx, t, ids),
+            InputEmbedding::Host(t) => embedding::forward_host(ctx, t, ids),
+        }
+    }
+}
+
 /// The frozen base model on the device.
 #[derive(Clone)]
 pub struct LlamaWeights {
-    /// embed_tokens.weight (V, C), row-sharded when larger than one binding; f32, or bf16 / f16
-    /// when the checkpoint's values are exact in it.
-    pub embed: RowShards,
+    /// embed_tokens.weight (V, C).
+    pub embed: InputEmbedding,
     /// The decoder layers.
     pub layers: Vec<LayerWeights>,
     /// norm.weight (C).
@@ -105,13 +144,17 @@ impl LlamaWeights {
         let proj = self.layers.iter().flat_map(|l| l.proj.iter()).map(Frozen::bytes).sum();
         let norms: usize = self.layers.iter().map(|l| l.attn_norm.byte_len() + l.mlp_norm.byte_len()).sum();
         let biases: usize = self.layers.iter().flat_map(|l| l.bias.iter().flatten()).map(Tensor::byte_len).sum();
-        let other = self.embed.byte_len() + norms + biases + self.final_norm.byte_len() + self.lm_head.as_ref().map_or(0, RowShards::byte_len);
+        let other = self.embed.device_bytes() + norms + biases + self.final_norm.byte_len() + self.lm_head.as_ref().map_or(0, RowShards::byte_len);
         (proj, other)
     }
 
-    /// The output layer's weights: the lm_head, or the embedding when tied.
-    pub fn head(&self) -> &RowShards {
-        self.lm_head.as_ref().unwrap_or(&self.embed)
+    /// The output layer's weights: the lm_head, or the embedding when tied (a tied embedding is
+    /// always on the device).
+    pub fn head(&self) -> Result<&RowShards> {
+        self.lm_head
+            .as_ref()
+            .or(self.embed.device())
+            .ok_or_else(|| Error::Invalid("the model has no lm_head and its embedding is not on the device".into()))
     }
 }
 
@@ -259,7 +302,7 @@ pub fn forward_hidden(
     }
     let seq = ids.len() / batch;
     cfg.check_sequence(seq)?;
-    let mut x = tape.constant(embedding::forward_shards(ctx, &w.embed, ids)?);
+    let mut x = tape.constant(w.embed.gather(ctx, ids)?);
     for (i, lw) in w.layers.iter().enumerate() {
         let layer = Layer {
             ctx: ctx.clone(),
@@ -300,7 +343,7 @@ pub fn forward(
     opts: ForwardOpts,
 ) -> Result<Var> {
     let h = forward_hidden(tape, ctx, cfg, w, lora, ids, batch, rope, opts)?;
-    let out = w.head();
+    let out = w.head()?;
     if out.parts().len() == 1 {
         // One buffer (f32, or 16-bit widened to f32 for the product): on the tape.
         let t = embedding::rows_f32(ctx, &out.parts()[0], 0..out.rows())?;
@@ -327,7 +370,7 @@ pub fn forward_loss(
     opts: ForwardOpts,
 ) -> Result<Var> {
     let h = forward_hidden(tape, ctx, cfg, w, lora, ids, batch, rope, opts)?;
-    head::loss(tape, ctx, &h, w.head(), targets)
+    head::loss(tape, ctx, &h, w.head()?, targets)
 }
 
 /// Keys and values of every layer for one sequence: (max_len, NKV, HS) each, `len` filled.
@@ -384,7 +427,7 @@ pub fn forward_cached(
     }
     cfg.check_sequence(pos0 + ids.len())?;
     let mut tape = Tape::new(false);
-    let mut x = tape.constant(embedding::forward_shards(ctx, &w.embed, ids)?);
+    let mut x = tape.constant(w.embed.gather(ctx, ids)?);
     for (i, lw) in w.layers.iter().enumerate() {
         let layer = Layer {
             ctx: ctx.clone(),
@@ -408,5 +451,5 @@ pub fn forward_cached(
     let last = tape.constant(last);
     let nf = tape.constant(w.final_norm.clone());
     let h = rmsnorm::rmsnorm(&mut tape, ctx, &last, &nf, cfg.rms_eps)?;
-    head::logits(ctx, h.value(), w.head())
+    head::logits(ctx, h.value(), w.head()?)
 }

@@ -2,7 +2,7 @@
 //! scatter-add of rows by id, grouped on the host (CSR), without atomics.
 
 use crate::autograd::{Op, Tape, Var};
-use crate::gpu::{groups_2d, groups_for, shaders, DType, GpuContext, Kernel, RowShards, Tensor};
+use crate::gpu::{groups_2d, groups_for, shaders, DType, GpuContext, HostRows, Kernel, RowShards, Tensor};
 use crate::ops::expect_rank;
 use crate::{Error, Result};
 
@@ -141,6 +141,20 @@ pub fn forward_shards(ctx: &GpuContext, table: &RowShards, ids: &[u32]) -> Resul
         }
     }
     Ok(out)
+}
+
+/// out (N, C) = table[ids] for a table kept in host memory ([`HostRows`]): the rows gathered
+/// and widened on the host, then uploaded (N x C values, not the table); the same values as
+/// [`forward_shards`] over the same table on the device.
+pub fn forward_host(ctx: &GpuContext, table: &HostRows, ids: &[u32]) -> Result<Tensor> {
+    check_ids(ids, table.rows())?;
+    let c = table.cols();
+    check_u32("output", ids.len() * c)?;
+    let mut rows = Vec::with_capacity(ids.len() * c);
+    for &id in ids {
+        table.push_row(id as usize, &mut rows);
+    }
+    ctx.upload_f32(&rows, &[ids.len(), c])
 }
 
 /// Rows `rows` of shard `part` (its own row numbering, (R, C)) as a new f32 tensor (rows.len(),

@@ -7,8 +7,9 @@
 //! Terms (bytes; f32 = 4):
 //! - base weights: NF4 projections at 0.5 byte a value plus their block statistics (4 bytes per
 //!   block of 64, or 1 byte per block plus 4 per 256 blocks with double quantization), or 4 bytes
-//!   a value in f32; the embedding and lm_head in their storage type (2 bytes for a 16-bit
-//!   checkpoint, else 4), norms and biases in f32.
+//!   a value in f32; the output layer's table (the lm_head, or the tied embedding) in its storage
+//!   type (2 bytes for a 16-bit checkpoint, else 4; an untied input embedding stays in host
+//!   memory), norms and biases in f32.
 //! - LoRA: 16 bytes a trainable value (the value, its gradient, AdamW's two moments).
 //! - activations kept for backward, per token and decoder layer: the two RMSNorm inputs and
 //!   outputs (4C), q, k, v after RoPE (Cq + 2 Ckv), the attention output (Cq), gate, up and
@@ -75,7 +76,8 @@ pub fn plan(cfg: &ModelConfig, run: &RunShape, checkpoint: bool) -> MemoryPlan {
         Some(false) => proj_values / 2 + 4 * proj_values.div_ceil(64),
         Some(true) => proj_values / 2 + proj_values.div_ceil(64) + 4 * proj_values.div_ceil(64 * 256),
     };
-    let tables = v * c * (if lc.tied { 1 } else { 2 }) * run.table_bytes as u64;
+    // The output layer's table; an untied input embedding stays in host memory.
+    let tables = v * c * run.table_bytes as u64;
     let small = 4 * (2 * c * l + c + (cq + 2 * ckv) * l);
     let weights = proj_bytes + tables + small;
     let lora_values: u64 = (0..run.adapted.min(7)).map(|m| lc.proj_shape(m)).map(|(o, n)| ((o + n) * run.rank) as u64).sum::<u64>() * l;

@@ -15,12 +15,14 @@
 // whose id lies outside it are left for the other shards' dispatches. A bf16 or f16 table (two
 // values per u32 word, the element with the even index in the low half) is widened to f32 here:
 //   bf16: bitcast<f32>(bits << 16)          f16: half_to_f32 (integer operations, exact)
+// A Q8 table (a GGUF Q8_0 embedding, repacked: src/gpu/tensor.rs) holds signed 8-bit codes, four
+// a word, then one f32 scale per 32 values from word `scales` on: f32(q) * scale, exact.
 //
 // embedding_forward:  one invocation per output element (N * C); ceil(N*C / WG) workgroups split
 //                     over x and y past 65535 (flat workgroup index = wid.x + wid.y * 65535);
 //                     writes out (=). Backward needs only the ids (kept on the host).
-// embedding_forward16: as embedding_forward from a 16-bit table (table16, kind 1 = bf16,
-//                     2 = f16).
+// embedding_forward16: as embedding_forward from a 16-bit or Q8 table (table16, kind 1 = bf16,
+//                     2 = f16, 3 = Q8).
 // embedding_widen16:  out (n, C) = f32 of rows row0 .. row0 + n of a 16-bit table (the lm_head
 //                     chunk the output layer's f32 matmuls read); one invocation per element.
 // embedding_backward: one workgroup per distinct id (U workgroups, split the same way), its
@@ -34,8 +36,8 @@ struct Params {
     c: u32,        // embedding width C
     v: u32,        // rows of this table or shard
     row0: u32,     // first id this shard holds (forward); first row to widen (widen16)
-    kind: u32,     // 16-bit tables: 1 = bf16, 2 = f16
-    _p0: u32,
+    kind: u32,     // compact tables: 1 = bf16, 2 = f16, 3 = Q8
+    scales: u32,   // Q8: word index of the first scale in table16
     _p1: u32,
     _p2: u32,
 }
@@ -49,8 +51,13 @@ struct Params {
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;      // (N, C) out / (V, C) dtable
 @group(0) @binding(7) var<storage, read> table16: array<u32>;        // (V, C) 16-bit, 2 a word
 
-// Element e of the 16-bit table as f32.
+// Element e of the 16-bit or Q8 table as f32.
 fn load16(e: u32) -> f32 {
+    if (params.kind == 3u) {
+        let byte = (table16[e >> 2u] >> ((e & 3u) * 8u)) & 0xffu;
+        let q = bitcast<i32>(byte << 24u) >> 24u;
+        return f32(q) * bitcast<f32>(table16[params.scales + (e >> 5u)]);
+    }
     let word = table16[e >> 1u];
     let bits = select(word & 0xffffu, word >> 16u, (e & 1u) == 1u);
     if (params.kind == 1u) {

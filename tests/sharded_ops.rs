@@ -195,6 +195,35 @@ fn embedding_gather_across_shards_and_16bit_storage_is_exact() {
     assert_eq!(bits(&read(&ctx, &qlora_webgpu::ops::embedding::forward_host(&ctx, &host, &ids).unwrap())), want_wide, "host table, f32");
     let e = qlora_webgpu::ops::embedding::forward_host(&ctx, &host, &[v as u32]).err().expect("id V is out of range");
     assert!(e.to_string().contains("outside the vocabulary"), "{e}");
+    // A Q8_0-form table (what a GGUF's Q8_0 embedding dequantizes to: f16 scale x int8 code per
+    // block of 32) is stored as Q8 (9 bits a value) and gathers the same bits, sharded or not.
+    let (cq, vq) = (64, 1000);
+    let mut q8 = Vec::with_capacity(vq * cq);
+    for _ in 0..vq * cq / 32 {
+        let d = bf16(rng.vec(1, 0.01)[0].abs() + 1e-4); // an exact f16 for these magnitudes
+        let mut codes: Vec<i32> = (0..32).map(|_| rng.below(255) as i32 - 127).collect();
+        codes[rng.below(32)] = if rng.below(2) == 0 { 127 } else { -127 };
+        q8.extend(codes.iter().map(|&q| q as f32 * d));
+    }
+    assert_eq!(qlora_webgpu::gpu::lossless_compact(&q8, cq), DType::Q8);
+    let ids8: Vec<u32> = (0..50).map(|i| if i % 7 == 0 { (vq - 1) as u32 } else { rng.below(vq) as u32 }).collect();
+    let want8 = bits(&read(&ctx, &qlora_webgpu::ops::embedding::forward(&ctx, &ctx.upload_f32(&q8, &[vq, cq]).unwrap(), &ids8).unwrap()));
+    for limit in [u64::MAX, 20 << 10] {
+        let _l = Lowered::new(&ctx, limit);
+        let t = RowShards::upload_auto(&ctx, &q8, vq, cq, true).unwrap();
+        assert_eq!(t.dtype(), DType::Q8);
+        assert_eq!(t.byte_len(), vq * cq * 9 / 8);
+        let got = read(&ctx, &qlora_webgpu::ops::embedding::forward_shards(&ctx, &t, &ids8).unwrap());
+        assert_eq!(bits(&got), want8, "Q8 gather, binding {limit}: {} shards", t.parts().len());
+        let last = t.parts().len() - 1;
+        let r = t.range(last);
+        let rows = read(&ctx, &qlora_webgpu::ops::embedding::rows_f32(&ctx, &t.parts()[last], 1..41).unwrap());
+        assert_eq!(bits(&rows), bits(&q8[(r.start + 1) * cq..(r.start + 41) * cq]), "Q8 rows of the last shard");
+    }
+    // One value off the Q8 grid keeps the table in f32 (here: not 16-bit exact either).
+    let mut off = q8.clone();
+    off[5] += 1e-7;
+    assert_eq!(qlora_webgpu::gpu::lossless_compact(&off, cq), DType::F32);
     // f16 widening of subnormals, the largest half, signed zeros and infinities, exactly.
     let special: Vec<f32> = vec![5.960464477539063e-8, -3.0517578125e-5, 6.103515625e-5, 65504.0, -0.0, 0.0, f32::INFINITY, -1.5];
     let t = RowShards::upload(&ctx, &special, 4, 2, DType::F16).unwrap();

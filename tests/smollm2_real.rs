@@ -68,7 +68,13 @@ fn smollm2_f32_logits_greedy_answer_and_perplexity_match_transformers() {
     let host = &g.model;
     let cfg = host.config.to_llama();
     let t0 = std::time::Instant::now();
-    let model = Model::new(&ctx, cfg.clone(), host.upload(&ctx).unwrap(), None, 512).unwrap();
+    let weights = host.upload(&ctx).unwrap();
+    // The GGUF's Q8_0 token embedding (also the output layer) stays in Q8 on the device: 9 bits a
+    // value, exact, so every figure below is the f32 table's.
+    let table = weights.embed.device().expect("a tied embedding is on the device");
+    assert_eq!(table.dtype(), qlora_webgpu::gpu::DType::Q8);
+    assert_eq!(table.byte_len(), 49152 * 576 * 9 / 8);
+    let model = Model::new(&ctx, cfg.clone(), weights, None, 512).unwrap();
     let prompt = ids(&r["chat"]["prompt_ids"]);
     let want = ids(&r["chat"]["greedy_new_ids"]);
     let none = LoraSet::default();

@@ -13,8 +13,8 @@ mod shards;
 mod tensor;
 
 pub use pool::PoolStats;
-pub use shards::{lossless_16bit, HostRows, RowShards};
-pub use tensor::{DType, Tensor};
+pub use shards::{lossless_16bit, lossless_compact, HostRows, RowShards};
+pub use tensor::{DType, Tensor, Q8_BLOCK};
 
 use crate::{Error, Result};
 use pool::BufferPool;
@@ -339,7 +339,7 @@ impl GpuContext {
     /// A tensor of `shape` with unspecified contents (a recycled buffer from the pool).
     pub fn empty(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let n: usize = shape.iter().product();
-        let bytes = (n * dtype.size()) as u64;
+        let bytes = dtype.bytes(n) as u64;
         self.check_binding("alloc", bytes)?;
         let buf = BufferPool::get(&self.pool, &self.device, bytes);
         Ok(Tensor::new(buf, shape.to_vec(), dtype))
@@ -366,7 +366,7 @@ impl GpuContext {
     /// the dtype size.
     pub fn upload_bytes(&self, bytes: &[u8], shape: &[usize], dtype: DType) -> Result<Tensor> {
         let n: usize = shape.iter().product();
-        if bytes.len() != n * dtype.size() {
+        if bytes.len() != dtype.bytes(n) {
             return Err(Error::shape(
                 "upload",
                 format!("{} bytes for shape {shape:?} of {dtype:?}", bytes.len()),

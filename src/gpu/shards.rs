@@ -5,7 +5,7 @@
 //! Storage is f32, or bf16 / f16 where every value is exactly representable in it (a 16-bit
 //! checkpoint), which halves the bytes and stays bit-exact after widening in the kernels.
 
-use super::{DType, GpuContext, Tensor};
+use super::{DType, GpuContext, Tensor, Q8_BLOCK};
 use crate::{Error, Result};
 
 /// A (rows, cols) matrix as row blocks of `rows_per` rows (the last may be shorter).
@@ -67,11 +67,52 @@ pub fn lossless_16bit(data: &[f32]) -> DType {
     }
 }
 
+/// A block of Q8_BLOCK values as (codes, scale) when every value is exactly q * d for one f32
+/// scale d and codes q in [-127, 127]: d = max |x| / 127, the scale GGUF's Q8_0 quantizer gives
+/// its largest value (a Q8_0 table read from a GGUF has this form), bit for bit, else None.
+fn q8_block(block: &[f32]) -> Option<([i8; Q8_BLOCK], f32)> {
+    let amax = block.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let d = amax / 127.0;
+    let mut q = [0i8; Q8_BLOCK];
+    for (j, &x) in block.iter().enumerate() {
+        let c = if d == 0.0 { 0.0 } else { (x / d).round() };
+        if !(-127.0..=127.0).contains(&c) || (c * d).to_bits() != x.to_bits() {
+            return None;
+        }
+        q[j] = c as i8;
+    }
+    Some((q, d))
+}
+
+/// The most compact storage that holds every value of a (rows, cols) matrix exactly: Q8 (a
+/// GGUF Q8_0 table: 9 bits a value), bf16 or f16 (16), else f32.
+pub fn lossless_compact(data: &[f32], cols: usize) -> DType {
+    if cols % Q8_BLOCK == 0 && !data.is_empty() && data.chunks(Q8_BLOCK).all(|b| q8_block(b).is_some()) {
+        DType::Q8
+    } else {
+        lossless_16bit(data)
+    }
+}
+
 /// `data` narrowed to `dtype` (bytes, little-endian). Every value must be exact in it
-/// ([`lossless_16bit`]); f32 is copied as is.
+/// ([`lossless_compact`]); f32 is copied as is.
 fn narrow(data: &[f32], dtype: DType) -> Result<Vec<u8>> {
     let conv: fn(f32) -> Option<u16> = match dtype {
         DType::F32 => return Ok(bytemuck::cast_slice(data).to_vec()),
+        DType::Q8 => {
+            let mut codes = Vec::with_capacity(DType::Q8.bytes(data.len()));
+            let mut scales = Vec::with_capacity(data.len() / Q8_BLOCK * 4);
+            if data.len() % Q8_BLOCK != 0 {
+                return Err(Error::Invalid(format!("{} values do not make whole Q8 blocks of {Q8_BLOCK}", data.len())));
+            }
+            for (i, b) in data.chunks(Q8_BLOCK).enumerate() {
+                let (q, d) = q8_block(b).ok_or_else(|| Error::Invalid(format!("block {i} is not exact in Q8")))?;
+                codes.extend(q.iter().map(|&x| x as u8));
+                scales.extend_from_slice(&d.to_le_bytes());
+            }
+            codes.extend(scales);
+            return Ok(codes);
+        }
         DType::BF16 => bf16_exact,
         DType::F16 => f16_exact,
         other => return Err(Error::Invalid(format!("row shards cannot be stored as {other:?}"))),
@@ -93,7 +134,7 @@ impl RowShards {
 
     /// Rows per shard within `max` bytes, a multiple of `align` (all rows when they fit at once).
     fn rows_per_block(max: u64, rows: usize, cols: usize, dtype: DType, align: usize) -> Result<usize> {
-        let row_bytes = (cols * dtype.size()).max(1) as u64;
+        let row_bytes = dtype.bytes(cols).max(1) as u64;
         if rows as u64 * row_bytes <= max {
             return Ok(rows.max(1));
         }
@@ -143,9 +184,10 @@ impl RowShards {
         Ok(RowShards { parts, rows_per, rows, cols, dtype })
     }
 
-    /// Uploads in the smallest lossless storage ([`lossless_16bit`]) when `allow_16bit`, else f32.
-    pub fn upload_auto(ctx: &GpuContext, data: &[f32], rows: usize, cols: usize, allow_16bit: bool) -> Result<Self> {
-        let dtype = if allow_16bit { lossless_16bit(data) } else { DType::F32 };
+    /// Uploads in the smallest lossless storage ([`lossless_compact`]: Q8, bf16 or f16) when
+    /// `compact`, else f32.
+    pub fn upload_auto(ctx: &GpuContext, data: &[f32], rows: usize, cols: usize, compact: bool) -> Result<Self> {
+        let dtype = if compact { lossless_compact(data, cols) } else { DType::F32 };
         Self::upload(ctx, data, rows, cols, dtype)
     }
 

@@ -19,17 +19,34 @@ pub enum DType {
     BF16,
     /// IEEE half storage (two per word, low half first), widened exactly with integer operations.
     F16,
+    /// 8-bit blocks (a GGUF Q8_0 table, repacked): value = q * d for a signed 8-bit code q and one
+    /// f32 scale d per 32 consecutive values. A tensor of n values (n a multiple of 32) holds the
+    /// n codes (four a word, the first in the low byte) followed by the n / 32 scales: 9 bits a
+    /// value. Widened exactly in the kernels that take 16-bit tables.
+    Q8,
 }
 
 impl DType {
-    /// Bytes per element.
+    /// Bytes per element (of the codes alone for Q8; see [`DType::bytes`]).
     pub fn size(self) -> usize {
         match self {
             DType::F32 | DType::U32 | DType::I32 => 4,
             DType::BF16 | DType::F16 => 2,
+            DType::Q8 => 1,
+        }
+    }
+
+    /// Bytes of `n` elements (Q8: the codes and their scales).
+    pub fn bytes(self, n: usize) -> usize {
+        match self {
+            DType::Q8 => n + n.div_ceil(Q8_BLOCK) * 4,
+            _ => n * self.size(),
         }
     }
 }
+
+/// Values per scale in [`DType::Q8`] storage (GGUF's Q8_0 block).
+pub const Q8_BLOCK: usize = 32;
 
 /// A device tensor.
 #[derive(Clone)]
@@ -67,7 +84,7 @@ impl Tensor {
 
     /// Bytes of the data (not of the pooled buffer, which may be larger).
     pub fn byte_len(&self) -> usize {
-        self.numel() * self.dtype.size()
+        self.dtype.bytes(self.numel())
     }
 
     /// The same buffer seen with another shape of the same element count (a free reshape).

@@ -21,12 +21,21 @@ struct Params {
     v: u32,
     row0: u32,
     kind: u32,
-    _pad: [u32; 3],
+    scales: u32,
+    _pad: [u32; 2],
 }
 
 impl Params {
     fn new(n: usize, c: usize, v: usize) -> Self {
-        Params { n: n as u32, c: c as u32, v: v as u32, row0: 0, kind: 0, _pad: [0; 3] }
+        Params { n: n as u32, c: c as u32, v: v as u32, row0: 0, kind: 0, scales: 0, _pad: [0; 2] }
+    }
+
+    /// Sets `kind` (and, for Q8, the word offset of the scales) for a compact table part of
+    /// `numel` values.
+    fn compact(mut self, dtype: DType, numel: usize) -> Result<Self> {
+        self.kind = kind16(dtype)?;
+        self.scales = (numel / 4) as u32;
+        Ok(self)
     }
 }
 
@@ -35,7 +44,8 @@ fn kind16(d: DType) -> Result<u32> {
     match d {
         DType::BF16 => Ok(1),
         DType::F16 => Ok(2),
-        other => Err(Error::Invalid(format!("embedding: a {other:?} table is not 16-bit"))),
+        DType::Q8 => Ok(3),
+        other => Err(Error::Invalid(format!("embedding: a {other:?} table is not 16-bit or Q8"))),
     }
 }
 
@@ -136,7 +146,7 @@ pub fn forward_shards(ctx: &GpuContext, table: &RowShards, ids: &[u32]) -> Resul
         if table.dtype() == DType::F32 {
             ctx.dispatch(&FORWARD, &[], &p, &[(1, part), (2, &ids_t), (6, &out)], groups)?;
         } else {
-            p.kind = kind16(table.dtype())?;
+            p = p.compact(table.dtype(), r.len() * c)?;
             ctx.dispatch(&FORWARD16, &[], &p, &[(2, &ids_t), (6, &out), (7, part)], groups)?;
         }
     }
@@ -180,7 +190,7 @@ pub fn rows_f32(ctx: &GpuContext, part: &Tensor, rows: std::ops::Range<usize>) -
     }
     let mut p = Params::new(n, c, r);
     p.row0 = rows.start as u32;
-    p.kind = kind16(part.dtype())?;
+    p = p.compact(part.dtype(), r * c)?;
     ctx.dispatch(&WIDEN16, &[], &p, &[(6, &out), (7, part)], groups_2d(groups_for(n * c, WG as usize)))?;
     Ok(out)
 }

@@ -10,7 +10,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use qlora_webgpu::data::dataset::{Dataset, Format, Split};
 use qlora_webgpu::generate::SamplingConfig;
-use qlora_webgpu::gpu::{block_on, lossless_16bit, DType, GpuContext};
+use qlora_webgpu::gpu::{block_on, lossless_compact, DType, GpuContext};
 use qlora_webgpu::lora::config::{InitLoraWeights, LoraConfig, TargetModules};
 use qlora_webgpu::lora::peft::{CONFIG_FILE, WEIGHTS_FILE};
 use qlora_webgpu::lora::write_atomic;
@@ -424,7 +424,8 @@ pub fn run(args: TrainArgs) -> Result<i32> {
             BaseQuant::F32 => None,
             BaseQuant::Nf4 { double_quant, .. } => Some(double_quant),
         },
-        table_bytes: if lossless_16bit(&src.host.embed.data) == DType::F32 { 4 } else { 2 },
+        // Q8 (9 bits a value) is planned as 2 bytes: an upper bound.
+        table_bytes: if lossless_compact(&src.host.embed.data, src.host.config.hidden_size) == DType::F32 { 4 } else { 2 },
     };
     let plan = memory::choose(&src.host.config, &shape, budget, cfg.grad_checkpoint).map_err(|e| anyhow::anyhow!("{}: {e}", model_path.display()))?;
     let gib = |b: u64| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64);

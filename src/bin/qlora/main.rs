@@ -135,7 +135,22 @@ struct MergeArgs {
     dtype: Option<String>,
 }
 
+/// Mesa's Vulkan device-selection layer (an implicit layer installed with Mesa's drivers) tries
+/// to connect to a Wayland compositor whenever an instance enables VK_KHR_wayland_surface, which
+/// wgpu always does; without XDG_RUNTIME_DIR libwayland then prints "error: XDG_RUNTIME_DIR is
+/// invalid or not set in the environment." once per device enumeration. Without a Wayland
+/// session the layer has nothing to learn from Wayland, so it is switched off through its own
+/// documented variable (NODEVICE_SELECT=1) unless the user set that variable; wgpu still orders
+/// the adapters (high-performance first). Runs before any thread starts.
+fn quiet_device_select_without_wayland() {
+    let runtime_dir_ok = std::env::var_os("XDG_RUNTIME_DIR").is_some_and(|d| Path::new(&d).is_dir());
+    if !runtime_dir_ok && std::env::var_os("NODEVICE_SELECT").is_none() {
+        std::env::set_var("NODEVICE_SELECT", "1");
+    }
+}
+
 fn main() {
+    quiet_device_select_without_wayland();
     let code = match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {

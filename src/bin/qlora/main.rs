@@ -11,7 +11,7 @@ mod train;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use common::{QuantArgs, SamplingArgs};
-use qlora_webgpu::data::dataset::{Dataset, Format};
+use qlora_webgpu::data::dataset::{Dataset, EncodeOptions, Format};
 use qlora_webgpu::gpu::{block_on, GpuContext};
 use qlora_webgpu::io::gguf::load_gguf;
 use qlora_webgpu::io::hf::{load_hf_dir, MmapDir};
@@ -56,7 +56,7 @@ Examples:
   echo \"Once upon a time\" | qlora generate MODEL --raw")]
     Generate(GenerateArgs),
     /// Loss and perplexity of a model (with or without an adapter) on a JSONL data set.
-    #[command(after_help = "Examples:\n  qlora eval MODEL --data data/pirate_eval.jsonl\n  qlora eval MODEL --adapter pirate-adapter --data held-out.jsonl")]
+    #[command(after_help = "Examples:\n  qlora eval MODEL --data data/pirate_eval.jsonl\n  qlora eval MODEL --adapter pirate-adapter --data held-out.jsonl --max-len 96\nGive the encoding options the adapter was trained with (--format, --max-len, --train-on-prompt,\n--no-append-eos) to score the tokens training scored.")]
     Eval(EvalArgs),
     /// Merge an adapter into its base model and write a Hugging Face folder (dense weights).
     #[command(after_help = "Examples:\n  qlora merge SmolLM2-135M-Instruct.Q4_1.gguf --adapter pirate-adapter --out smollm2-pirate\n  qlora merge ~/models/base --adapter a --out merged --dtype bf16")]
@@ -110,12 +110,18 @@ struct EvalArgs {
     /// Data format: auto, text, prompt-completion, messages, alpaca.
     #[arg(long, default_value = "auto")]
     format: String,
-    /// Longest example in tokens (longer ones are cut).
+    /// Longest example in tokens (longer ones keep their first tokens), as in `train`.
     #[arg(long, default_value_t = 2048)]
     max_len: usize,
-    /// Examples per forward pass.
+    /// Examples per forward pass (the loss is one mean over all counted tokens either way).
     #[arg(long, default_value_t = 4)]
     batch_size: usize,
+    /// Count the loss on prompts and user turns too (as `train --train-on-prompt`).
+    #[arg(long)]
+    train_on_prompt: bool,
+    /// Do not append eos to text and prompt-completion examples (as `train --no-append-eos`).
+    #[arg(long)]
+    no_append_eos: bool,
     #[command(flatten)]
     quant: QuantArgs,
 }
@@ -222,7 +228,8 @@ fn eval(a: EvalArgs) -> Result<()> {
         Some(d) => common::open_adapter(d, &model)?.upload(&ctx)?,
         None => LoraSet::default(),
     };
-    let (loss, n) = block_on(session::evaluate(&ctx, &model, &set, &data, a.max_len, a.batch_size))?;
+    let opts = EncodeOptions { max_len: a.max_len, train_on_prompt: a.train_on_prompt, append_eos: !a.no_append_eos };
+    let (loss, n) = block_on(session::evaluate(&ctx, &model, &set, &data, opts, a.batch_size))?;
     println!("loss {loss:.6}  perplexity {:.4}  ({n} tokens counted, {} examples of {})", loss.exp(), data.len(), a.data.display());
     Ok(())
 }

@@ -1,9 +1,10 @@
 //! The `qlora` command line (native only): `train` (LoRA / QLoRA on a JSONL data set),
-//! `generate` (with or without an adapter, streaming), `eval` (loss and perplexity), `merge`
+//! `generate` (with or without an adapter, streaming), `chat` (interactive, several adapters), `eval` (loss and perplexity), `merge`
 //! (adapter into the base, out to a Hugging Face folder), `info` (a model's shape and memory),
 //! `bench` (SmolLM2-135M-shaped training steps) and `gpu` (the adapter wgpu selects).
 
 mod bench;
+mod chat;
 mod common;
 mod plot;
 mod train;
@@ -55,6 +56,13 @@ Examples:
   qlora generate MODEL --adapter pirate-adapter --prompt \"How do I stay warm?\" --temperature 0.7 --top-p 0.9
   echo \"Once upon a time\" | qlora generate MODEL --raw")]
     Generate(GenerateArgs),
+    /// An interactive chat in the terminal (streamed answers, history, several adapters).
+    #[command(after_help = "Examples:
+  qlora chat SmolLM2-135M-Instruct.Q4_1.gguf
+  qlora chat MODEL --adapter pirate-adapter --adapter formal=runs/formal --system \"Be brief.\"
+In the chat: /adapter NAME (or /adapter base) switches adapters without reloading the model,
+/system TEXT sets the system message, /reset forgets the conversation, /exit (or end of input) quits.")]
+    Chat(chat::ChatArgs),
     /// Loss and perplexity of a model (with or without an adapter) on a JSONL data set.
     #[command(after_help = "Examples:\n  qlora eval MODEL --data data/pirate_eval.jsonl\n  qlora eval MODEL --adapter pirate-adapter --data held-out.jsonl --max-len 96\nGive the encoding options the adapter was trained with (--format, --max-len, --train-on-prompt,\n--no-append-eos) to score the tokens training scored.")]
     Eval(EvalArgs),
@@ -176,6 +184,7 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Info { model } => info(&model)?,
         Cmd::Train(a) => return train::run(a),
         Cmd::Generate(a) => generate(a)?,
+        Cmd::Chat(a) => chat::run(a)?,
         Cmd::Eval(a) => eval(a)?,
         Cmd::Merge(a) => merge(a)?,
         Cmd::Bench(a) => bench::run(a)?,

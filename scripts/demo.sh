@@ -17,7 +17,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OUT="${OUT:-runs/pirate}"
-export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 
 GGUF=$(bash scripts/fetch-smollm2.sh)
 echo "== model: $GGUF"

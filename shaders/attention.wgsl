@@ -6,8 +6,11 @@
 // Shapes: q (B, Tq, NH, HS); k, v (B, Tk, NKV, HS); out (B, Tq, NH, HS): the layout of the
 // projections, so q/k/v are the q/k/v_proj outputs viewed (B, T, heads, HS) and out reshapes
 // to the o_proj input (B*T, NH*HS) for free. Query head h reads kv head g = h / (NH / NKV).
-// Query row t sits at position q_pos0 + t and attends keys j = 0..=q_pos0+t (causal mask);
-// training uses Tq = Tk = T, q_pos0 = 0; a KV-cache step uses the cached keys (Tk >= q_pos0+Tq).
+// Query row t sits at position q_pos0 + t and attends keys j = seg[b, t]..=q_pos0+t (causal mask,
+// and with sequence packing the row's example boundary: seg[b, t] is the first key of query t's
+// example, non-decreasing along t; all zero without packing, which gives the same bits as a
+// kernel without seg); training uses Tq = Tk = T, q_pos0 = 0; a KV-cache step uses the cached
+// keys (Tk >= q_pos0+Tq) and seg all zero.
 //
 //   S[t, j] = scale * q[t] . k[j]  (scale = 1/sqrt(HS)),  P = softmax_j(S) over j <= q_pos0 + t
 //   out[t]  = sum_j P[t, j] v[j]
@@ -27,8 +30,9 @@
 //                         invocation lid takes query row t = blk*WG + lid. Writes out (=), lse (=).
 // attention_decode:       the forward for Tq small (a KV-cache decode step): one workgroup per
 //                         query row (b, h, t), flat index (b*NH + h)*Tq + t. Writes out, lse (=).
-// attention_backward_dq:  as attention_forward (Tq = Tk = T); writes dq (=) and delta (=, read
-//                         by the next kernel).
+// attention_backward_delta: one invocation per (b, h, t), flat index (wid.x + wid.y*65535)*WG +
+//                         lid over B*NH*Tq; writes delta (=), read by the next two kernels.
+// attention_backward_dq:  as attention_forward (Tq = Tk = T); writes dq (=).
 // attention_backward_dkv: workgroup (b, g, blk) = flat index (b*NKV + g)*ceil(Tk/WG) + blk;
 //                         invocation lid takes key row j = blk*WG + lid and loops over the
 //                         group's query heads and the queries t that see j. Writes dk (=), dv (=).
@@ -58,7 +62,7 @@
 // picks it up to ops::attention::DECODE_MAX_TQ query rows (there it is faster than one busy
 // invocation per workgroup), so a KV-cache step equals the full forward's row bit for bit.
 //
-// Workgroup memory: 2 * TILE4 vec4 + 2 * MAX_TILE f32 = 8.5 KiB, independent of T.
+// Workgroup memory: 2 * TILE4 vec4 + 2 * MAX_TILE f32 + MAX_TILE u32 = 8.75 KiB, independent of T.
 
 const WG: u32 = 64u;
 const MAX_HS: u32 = 256u;
@@ -91,11 +95,13 @@ struct Params {
 @group(0) @binding(8) var<storage, read_write> dq: array<f32>;      // (B, Tq, NH, HS)
 @group(0) @binding(9) var<storage, read_write> dk: array<f32>;      // (B, Tk, NKV, HS)
 @group(0) @binding(10) var<storage, read_write> dv: array<f32>;     // (B, Tk, NKV, HS)
+@group(0) @binding(11) var<storage, read> seg: array<u32>;           // (B, Tq) first key of each query row's example
 
 var<workgroup> tile_a: array<vec4<f32>, TILE4>;   // k rows (forward, dq) or q rows (dkv)
 var<workgroup> tile_b: array<vec4<f32>, TILE4>;   // v rows (forward, dq) or dout rows (dkv)
 var<workgroup> tile_lse: array<f32, MAX_TILE>;    // dkv: lse of the tile's query rows
 var<workgroup> tile_delta: array<f32, MAX_TILE>;  // dkv: delta of the tile's query rows
+var<workgroup> tile_seg: array<u32, MAX_TILE>;    // dkv: first key of the tile's query rows' examples
 
 // Offset of row (b, t, head) of a (B, T, heads, HS) tensor.
 fn row_offset(b: u32, t: u32, n_t: u32, head: u32, heads: u32) -> u32 {
@@ -168,9 +174,11 @@ fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
     let g = h / (params.nh / params.nkv);
     let t = blk * WG + lid;
     let live = t < params.tq;
-    // Keys 0..n_keys are seen by some row of the block, keys 0..=limit by this row.
+    // Keys j_begin..n_keys are seen by some row of the block, keys first..=limit by this row.
     let n_keys = params.q_pos0 + min(blk * WG + WG, params.tq);
     let limit = params.q_pos0 + t;
+    let first = seg[b * params.tq + min(t, params.tq - 1u)];
+    let j_begin = seg[b * params.tq + blk * WG];
     let qo = row_offset(b, min(t, params.tq - 1u), params.tq, h, params.nh);
     var qr: array<vec4<f32>, MAX_HS4>;
     var acc: array<vec4<f32>, MAX_HS4>;
@@ -181,18 +189,23 @@ fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
     let tr = tile_rows(hs4);
     var m = NEG_BIG;
     var l = 0.0;
-    for (var j0 = 0u; j0 < n_keys; j0 = j0 + tr) {
+    for (var j0 = j_begin; j0 < n_keys; j0 = j0 + tr) {
         let n = min(tr, n_keys - j0);
         workgroupBarrier();
         load_kv_tile(lid, b, g, j0, n, hs4);
         workgroupBarrier();
-        // This row's keys in the tile: 0..nj.
+        // This row's keys in the tile: lo..nj (none when its example starts past the tile).
         var nj = 0u;
         if (live && limit >= j0) {
             nj = min(n, limit + 1u - j0);
         }
+        let lo = max(first, j0) - j0;
+        if (lo >= nj) {
+            nj = 0u;
+        }
+        let lo4 = lo & ~3u;
         var mt = NEG_BIG;
-        for (var jj = 0u; jj < nj; jj = jj + 4u) {
+        for (var jj = lo4; jj < nj; jj = jj + 4u) {
             let b0 = jj * hs4;
             let b1 = b0 + hs4;
             let b2 = b1 + hs4;
@@ -202,7 +215,8 @@ fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
                 let x = qr[e4];
                 s = s + vec4<f32>(dot(x, tile_a[b0 + e4]), dot(x, tile_a[b1 + e4]), dot(x, tile_a[b2 + e4]), dot(x, tile_a[b3 + e4]));
             }
-            s = select(vec4<f32>(NEG_BIG), s, vec4<u32>(jj, jj + 1u, jj + 2u, jj + 3u) < vec4<u32>(nj));
+            let jv = vec4<u32>(jj, jj + 1u, jj + 2u, jj + 3u);
+            s = select(vec4<f32>(NEG_BIG), s, (jv >= vec4<u32>(lo)) & (jv < vec4<u32>(nj)));
             sc[jj / 4u] = s;
             mt = max(mt, max(max(s.x, s.y), max(s.z, s.w)));
         }
@@ -213,7 +227,7 @@ fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
             for (var e4 = 0u; e4 < hs4; e4 = e4 + 1u) {
                 acc[e4] = acc[e4] * alpha;
             }
-            for (var jj = 0u; jj < nj; jj = jj + 4u) {
+            for (var jj = lo4; jj < nj; jj = jj + 4u) {
                 let p = exp(sc[jj / 4u] - vec4<f32>(m_new));
                 l = l + p.x + p.y + p.z + p.w;
                 let b0 = jj * hs4;
@@ -335,21 +349,21 @@ fn attention_backward_dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_i
     let live = t < params.tq;
     let n_keys = params.q_pos0 + min(blk * WG + WG, params.tq);
     let limit = params.q_pos0 + t;
+    let first = seg[b * params.tq + min(t, params.tq - 1u)];
+    let j_begin = seg[b * params.tq + blk * WG];
     let qo = row_offset(b, min(t, params.tq - 1u), params.tq, h, params.nh);
     let st = (b * params.nh + h) * params.tq + min(t, params.tq - 1u);
     var qr: array<vec4<f32>, MAX_HS4>;
     var dor: array<vec4<f32>, MAX_HS4>;
     var acc: array<vec4<f32>, MAX_HS4>;
-    var dl = 0.0;
     for (var e4 = 0u; e4 < hs4; e4 = e4 + 1u) {
         qr[e4] = q4_at(qo, e4 * 4u) * params.scale;
-        let d4 = dout4_at(qo, e4 * 4u);
-        dor[e4] = d4;
-        dl = dl + dot(d4, out4_at(qo, e4 * 4u));
+        dor[e4] = dout4_at(qo, e4 * 4u);
     }
+    let dl = delta[st];
     let lse_t = lse[st];
     let tr = tile_rows(hs4);
-    for (var j0 = 0u; j0 < n_keys; j0 = j0 + tr) {
+    for (var j0 = j_begin; j0 < n_keys; j0 = j0 + tr) {
         let n = min(tr, n_keys - j0);
         workgroupBarrier();
         load_kv_tile(lid, b, g, j0, n, hs4);
@@ -358,7 +372,11 @@ fn attention_backward_dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_i
         if (live && limit >= j0) {
             nj = min(n, limit + 1u - j0);
         }
-        for (var jj = 0u; jj < nj; jj = jj + 4u) {
+        let lo = max(first, j0) - j0;
+        if (lo >= nj) {
+            nj = 0u;
+        }
+        for (var jj = lo & ~3u; jj < nj; jj = jj + 4u) {
             let b0 = jj * hs4;
             let b1 = b0 + hs4;
             let b2 = b1 + hs4;
@@ -371,8 +389,9 @@ fn attention_backward_dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_i
                 s = s + vec4<f32>(dot(x, tile_a[b0 + e4]), dot(x, tile_a[b1 + e4]), dot(x, tile_a[b2 + e4]), dot(x, tile_a[b3 + e4]));
                 dp = dp + vec4<f32>(dot(y, tile_b[b0 + e4]), dot(y, tile_b[b1 + e4]), dot(y, tile_b[b2 + e4]), dot(y, tile_b[b3 + e4]));
             }
-            // Keys past this row's last (exp may overflow there) get dS = 0.
-            let ds = select(vec4<f32>(0.0), exp(s - vec4<f32>(lse_t)) * (dp - vec4<f32>(dl)), vec4<u32>(jj, jj + 1u, jj + 2u, jj + 3u) < vec4<u32>(nj));
+            // Keys past this row's last or before its example (exp may overflow there) get dS = 0.
+            let jv = vec4<u32>(jj, jj + 1u, jj + 2u, jj + 3u);
+            let ds = select(vec4<f32>(0.0), exp(s - vec4<f32>(lse_t)) * (dp - vec4<f32>(dl)), (jv >= vec4<u32>(lo)) & (jv < vec4<u32>(nj)));
             for (var e4 = 0u; e4 < hs4; e4 = e4 + 1u) {
                 acc[e4] = acc[e4] + ds.x * tile_a[b0 + e4] + ds.y * tile_a[b1 + e4] + ds.z * tile_a[b2 + e4] + ds.w * tile_a[b3 + e4];
             }
@@ -382,8 +401,23 @@ fn attention_backward_dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_i
         for (var e = 0u; e < hs; e = e + 1u) {
             dq[qo + e] = params.scale * acc[e / 4u][e % 4u];
         }
-        delta[st] = dl;
     }
+}
+
+@compute @workgroup_size(WG)
+fn attention_backward_delta(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.x + wid.y * 65535u) * WG + lid;
+    if (i >= params.b * params.nh * params.tq) { return; }
+    let t = i % params.tq;
+    let h = (i / params.tq) % params.nh;
+    let b = i / (params.tq * params.nh);
+    let qo = row_offset(b, t, params.tq, h, params.nh);
+    let hs4 = (params.hs + 3u) / 4u;
+    var dl = 0.0;
+    for (var e4 = 0u; e4 < hs4; e4 = e4 + 1u) {
+        dl = dl + dot(dout4_at(qo, e4 * 4u), out4_at(qo, e4 * 4u));
+    }
+    delta[i] = dl;
 }
 
 @compute @workgroup_size(WG)
@@ -430,6 +464,7 @@ fn attention_backward_dkv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_
                 let st = (b * params.nh + h) * params.tq + min(t0 + i, params.tq - 1u);
                 tile_lse[i] = lse[st];
                 tile_delta[i] = delta[st];
+                tile_seg[i] = seg[b * params.tq + min(t0 + i, params.tq - 1u)];
             }
             workgroupBarrier();
             // This key's queries in the tile: i0..n.
@@ -453,7 +488,8 @@ fn attention_backward_dkv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_
                 let lse4 = vec4<f32>(tile_lse[ii], tile_lse[ii + 1u], tile_lse[ii + 2u], tile_lse[ii + 3u]);
                 let delta4 = vec4<f32>(tile_delta[ii], tile_delta[ii + 1u], tile_delta[ii + 2u], tile_delta[ii + 3u]);
                 let iv = vec4<u32>(ii, ii + 1u, ii + 2u, ii + 3u);
-                let seen = (iv >= vec4<u32>(i0)) & (iv < vec4<u32>(n));
+                let seg4 = vec4<u32>(tile_seg[ii], tile_seg[ii + 1u], tile_seg[ii + 2u], tile_seg[ii + 3u]);
+                let seen = (iv >= vec4<u32>(i0)) & (iv < vec4<u32>(n)) & (seg4 <= vec4<u32>(j));
                 let p = select(vec4<f32>(0.0), exp(s - lse4), seen);
                 let ds = select(vec4<f32>(0.0), p * (dp - delta4), seen);
                 for (var e4 = 0u; e4 < hs4; e4 = e4 + 1u) {

@@ -366,6 +366,12 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// How the run encodes its examples (max_len, train_on_prompt, append_eos); evaluation
+    /// with these scores the same tokens training does.
+    pub fn encode_options(&self) -> EncodeOptions {
+        EncodeOptions { max_len: self.max_len, train_on_prompt: self.train_on_prompt, append_eos: self.append_eos }
+    }
+
     fn opts(&self) -> TrainOpts {
         TrainOpts {
             adamw: AdamW { lr: self.lr, beta1: self.betas.0, beta2: self.betas.1, eps: self.eps, weight_decay: self.weight_decay },
@@ -457,7 +463,7 @@ impl TrainSession {
                 cfg.max_len, model.max_positions
             )));
         }
-        let enc = model.encoder(EncodeOptions { max_len: cfg.max_len, train_on_prompt: cfg.train_on_prompt, append_eos: cfg.append_eos })?;
+        let enc = model.encoder(cfg.encode_options())?;
         let all = data.tokenize(&enc)?;
         let stats = all.stats();
         if stats.counted_tokens == 0 {
@@ -576,18 +582,70 @@ impl TrainSession {
     }
 }
 
-/// Mean loss and perplexity of `data` under `lora` (no dropout): (loss, counted tokens).
-pub async fn evaluate(ctx: &Rc<GpuContext>, model: &LoadedModel, lora: &LoraSet, data: &Dataset, max_len: usize, batch_size: usize) -> Result<(f64, usize)> {
-    let enc = model.encoder(EncodeOptions { max_len, ..EncodeOptions::default() })?;
-    let t = data.tokenize(&enc)?;
-    let pad = dataset::pad_id(&model.tokenizer);
-    let mut batches = Vec::new();
-    for i in (0..t.len()).step_by(batch_size.max(1)) {
-        let idx: Vec<usize> = (i..(i + batch_size.max(1)).min(t.len())).collect();
-        let b = t.batch(&idx, pad)?;
-        batches.push(TokenBatch { ids: b.ids, targets: b.targets, batch: b.batch });
+/// A data set tokenized once for evaluation (with a training run's encoding options) and cut
+/// into batches in file order.
+pub struct EvalSet {
+    batches: Vec<TokenBatch>,
+    examples: usize,
+    counted: usize,
+    truncated: usize,
+}
+
+impl EvalSet {
+    /// Tokenizes `data` with `opts` (the run's max_len, train_on_prompt and append_eos) and
+    /// batches it `batch_size` examples at a time. A set with no counted token is an error.
+    pub fn new(model: &LoadedModel, data: &Dataset, opts: EncodeOptions, batch_size: usize) -> Result<Self> {
+        let enc = model.encoder(opts)?;
+        let t = data.tokenize(&enc)?;
+        let stats = t.stats();
+        let pad = dataset::pad_id(&model.tokenizer);
+        let bs = batch_size.max(1);
+        let batches = (0..t.len())
+            .step_by(bs)
+            .map(|i| {
+                let idx: Vec<usize> = (i..(i + bs).min(t.len())).collect();
+                t.batch(&idx, pad).map(|b| TokenBatch { ids: b.ids, targets: b.targets, batch: b.batch })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let counted = batches.iter().map(TokenBatch::n_tokens).sum();
+        if counted == 0 {
+            return Err(Error::format(data.file(), "no example has a token the loss counts (check the format and --train-on-prompt)"));
+        }
+        Ok(EvalSet { batches, examples: t.len(), counted, truncated: stats.truncated })
     }
-    let n = batches.iter().map(TokenBatch::n_tokens).sum();
-    let loss = crate::train::trainer::eval_loss(ctx, &model.model, lora, &batches).await?;
-    Ok((loss, n))
+
+    /// Examples in the set.
+    pub fn examples(&self) -> usize {
+        self.examples
+    }
+
+    /// Tokens the loss counts.
+    pub fn counted_tokens(&self) -> usize {
+        self.counted
+    }
+
+    /// Examples cut to max_len.
+    pub fn truncated(&self) -> usize {
+        self.truncated
+    }
+
+    /// Mean loss over the counted tokens of every batch together (one mean, as transformers'
+    /// loss over one batch holding all of them) under `lora` (no dropout).
+    pub async fn loss(&self, ctx: &Rc<GpuContext>, model: &LoadedModel, lora: &LoraSet) -> Result<f64> {
+        crate::train::trainer::eval_loss(ctx, &model.model, lora, &self.batches).await
+    }
+}
+
+/// Mean loss of `data` under `lora` (no dropout), encoded with `opts` as a training run with
+/// those options encodes it: (loss, counted tokens).
+pub async fn evaluate(
+    ctx: &Rc<GpuContext>,
+    model: &LoadedModel,
+    lora: &LoraSet,
+    data: &Dataset,
+    opts: EncodeOptions,
+    batch_size: usize,
+) -> Result<(f64, usize)> {
+    let set = EvalSet::new(model, data, opts, batch_size)?;
+    Ok((set.loss(ctx, model, lora).await?, set.counted_tokens()))
 }

@@ -116,6 +116,9 @@ mod api {
       maxNewTokens?: number; temperature?: number; topK?: number; topP?: number; seed?: number;
       stop?: string[]; skipSpecialTokens?: boolean;
     }
+    /** `AdapterSet.generate`'s options: sampling, and the adapter for this request alone (a
+     *  name, or null for the base model; absent: the one `use` picked). */
+    export interface AdapterGenerateOptions extends GenerateOptions { adapter?: string | null }
     export interface GenerateResult {
       text: string; tokens: number[]; promptTokens: number;
       stopReason: "eos" | "stop-string" | "max-new-tokens"; ms: number;
@@ -676,6 +679,105 @@ mod api {
         pub fn files(&self) -> Result<JsValue, JsValue> {
             let (c, w) = host_adapter_to_bytes(&self.host, &self.model.m.model.cfg).map_err(|e| fail("writing the adapter files", e))?;
             Ok(adapter_files_js(c, w))
+        }
+    }
+
+    // ---- several adapters on one model ---------------------------------------------------------
+
+    /// Named adapters on one model: the base is loaded once, each adapter adds only its A and B;
+    /// `use(name)` picks the one requests run with, or `generate(..., {adapter})` one request.
+    #[wasm_bindgen]
+    pub struct AdapterSet {
+        model: Rc<ModelInner>,
+        set: RefCell<crate::lora::AdapterSet>,
+    }
+
+    #[wasm_bindgen]
+    impl AdapterSet {
+        /// An empty set for `model` (requests run on the base until `use` picks an adapter).
+        #[wasm_bindgen(constructor)]
+        pub fn new(model: &Model) -> AdapterSet {
+            hook();
+            AdapterSet { model: model.inner.clone(), set: RefCell::new(crate::lora::AdapterSet::new()) }
+        }
+
+        /// Adds a loaded `Adapter` of the same model under `name` (shared, not copied).
+        pub fn add(&self, name: &str, adapter: &Adapter) -> Result<(), JsValue> {
+            if !Rc::ptr_eq(&adapter.model, &self.model) {
+                return Err(plain_error("invalid", format!("AdapterSet.add({name}): the adapter was loaded for another Model object")));
+            }
+            self.set.borrow_mut().insert(name, adapter.host.config.clone(), adapter.set.clone()).map_err(|e| fail("AdapterSet.add", e))
+        }
+
+        /// Reads PEFT's two files (as `Adapter.load`) and adds the adapter under `name`.
+        pub fn load(
+            &self,
+            name: &str,
+            adapter_config: &str,
+            #[wasm_bindgen(unchecked_param_type = "Uint8Array | ArrayBuffer")] adapter_model: JsValue,
+        ) -> Result<(), JsValue> {
+            let st = bytes_of("AdapterSet.load: adapter_model.safetensors", &adapter_model)?;
+            let m = &self.model;
+            let h = host_adapter_from_bytes(adapter_config, &st, &m.m.model.cfg, name)
+                .map_err(|e| fail(format!("reading the adapter {name} for {}", m.m.name), e))?;
+            self.set.borrow_mut().add(&m.ctx, &m.m.model.cfg, name, &h).map_err(|e| fail(format!("adding the adapter {name}"), e))
+        }
+
+        /// Makes `name` the adapter requests run with; null: the base model alone.
+        #[wasm_bindgen(js_name = "use")]
+        pub fn use_adapter(&self, name: Option<String>) -> Result<(), JsValue> {
+            self.set.borrow_mut().use_adapter(name.as_deref()).map_err(|e| fail("AdapterSet.use", e))
+        }
+
+        /// Removes `name`; false when there is none. The base is in use if it was the active one.
+        pub fn remove(&self, name: &str) -> bool {
+            self.set.borrow_mut().remove(name)
+        }
+
+        /// The adapter in use, or null for the base model.
+        #[wasm_bindgen(getter)]
+        pub fn active(&self) -> Option<String> {
+            self.set.borrow().active_name().map(str::to_owned)
+        }
+
+        /// The adapters' names, in the order they were added.
+        #[wasm_bindgen(getter)]
+        pub fn names(&self) -> Vec<String> {
+            self.set.borrow().names().into_iter().map(str::to_owned).collect()
+        }
+
+        /// Bytes of all adapters' A and B on the GPU (the base is not counted: it is shared).
+        #[wasm_bindgen(getter, js_name = deviceBytes)]
+        pub fn device_bytes(&self) -> usize {
+            self.set.borrow().device_bytes()
+        }
+
+        /// Generates (see `Model.generate`) with the adapter in use, or with `options.adapter`
+        /// for this request alone (a name, or null for the base model).
+        #[wasm_bindgen(unchecked_return_type = "Promise<GenerateResult>")]
+        pub fn generate(
+            &self,
+            #[wasm_bindgen(unchecked_param_type = "Prompt")] prompt: JsValue,
+            #[wasm_bindgen(unchecked_optional_param_type = "AdapterGenerateOptions")] options: JsValue,
+            #[wasm_bindgen(unchecked_optional_param_type = "(text: string) => void")] on_text: JsValue,
+        ) -> js_sys::Promise {
+            let inner = self.model.clone();
+            let picked = (|| -> Result<(LoraSet, JsValue), JsValue> {
+                let mut o = from_js("AdapterGenerateOptions", &options)?;
+                let set = self.set.borrow();
+                let lora = match o.as_object_mut().and_then(|m| m.remove("adapter")) {
+                    None => set.active().clone(),
+                    Some(Value::Null) => LoraSet::default(),
+                    Some(Value::String(n)) => set.get(Some(&n)).map_err(|e| fail("AdapterSet.generate", e))?.clone(),
+                    Some(v) => return Err(plain_error("invalid", format!("AdapterGenerateOptions.adapter: expected a name or null, got {v}"))),
+                };
+                let options = if o.is_null() { JsValue::UNDEFINED } else { to_js(&o) };
+                Ok((lora, options))
+            })();
+            future_to_promise(async move {
+                let (lora, options) = picked?;
+                generate(&inner, &lora, prompt, options, on_text).await
+            })
         }
     }
 

@@ -29,3 +29,22 @@ fn info_on_a_non_model_fails_clearly() {
     let (ok, _, err) = qlora(&["info", "/no/such/model"]);
     assert!(!ok && err.contains("/no/such/model"), "{err}");
 }
+
+/// Without XDG_RUNTIME_DIR (a container, a CI job, ssh without a login session) Mesa's Vulkan
+/// device-selection layer used to make libwayland print "error: XDG_RUNTIME_DIR is invalid or not
+/// set in the environment." twice before every GPU command; the CLI keeps it quiet.
+#[test]
+fn no_wayland_error_without_xdg_runtime_dir() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-llama/model");
+    for args in [&["info", dir][..], &["gpu"][..]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_qlora"))
+            .args(args)
+            .env_remove("XDG_RUNTIME_DIR")
+            .env_remove("NODEVICE_SELECT")
+            .output()
+            .expect("run qlora");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "qlora {args:?}: {err}");
+        assert!(!err.contains("XDG_RUNTIME_DIR"), "qlora {args:?} printed: {err}");
+    }
+}

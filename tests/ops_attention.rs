@@ -3,7 +3,8 @@
 //! (T 1, 3, 63, 65, 128, 257, 300 and 2048; HS 3, 5, 8, 33, 64, 96, 128, 130 and 256; NH/NKV
 //! 4/2, 3/1, 2/2, 9/3); the KV-cache forward equals the full forward's rows, also for the one-
 //! and two-row decode kernel; the tape gives the launches' gradients; results are deterministic
-//! run to run; the kernels fit WebGPU's default workgroup memory.
+//! run to run; the kernels fit WebGPU's default workgroup memory; with sequence packing
+//! (per-row segment starts) no attention weight crosses an example boundary.
 //!
 //! Tolerances: 1e-5 abs + 1e-4 rel for the forward and for every gradient (f32 accumulations
 //! over at most a few hundred terms of size ~1 against an f64 reference).
@@ -284,6 +285,91 @@ fn kernels_fit_the_default_workgroup_memory() {
         .sum();
     // Every workgroup variable counted, whichever entry point uses it: an upper bound.
     assert!(bytes <= 16384, "shaders/{file}: {bytes} bytes of workgroup memory (> 16 KiB, WebGPU's default)");
-    // Two tiles of 256 vec4 (k/v rows, or q/dout rows for dk/dv) and 64 lse and delta values.
-    assert_eq!(bytes, 2 * 256 * 16 + 2 * 64 * 4);
+    // Two tiles of 256 vec4 (k/v rows, or q/dout rows for dk/dv), 64 lse and delta values and
+    // 64 segment starts (dk/dv under sequence packing).
+    assert_eq!(bytes, 2 * 256 * 16 + 3 * 64 * 4);
+}
+
+/// Segment starts (B * T) of rows packed from examples of the given lengths.
+fn seg_starts(rows: &[&[usize]]) -> Vec<usize> {
+    let mut s = Vec::new();
+    for lens in rows {
+        let mut start = 0;
+        for &n in *lens {
+            s.extend(std::iter::repeat_n(start, n));
+            start += n;
+        }
+    }
+    s
+}
+
+/// Sequence packing: with per-row segment starts the GPU forward and backward equal the f64
+/// reference that masks keys outside each query's example (1e-5 abs + 1e-4 rel, as above);
+/// changing every key and value outside one example leaves that example's outputs and its
+/// dq unchanged bit for bit (no attention weight crosses a boundary); each example of the
+/// packed row equals that example run alone as an unpacked row (f32 noise: other tile splits).
+#[test]
+fn packed_rows_never_attend_across_examples() {
+    let ctx = gpu();
+    let mut rng = Rng::new(31);
+    for (nh, nkv, hs, rows) in [
+        (9usize, 3usize, 64usize, vec![vec![1usize, 37, 70, 42], vec![150]]),
+        (4, 2, 8, vec![vec![5, 3, 90, 2], vec![64, 1, 35]]),
+    ] {
+        let t: usize = rows[0].iter().sum();
+        let rows_ref: Vec<&[usize]> = rows.iter().map(|r| r.as_slice()).collect();
+        assert!(rows.iter().all(|r| r.iter().sum::<usize>() == t));
+        let d = Dims::causal(rows.len(), t, nh, nkv, hs);
+        let c = case(&mut rng, d);
+        let seg = seg_starts(&rows_ref);
+        let seg_t = ctx.upload_u32(&seg.iter().map(|&x| x as u32).collect::<Vec<_>>(), &[d.b, t]).unwrap();
+        let (qs, ks) = ([d.b, t, nh, hs], [d.b, t, nkv, hs]);
+        let name = format!("packed NH{nh} NKV{nkv} HS{hs} {rows:?}");
+        let run = |k: &[f64], v: &[f64]| {
+            let (q, k, v) = (up(&ctx, &c.q, &qs), up(&ctx, k, &ks), up(&ctx, v, &ks));
+            let (out, lse) = attention::forward_packed(&ctx, &q, &k, &v, Some(&seg_t)).unwrap();
+            let g = up(&ctx, &c.dout, &qs);
+            let (dq, dk, dv) = attention::backward_packed(&ctx, &g, &q, &k, &v, &out, &lse, Some(&seg_t)).unwrap();
+            (read(&ctx, &out), read(&ctx, &dq), read(&ctx, &dk), read(&ctx, &dv))
+        };
+        let (out, dq, dk, dv) = run(&c.k, &c.v);
+        let (out_ref, p) = cpu::forward_packed(&c.q, &c.k, &c.v, &d, &seg);
+        let (dq_ref, dk_ref, dv_ref) = cpu::backward_packed(&c.dout, &c.q, &c.k, &c.v, &d, &seg);
+        assert_close(&format!("out {name}"), &out, &out_ref, 1e-5, 1e-4);
+        assert_close(&format!("dq {name}"), &dq, &dq_ref, 1e-5, 1e-4);
+        assert_close(&format!("dk {name}"), &dk, &dk_ref, 1e-5, 1e-4);
+        assert_close(&format!("dv {name}"), &dv, &dv_ref, 1e-5, 1e-4);
+        // The reference's P is zero across boundaries (it is what the GPU matches above).
+        for b in 0..d.b {
+            for h in 0..nh {
+                for tq in 0..t {
+                    let row = &p[((b * nh + h) * t + tq) * t..][..t];
+                    assert!(row[..seg[b * t + tq]].iter().all(|&x| x == 0.0));
+                }
+            }
+        }
+        // Every key and value of row 0 outside its third example replaced: that example's out
+        // and dq stay the same bits.
+        let (s0, n0) = (rows[0][..2].iter().sum::<usize>(), rows[0][2]);
+        let (mut k2, mut v2) = (c.k.clone(), c.v.clone());
+        for j in (0..t).filter(|j| *j < s0 || *j >= s0 + n0) {
+            for x in &mut k2[j * nkv * hs..(j + 1) * nkv * hs] {
+                *x = 3.0 * rng.normal();
+            }
+            for x in &mut v2[j * nkv * hs..(j + 1) * nkv * hs] {
+                *x = 100.0 * rng.normal();
+            }
+        }
+        let (out2, dq2, _, _) = run(&k2, &v2);
+        let span = s0 * nh * hs..(s0 + n0) * nh * hs;
+        assert!(out2[span.clone()].iter().zip(&out[span.clone()]).all(|(a, b)| a.to_bits() == b.to_bits()), "out {name}: a weight crosses");
+        assert!(dq2[span.clone()].iter().zip(&dq[span.clone()]).all(|(a, b)| a.to_bits() == b.to_bits()), "dq {name}: a weight crosses");
+        // The same example alone, unpacked.
+        let sub = |x: &[f64], heads: usize| x[s0 * heads * hs..(s0 + n0) * heads * hs].to_vec();
+        let d1 = Dims::causal(1, n0, nh, nkv, hs);
+        let (q1, k1, v1) = (up(&ctx, &sub(&c.q, nh), &[1, n0, nh, hs]), up(&ctx, &sub(&c.k, nkv), &[1, n0, nkv, hs]), up(&ctx, &sub(&c.v, nkv), &[1, n0, nkv, hs]));
+        let (o1, _) = attention::forward(&ctx, &q1, &k1, &v1).unwrap();
+        let alone: Vec<f64> = read(&ctx, &o1).iter().map(|&x| x as f64).collect();
+        assert_close(&format!("alone {name} {d1:?}"), &out[span], &alone, 1e-6, 1e-5);
+    }
 }

@@ -1,7 +1,7 @@
 //! LoRA adapters as PEFT defines them: the configuration (`config`: PEFT's `LoraConfig`, its
 //! target matching, ranks, scales and seeded initialization), PEFT's files (`peft`:
 //! adapter_config.json + adapter_model.safetensors, read and written), and merging an adapter
-//! into its base weights (`merge`). No shader of its own: the LoRA linear is ops::lora.
+//! into its base weights (`merge`), several adapters on one base (`named`). No shader of its own: the LoRA linear is ops::lora.
 //!
 //! Names: PEFT names a module by its path in the transformers model
 //! (`model.layers.{i}.self_attn.q_proj`, `model.layers.{i}.mlp.gate_proj`) and saves its
@@ -11,9 +11,11 @@
 
 pub mod config;
 pub mod merge;
+pub mod named;
 pub mod peft;
 
 pub use config::{init_host_adapter, init_lora_set, InitLoraWeights, LoraConfig, TargetModules};
+pub use named::AdapterSet;
 
 use crate::autograd::{Param, ParamId};
 use crate::gpu::GpuContext;

@@ -27,6 +27,7 @@ use crate::{Error, Result};
 
 const FORWARD: Kernel = shaders::kernel(shaders::ATTENTION, "attention_forward");
 const DECODE: Kernel = shaders::kernel(shaders::ATTENTION, "attention_decode");
+const BACKWARD_DELTA: Kernel = shaders::kernel(shaders::ATTENTION, "attention_backward_delta");
 const BACKWARD_DQ: Kernel = shaders::kernel(shaders::ATTENTION, "attention_backward_dq");
 const BACKWARD_DKV: Kernel = shaders::kernel(shaders::ATTENTION, "attention_backward_dkv");
 /// Workgroup size of shaders/attention.wgsl (`WG` there): query rows (or key rows, for dk/dv)
@@ -115,17 +116,30 @@ fn dims(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Dims> {
     Ok(d)
 }
 
-fn launch_forward(ctx: &GpuContext, q: &Tensor, k: &Tensor, v: &Tensor, d: &Dims) -> Result<(Tensor, Tensor)> {
+/// The segment starts (B, Tq) u32 of a call: `seg` checked, or zeros (no packing).
+fn segments(ctx: &GpuContext, seg: Option<&Tensor>, d: &Dims) -> Result<Tensor> {
+    match seg {
+        Some(s) if s.shape() == [d.b, d.tq] && s.dtype() == DType::U32 => Ok(s.clone()),
+        Some(s) => Err(Error::shape("attention", format!("segment starts {:?} {:?}, expected u32 {:?}", s.shape(), s.dtype(), [d.b, d.tq]))),
+        None => ctx.zeros(&[d.b, d.tq], DType::U32),
+    }
+}
+
+fn launch_forward(ctx: &GpuContext, q: &Tensor, k: &Tensor, v: &Tensor, d: &Dims, seg: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
     let out = ctx.empty(q.shape(), DType::F32)?;
     let lse = ctx.empty(&[d.b, d.nh, d.tq], DType::F32)?;
-    let (kernel, rows_per_group) = if d.tq <= DECODE_MAX_TQ { (&DECODE, 1) } else { (&FORWARD, WG as usize) };
-    ctx.dispatch(
-        kernel,
-        &[],
-        &d.params(),
-        &[(1, q), (2, k), (3, v), (5, &out), (6, &lse)],
-        groups_2d((d.b * d.nh * d.tq.div_ceil(rows_per_group)) as u32),
-    )?;
+    if d.tq <= DECODE_MAX_TQ && seg.is_none() {
+        ctx.dispatch(&DECODE, &[], &d.params(), &[(1, q), (2, k), (3, v), (5, &out), (6, &lse)], groups_2d((d.b * d.nh * d.tq) as u32))?;
+    } else {
+        let seg = segments(ctx, seg, d)?;
+        ctx.dispatch(
+            &FORWARD,
+            &[],
+            &d.params(),
+            &[(1, q), (2, k), (3, v), (5, &out), (6, &lse), (11, &seg)],
+            groups_2d((d.b * d.nh * d.tq.div_ceil(WG as usize)) as u32),
+        )?;
+    }
     Ok((out, lse))
 }
 
@@ -133,11 +147,18 @@ fn launch_forward(ctx: &GpuContext, q: &Tensor, k: &Tensor, v: &Tensor, d: &Dims
 /// (B, T, NH, HS) and k, v (B, T, NKV, HS); returns (out, saved): saved is the row logsumexp
 /// lse (B, NH, T) that `backward` takes.
 pub fn forward(ctx: &GpuContext, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    forward_packed(ctx, q, k, v, None)
+}
+
+/// `forward` over packed rows (sequence packing): `seg` (B, T) u32 holds, for each query row,
+/// the first row of its example (non-decreasing along T); query t attends keys
+/// seg[b, t]..=t only, so no attention weight crosses an example boundary. None: plain causal.
+pub fn forward_packed(ctx: &GpuContext, q: &Tensor, k: &Tensor, v: &Tensor, seg: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
     let d = dims(q, k, v)?;
     if d.tq != d.tk {
         return Err(Error::shape("attention", format!("q {:?} and k {:?} differ in T", q.shape(), k.shape())));
     }
-    launch_forward(ctx, q, k, v, &d)
+    launch_forward(ctx, q, k, v, &d, seg)
 }
 
 /// KV-cache forward (inference): q (B, Tq, NH, HS) at positions q_pos0.., k_cache and v_cache
@@ -152,7 +173,7 @@ pub fn forward_cached(ctx: &GpuContext, q: &Tensor, k_cache: &Tensor, v_cache: &
         ));
     }
     d.q_pos0 = q_pos0;
-    Ok(launch_forward(ctx, q, k_cache, v_cache, &d)?.0)
+    Ok(launch_forward(ctx, q, k_cache, v_cache, &d, None)?.0)
 }
 
 /// Backward: (dq (B, T, NH, HS), dk, dv (B, T, NKV, HS)) from dout (B, T, NH, HS), the inputs,
@@ -166,13 +187,27 @@ pub fn backward(
     out: &Tensor,
     saved: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (dq, dkv) = backward_parts(ctx, dout, q, k, v, out, saved, true)?;
+    backward_packed(ctx, dout, q, k, v, out, saved, None)
+}
+
+/// `backward` of `forward_packed` with the same segment starts.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_packed(
+    ctx: &GpuContext,
+    dout: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    saved: &Tensor,
+    seg: Option<&Tensor>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (dq, dkv) = backward_parts(ctx, dout, q, k, v, out, saved, seg, true)?;
     let (dk, dv) = dkv.expect("dk and dv were asked for");
     Ok((dq, dk, dv))
 }
 
-/// The two backward kernels; the dk/dv one runs only when `want_dkv` (dq's kernel always runs:
-/// it computes delta).
+/// The backward kernels: delta, dq, and dk/dv only when `want_dkv`.
 #[allow(clippy::too_many_arguments)]
 fn backward_parts(
     ctx: &GpuContext,
@@ -182,6 +217,7 @@ fn backward_parts(
     v: &Tensor,
     out: &Tensor,
     lse: &Tensor,
+    seg: Option<&Tensor>,
     want_dkv: bool,
 ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
     let d = dims(q, k, v)?;
@@ -198,13 +234,15 @@ fn backward_parts(
         return Err(Error::shape("attention backward", format!("saved lse {:?}, expected {:?}", lse.shape(), [d.b, d.nh, d.tq])));
     }
     let p = d.params();
+    let seg = segments(ctx, seg, &d)?;
     let delta = ctx.empty(&[d.b, d.nh, d.tq], DType::F32)?;
+    ctx.dispatch(&BACKWARD_DELTA, &[], &p, &[(4, dout), (5, out), (7, &delta)], groups_2d((d.b * d.nh * d.tq).div_ceil(WG as usize) as u32))?;
     let dq = ctx.empty(q.shape(), DType::F32)?;
     ctx.dispatch(
         &BACKWARD_DQ,
         &[],
         &p,
-        &[(1, q), (2, k), (3, v), (4, dout), (5, out), (6, lse), (7, &delta), (8, &dq)],
+        &[(1, q), (2, k), (3, v), (4, dout), (6, lse), (7, &delta), (8, &dq), (11, &seg)],
         groups_2d((d.b * d.nh * d.tq.div_ceil(WG as usize)) as u32),
     )?;
     if !want_dkv {
@@ -216,7 +254,7 @@ fn backward_parts(
         &BACKWARD_DKV,
         &[],
         &p,
-        &[(1, q), (2, k), (3, v), (4, dout), (6, lse), (7, &delta), (9, &dk), (10, &dv)],
+        &[(1, q), (2, k), (3, v), (4, dout), (6, lse), (7, &delta), (9, &dk), (10, &dv), (11, &seg)],
         groups_2d((d.b * d.nkv * d.tk.div_ceil(WG as usize)) as u32),
     )?;
     Ok((dq, Some((dk, dv))))
@@ -228,12 +266,13 @@ pub(crate) struct Saved {
     v: Tensor,
     out: Tensor,
     lse: Tensor,
+    seg: Option<Tensor>,
 }
 
 impl Saved {
     pub(crate) fn backward(self, ctx: &GpuContext, g: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
         let want_dkv = needs[1] || needs[2];
-        let (dq, dkv) = backward_parts(ctx, g, &self.q, &self.k, &self.v, &self.out, &self.lse, want_dkv)?;
+        let (dq, dkv) = backward_parts(ctx, g, &self.q, &self.k, &self.v, &self.out, &self.lse, self.seg.as_ref(), want_dkv)?;
         let (dk, dv) = match dkv {
             Some((dk, dv)) => (needs[1].then_some(dk), needs[2].then_some(dv)),
             None => (None, None),
@@ -245,10 +284,15 @@ impl Saved {
 /// Causal GQA attention on the tape: out (B, T, NH, HS) from q (B, T, NH, HS), k, v
 /// (B, T, NKV, HS). Saves q, k, v, out and lse (B, NH, T) when an input needs a gradient.
 pub fn attention(tape: &mut Tape, ctx: &GpuContext, q: &Var, k: &Var, v: &Var) -> Result<Var> {
-    let (out, lse) = forward(ctx, q.value(), k.value(), v.value())?;
+    attention_packed(tape, ctx, q, k, v, None)
+}
+
+/// `attention` over packed rows with segment starts `seg` (B, T) u32 (see `forward_packed`).
+pub fn attention_packed(tape: &mut Tape, ctx: &GpuContext, q: &Var, k: &Var, v: &Var, seg: Option<&Tensor>) -> Result<Var> {
+    let (out, lse) = forward_packed(ctx, q.value(), k.value(), v.value(), seg)?;
     let saved_out = out.clone();
     Ok(tape.record(out, &[q, k, v], || {
-        Op::Attention(Saved { q: q.value().clone(), k: k.value().clone(), v: v.value().clone(), out: saved_out, lse })
+        Op::Attention(Saved { q: q.value().clone(), k: k.value().clone(), v: v.value().clone(), out: saved_out, lse, seg: seg.cloned() })
     }))
 }
 
@@ -269,6 +313,12 @@ pub mod cpu {
     /// Returns (out (B, Tq, NH, HS), P (B, NH, Tq, Tk)): P[t, j] = softmax_j(q[t].k[j] / sqrt(HS))
     /// over j <= q_pos0 + t (0 elsewhere), out[t] = sum_j P[t, j] v[j]; kv head h / (NH / NKV).
     pub fn forward(q: &[f64], k: &[f64], v: &[f64], d: &Dims) -> (Vec<f64>, Vec<f64>) {
+        forward_packed(q, k, v, d, &vec![0; d.b * d.tq])
+    }
+
+    /// `forward` where query t of row b attends keys seg[b * Tq + t]..=q_pos0 + t only (P is 0
+    /// before its example's first key).
+    pub fn forward_packed(q: &[f64], k: &[f64], v: &[f64], d: &Dims, seg: &[usize]) -> (Vec<f64>, Vec<f64>) {
         let scale = 1.0 / (d.hs as f64).sqrt();
         let rep = d.nh / d.nkv;
         let mut out = vec![0.0; d.b * d.tq * d.nh * d.hs];
@@ -278,18 +328,19 @@ pub mod cpu {
                 let g = h / rep;
                 for t in 0..d.tq {
                     let n = d.q_pos0 + t + 1;
+                    let j0 = seg[b * d.tq + t];
                     let qr = &q[qi(d, b, t, h)..][..d.hs];
                     let s: Vec<f64> = (0..n)
                         .map(|j| scale * qr.iter().zip(&k[ki(d, b, j, g)..][..d.hs]).map(|(a, c)| a * c).sum::<f64>())
                         .collect();
-                    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                    let m = s[j0..].iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = s[j0..].iter().map(|x| (x - m).exp()).sum();
                     let prow = &mut p[pi(d, b, h, t)..][..d.tk];
-                    for j in 0..n {
+                    for j in j0..n {
                         prow[j] = (s[j] - m).exp() / z;
                     }
                     let o = qi(d, b, t, h);
-                    for j in 0..n {
+                    for j in j0..n {
                         for e in 0..d.hs {
                             out[o + e] += prow[j] * v[ki(d, b, j, g) + e];
                         }
@@ -303,9 +354,14 @@ pub mod cpu {
     /// (dq, dk, dv) from dout (B, Tq, NH, HS): dP = dout v^T, dS = P (dP - rowsum(dP P)),
     /// dq = scale dS k, dk = scale dS^T q and dv = P^T dout summed over each kv head's group.
     pub fn backward(dout: &[f64], q: &[f64], k: &[f64], v: &[f64], d: &Dims) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        backward_packed(dout, q, k, v, d, &vec![0; d.b * d.tq])
+    }
+
+    /// `backward` of `forward_packed` (P is 0 outside each query's example, so are its terms).
+    pub fn backward_packed(dout: &[f64], q: &[f64], k: &[f64], v: &[f64], d: &Dims, seg: &[usize]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
         let scale = 1.0 / (d.hs as f64).sqrt();
         let rep = d.nh / d.nkv;
-        let (_, p) = forward(q, k, v, d);
+        let (_, p) = forward_packed(q, k, v, d, seg);
         let mut dq = vec![0.0; q.len()];
         let mut dk = vec![0.0; k.len()];
         let mut dv = vec![0.0; v.len()];

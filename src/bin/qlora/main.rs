@@ -1,9 +1,10 @@
 //! The `qlora` command line (native only): `train` (LoRA / QLoRA on a JSONL data set),
-//! `generate` (with or without an adapter, streaming), `eval` (loss and perplexity), `merge`
+//! `generate` (with or without an adapter, streaming), `chat` (interactive, several adapters), `eval` (loss and perplexity), `merge`
 //! (adapter into the base, out to a Hugging Face folder), `info` (a model's shape and memory),
 //! `bench` (SmolLM2-135M-shaped training steps) and `gpu` (the adapter wgpu selects).
 
 mod bench;
+mod chat;
 mod common;
 mod plot;
 mod train;
@@ -11,7 +12,7 @@ mod train;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use common::{QuantArgs, SamplingArgs};
-use qlora_webgpu::data::dataset::{Dataset, Format};
+use qlora_webgpu::data::dataset::{Dataset, EncodeOptions, Format};
 use qlora_webgpu::gpu::{block_on, GpuContext};
 use qlora_webgpu::io::gguf::load_gguf;
 use qlora_webgpu::io::hf::{load_hf_dir, MmapDir};
@@ -55,8 +56,15 @@ Examples:
   qlora generate MODEL --adapter pirate-adapter --prompt \"How do I stay warm?\" --temperature 0.7 --top-p 0.9
   echo \"Once upon a time\" | qlora generate MODEL --raw")]
     Generate(GenerateArgs),
+    /// An interactive chat in the terminal (streamed answers, history, several adapters).
+    #[command(after_help = "Examples:
+  qlora chat SmolLM2-135M-Instruct.Q4_1.gguf
+  qlora chat MODEL --adapter pirate-adapter --adapter formal=runs/formal --system \"Be brief.\"
+In the chat: /adapter NAME (or /adapter base) switches adapters without reloading the model,
+/system TEXT sets the system message, /reset forgets the conversation, /exit (or end of input) quits.")]
+    Chat(chat::ChatArgs),
     /// Loss and perplexity of a model (with or without an adapter) on a JSONL data set.
-    #[command(after_help = "Examples:\n  qlora eval MODEL --data data/pirate_eval.jsonl\n  qlora eval MODEL --adapter pirate-adapter --data held-out.jsonl")]
+    #[command(after_help = "Examples:\n  qlora eval MODEL --data data/pirate_eval.jsonl\n  qlora eval MODEL --adapter pirate-adapter --data held-out.jsonl --max-len 96\nGive the encoding options the adapter was trained with (--format, --max-len, --train-on-prompt,\n--no-append-eos) to score the tokens training scored.")]
     Eval(EvalArgs),
     /// Merge an adapter into its base model and write a Hugging Face folder (dense weights).
     #[command(after_help = "Examples:\n  qlora merge SmolLM2-135M-Instruct.Q4_1.gguf --adapter pirate-adapter --out smollm2-pirate\n  qlora merge ~/models/base --adapter a --out merged --dtype bf16")]
@@ -110,12 +118,18 @@ struct EvalArgs {
     /// Data format: auto, text, prompt-completion, messages, alpaca.
     #[arg(long, default_value = "auto")]
     format: String,
-    /// Longest example in tokens (longer ones are cut).
+    /// Longest example in tokens (longer ones keep their first tokens), as in `train`.
     #[arg(long, default_value_t = 2048)]
     max_len: usize,
-    /// Examples per forward pass.
+    /// Examples per forward pass (the loss is one mean over all counted tokens either way).
     #[arg(long, default_value_t = 4)]
     batch_size: usize,
+    /// Count the loss on prompts and user turns too (as `train --train-on-prompt`).
+    #[arg(long)]
+    train_on_prompt: bool,
+    /// Do not append eos to text and prompt-completion examples (as `train --no-append-eos`).
+    #[arg(long)]
+    no_append_eos: bool,
     #[command(flatten)]
     quant: QuantArgs,
 }
@@ -135,7 +149,22 @@ struct MergeArgs {
     dtype: Option<String>,
 }
 
+/// Mesa's Vulkan device-selection layer (an implicit layer installed with Mesa's drivers) tries
+/// to connect to a Wayland compositor whenever an instance enables VK_KHR_wayland_surface, which
+/// wgpu always does; without XDG_RUNTIME_DIR libwayland then prints "error: XDG_RUNTIME_DIR is
+/// invalid or not set in the environment." once per device enumeration. Without a Wayland
+/// session the layer has nothing to learn from Wayland, so it is switched off through its own
+/// documented variable (NODEVICE_SELECT=1) unless the user set that variable; wgpu still orders
+/// the adapters (high-performance first). Runs before any thread starts.
+fn quiet_device_select_without_wayland() {
+    let runtime_dir_ok = std::env::var_os("XDG_RUNTIME_DIR").is_some_and(|d| Path::new(&d).is_dir());
+    if !runtime_dir_ok && std::env::var_os("NODEVICE_SELECT").is_none() {
+        std::env::set_var("NODEVICE_SELECT", "1");
+    }
+}
+
 fn main() {
+    quiet_device_select_without_wayland();
     let code = match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
@@ -155,6 +184,7 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Info { model } => info(&model)?,
         Cmd::Train(a) => return train::run(a),
         Cmd::Generate(a) => generate(a)?,
+        Cmd::Chat(a) => chat::run(a)?,
         Cmd::Eval(a) => eval(a)?,
         Cmd::Merge(a) => merge(a)?,
         Cmd::Bench(a) => bench::run(a)?,
@@ -207,7 +237,8 @@ fn eval(a: EvalArgs) -> Result<()> {
         Some(d) => common::open_adapter(d, &model)?.upload(&ctx)?,
         None => LoraSet::default(),
     };
-    let (loss, n) = block_on(session::evaluate(&ctx, &model, &set, &data, a.max_len, a.batch_size))?;
+    let opts = EncodeOptions { max_len: a.max_len, train_on_prompt: a.train_on_prompt, append_eos: !a.no_append_eos };
+    let (loss, n) = block_on(session::evaluate(&ctx, &model, &set, &data, opts, a.batch_size))?;
     println!("loss {loss:.6}  perplexity {:.4}  ({n} tokens counted, {} examples of {})", loss.exp(), data.len(), a.data.display());
     Ok(())
 }

@@ -500,9 +500,11 @@ pub fn run(args: TrainArgs) -> Result<i32> {
         _ => None,
     };
 
+    // --val-data: tokenized once, with the run's encoding options.
+    let val_set = val_data.as_ref().map(|v| session::EvalSet::new(&model, v, cfg.encode_options(), cfg.batch_size)).transpose()?;
     let val_loss = |s: &TrainSession| -> Result<Option<f64>> {
-        match &val_data {
-            Some(v) => Ok(Some(block_on(session::evaluate(&ctx, &model, s.lora_set(), v, cfg.max_len, cfg.batch_size))?.0)),
+        match &val_set {
+            Some(v) => Ok(Some(block_on(v.loss(&ctx, &model, s.lora_set()))?)),
             None => Ok(block_on(s.validation_loss())?),
         }
     };

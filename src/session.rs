@@ -246,6 +246,16 @@ impl LoadedModel {
             )));
         }
         let m = &self.model;
+        // DoRA: A and B are fixed while generating, so each module's row norms are computed once.
+        let cached;
+        let lora = if lora.is_dora() {
+            let mut l = lora.clone();
+            l.cache_dora_norms(ctx, &m.weights)?;
+            cached = l;
+            &cached
+        } else {
+            lora
+        };
         let mut cache = KvCache::new(ctx, &m.cfg, need.max(1))?;
         let mut g = Generation::new(prompt_ids, &self.tokenizer, &cfg)?;
         let v = m.cfg.vocab;
@@ -431,7 +441,10 @@ impl TrainSession {
             }
             None => {
                 cfg.lora.targets(lcfg)?;
-                (cfg.lora.clone(), init_lora_set(ctx, lcfg, &cfg.lora, cfg.seed)?)
+                let mut set = init_lora_set(ctx, lcfg, &cfg.lora, cfg.seed)?;
+                // DoRA: the magnitudes start at ||W0 + s·B·A||_row of the base weights.
+                crate::lora::init_dora_magnitudes(ctx, &cfg.lora, &mut set, &model.model.weights)?;
+                (cfg.lora.clone(), set)
             }
         };
         let trainer = Trainer::new(ctx.clone(), model.model.clone(), lora_cfg, set, cfg.opts());

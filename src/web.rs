@@ -81,6 +81,8 @@ mod api {
       /** "all-linear" (default), module names ["q_proj", "v_proj"], or a regular expression. */
       targetModules?: "all-linear" | string[] | string;
       useRslora?: boolean; layersToTransform?: number[];
+      /** DoRA (PEFT's use_dora): a trained magnitude per output feature besides A and B. */
+      useDora?: boolean;
       steps?: number; batchSize?: number; gradAccum?: number; maxLen?: number; lr?: number;
       schedule?: "constant" | "linear" | "cosine"; warmupSteps?: number; weightDecay?: number;
       beta1?: number; beta2?: number; eps?: number;

@@ -235,6 +235,8 @@ fn lora_set(ctx: &GpuContext, c: &LlamaConfig, host_lora: &[Vec<(Vec<f64>, Vec<f
                         a: Param { id: ParamId(next), value: up(ctx, &l[m].0, &[r, i]) },
                         b: Param { id: ParamId(next + 1), value: up(ctx, &l[m].1, &[o, r]) },
                         run: LoraRun { scale: s as f32, dropout, seed: 5 },
+                        magnitude: None,
+                        dora_norm: None,
                     })
                 })
             })

@@ -273,7 +273,12 @@ fn bad_adapters_are_errors_naming_file_and_key() {
     assert!(e.contains("dev/adapter_init/adapter_config.json") && e.contains("qkv_proj") && e.contains("gate_proj, up_proj, down_proj"), "{e}");
 
     // Features we do not implement are refused, naming the field.
-    for (field, value) in [("use_dora", "true"), ("fan_in_fan_out", "true"), ("lora_bias", "true"), ("init_lora_weights", "\"pissa\"")] {
+    // use_dora with a plain LoRA weights file: the missing magnitude is named.
+    let dora = cfg.replace("\"use_dora\": false", "\"use_dora\": true");
+    assert_ne!(dora, cfg);
+    let e = err_of(host_adapter_from_bytes(&dora, &fixture("dev/adapter_init/adapter_model.safetensors"), &model, "dev/adapter_init"));
+    assert!(e.contains("lora_magnitude_vector") && e.contains("use_dora"), "{e}");
+    for (field, value) in [("fan_in_fan_out", "true"), ("lora_bias", "true"), ("init_lora_weights", "\"pissa\"")] {
         let pat = format!("\"{field}\": ");
         let start = cfg.find(&pat).unwrap() + pat.len();
         let end = start + cfg[start..].find(',').unwrap();
@@ -521,6 +526,7 @@ fn merge_equals_w0_plus_s_b_a_in_f64() {
             out_features: out,
             a: rng.vec(r * inp, 0.1).iter().map(|&v| v as f32).collect(),
             b: rng.vec(out * r, 0.1).iter().map(|&v| v as f32).collect(),
+            magnitude: None,
         };
         let w0: Vec<f32> = rng.vec(out * inp, 0.02).iter().map(|&v| v as f32).collect();
         let got = merge_weight(&w0, &lora, s).unwrap();
@@ -537,7 +543,7 @@ fn merge_equals_w0_plus_s_b_a_in_f64() {
         }
         eprintln!("merge {out}x{inp} r {r}: max error {worst:.3} half-ulps");
     }
-    let bad = HostLora { r: 2, in_features: 3, out_features: 4, a: vec![0.0; 6], b: vec![0.0; 7] };
+    let bad = HostLora { r: 2, in_features: 3, out_features: 4, a: vec![0.0; 6], b: vec![0.0; 7], magnitude: None };
     assert!(merge_weight(&[0.0; 12], &bad, 1.0).is_err());
 }
 

@@ -77,6 +77,7 @@ fn workgroup_size_constants_match_rust() {
         (shaders::MATMUL, ops::matmul::WG),
         (shaders::MATMUL_SUBGROUP, ops::matmul::SG_WG),
         (shaders::NF4, ops::nf4::WG),
+        (shaders::DORA, ops::dora::WG),
     ];
     for ((file, src), rust) in pairs {
         assert_eq!(wg_const(file, src), Some(*rust), "shaders/{file}: WG differs from the Rust constant");

@@ -237,6 +237,8 @@ fn logits_set(ctx: &GpuContext, a: &[f64], rows: usize, v: usize) -> LoraSet {
         a: Param { id: param_id(0, 0, false), value: up(ctx, a, &[rows, v]) },
         b: Param { id: param_id(0, 0, true), value: up(ctx, &vec![0.5; 3 * rows], &[3, rows]) },
         run: LoraRun { scale: 1.0, dropout: 0.0, seed: 0 },
+        magnitude: None,
+        dora_norm: None,
     };
     LoraSet { layers: vec![[Some(m), None, None, None, None, None, None]] }
 }

@@ -8,7 +8,7 @@
 //! input; its backward re-runs the block on a sub-tape and backpropagates through that.
 
 use crate::gpu::{GpuContext, Tensor};
-use crate::ops::{self, attention, cross_entropy, elementwise, embedding, head, lora, matmul, rmsnorm, rope, swiglu};
+use crate::ops::{self, attention, cross_entropy, dora, elementwise, embedding, head, lora, matmul, rmsnorm, rope, swiglu};
 use crate::Result;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -59,6 +59,7 @@ impl Var {
 pub(crate) enum Op {
     Matmul(matmul::Saved),
     LoraLinear(lora::Saved),
+    DoraLinear(dora::Saved),
     Nf4Linear(crate::ops::nf4::Saved),
     FrozenLinear(lora::FrozenSaved),
     RmsNorm(rmsnorm::Saved),
@@ -95,6 +96,7 @@ impl Op {
         match self {
             Op::Matmul(s) => s.backward(ctx, g, needs),
             Op::LoraLinear(s) => s.backward(ctx, g, needs),
+            Op::DoraLinear(s) => s.backward(ctx, g, needs),
             Op::Nf4Linear(s) => s.backward(ctx, g, needs),
             Op::FrozenLinear(s) => s.backward(ctx, g, needs),
             Op::RmsNorm(s) => s.backward(ctx, g, needs),

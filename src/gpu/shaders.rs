@@ -22,10 +22,11 @@ shader!(EMBEDDING, "embedding.wgsl");
 shader!(CROSS_ENTROPY, "cross_entropy.wgsl");
 shader!(ADAMW, "adamw.wgsl");
 shader!(ELEMENTWISE, "elementwise.wgsl");
+shader!(DORA, "dora.wgsl");
 
 /// Every shader file: (file name, source).
 pub const ALL: &[(&str, &str)] = &[
-    MATMUL, MATMUL_SUBGROUP, NF4, LORA, RMSNORM, ROPE, ATTENTION, SWIGLU, EMBEDDING, CROSS_ENTROPY, ADAMW, ELEMENTWISE,
+    MATMUL, MATMUL_SUBGROUP, NF4, LORA, RMSNORM, ROPE, ATTENTION, SWIGLU, EMBEDDING, CROSS_ENTROPY, ADAMW, ELEMENTWISE, DORA,
 ];
 
 /// File names (in `ALL`) that start with `enable subgroups;` ([`ENABLE_SUBGROUPS`]).

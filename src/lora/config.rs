@@ -73,6 +73,9 @@ pub struct LoraConfig {
     pub layers_to_transform: Option<Vec<usize>>,
     /// `use_rslora`: scale alpha / √r instead of alpha / r.
     pub use_rslora: bool,
+    /// `use_dora`: DoRA (weight-decomposed LoRA): each adapted projection also has a magnitude
+    /// vector m (out), PEFT's `lora_magnitude_vector`, initialized to ||W0 + s·B·A||_row.
+    pub use_dora: bool,
     /// `init_lora_weights`.
     pub init_lora_weights: InitLoraWeights,
     /// `rank_pattern`: (key, r) in order; the first key matching a module gives its rank.
@@ -103,6 +106,7 @@ impl Default for LoraConfig {
             exclude_modules: None,
             layers_to_transform: None,
             use_rslora: false,
+            use_dora: false,
             init_lora_weights: InitLoraWeights::Default,
             rank_pattern: Vec::new(),
             alpha_pattern: Vec::new(),
@@ -382,7 +386,8 @@ pub fn init_host_adapter(model: &LlamaConfig, cfg: &LoraConfig, seed: u64) -> Re
                 }
                 _ => vec![0.0; out * r],
             };
-            row[m] = Some(HostLora { r, in_features: inp, out_features: out, a, b });
+            // DoRA's magnitude needs the base weights: `super::init_dora_magnitudes` sets it.
+            row[m] = Some(HostLora { r, in_features: inp, out_features: out, a, b, magnitude: None });
         }
         layers.push(row);
     }

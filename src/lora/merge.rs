@@ -1,5 +1,5 @@
 //! Merging an adapter into its base model on the CPU (no shader): W' = W0 + s·B·A for every
-//! targeted projection, giving a plain dense model that needs no adapter at inference; plus the
+//! targeted projection (DoRA: each row of it scaled by m / ||W0 + s·B·A||_row, as PEFT merges), giving a plain dense model that needs no adapter at inference; plus the
 //! f16/bf16 conversions (round to nearest, ties to even) used for the output and for reading
 //! half-precision adapters, and the merged model folder as bytes.
 //!
@@ -118,10 +118,11 @@ pub fn hf_weight_name(layer: usize, m: usize) -> String {
 
 /// W' (out, in) = W0 + s·B·A for one projection: W0 (out, in), A (r, in), B (out, r), s the
 /// module's scale (f64, as PEFT's Python float). Each element is computed in f64 and rounded
-/// once to f32.
+/// once to f32. With DoRA's magnitude m (out) in `lora`, PEFT's DoRA merge:
+/// W' = (m / ||W0 + s·B·A||_row) ⊙ (W0 + s·B·A), each row scaled by its factor (in f64).
 pub fn merge_weight(w0: &[f32], lora: &HostLora, scale: f64) -> Result<Vec<f32>> {
     let (out, inp, r) = (lora.out_features, lora.in_features, lora.r);
-    if w0.len() != out * inp || lora.a.len() != r * inp || lora.b.len() != out * r {
+    if w0.len() != out * inp || lora.a.len() != r * inp || lora.b.len() != out * r || lora.magnitude.as_ref().is_some_and(|g| g.len() != out) {
         return Err(Error::shape(
             "lora merge",
             format!("W0 has {} values, A {} and B {}: want W0 {out}x{inp}, A {r}x{inp}, B {out}x{r}", w0.len(), lora.a.len(), lora.b.len()),
@@ -139,7 +140,12 @@ pub fn merge_weight(w0: &[f32], lora: &HostLora, scale: f64) -> Result<Vec<f32>>
             }
         }
         let w = &w0[i * inp..(i + 1) * inp];
-        merged.extend(w.iter().zip(&acc).map(|(&w, &d)| (w as f64 + scale * d) as f32));
+        acc.iter_mut().zip(w).for_each(|(d, &w)| *d = w as f64 + scale * *d);
+        let f = match &lora.magnitude {
+            Some(g) => g[i] as f64 / acc.iter().map(|v| v * v).sum::<f64>().sqrt(),
+            None => 1.0,
+        };
+        merged.extend(acc.iter().map(|&v| (f * v) as f32));
     }
     Ok(merged)
 }

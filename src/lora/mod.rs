@@ -6,7 +6,7 @@
 //! Names: PEFT names a module by its path in the transformers model
 //! (`model.layers.{i}.self_attn.q_proj`, `model.layers.{i}.mlp.gate_proj`) and saves its
 //! weights under `base_model.model.{module}.lora_A.weight` / `.lora_B.weight`; A is (r, in) and
-//! B is (out, r), f32. The library's device form is `model::llama::LoraSet` (one optional
+//! B is (out, r), f32; a DoRA adapter (`use_dora`) adds `...lora_magnitude_vector` (out). The library's device form is `model::llama::LoraSet` (one optional
 //! `LoraModule` per layer and projection, in `TARGETS` order); the host form is [`HostAdapter`].
 
 pub mod config;
@@ -19,7 +19,7 @@ pub use named::AdapterSet;
 
 use crate::autograd::{Param, ParamId};
 use crate::gpu::GpuContext;
-use crate::model::llama::{LlamaConfig, LoraModule, LoraSet, TARGETS};
+use crate::model::llama::{LlamaConfig, LlamaWeights, LoraModule, LoraSet, TARGETS};
 use crate::ops::lora::LoraRun;
 use crate::{Error, Result};
 
@@ -36,13 +36,57 @@ pub fn peft_key(layer: usize, m: usize, b: bool) -> String {
     format!("base_model.model.{}.lora_{}.weight", module_name(layer, m), if b { "B" } else { "A" })
 }
 
+/// The key PEFT saves DoRA's magnitude of a module under in adapter_model.safetensors:
+/// `base_model.model.{module_name}.lora_magnitude_vector` (its state-dict and gradient name adds
+/// `.weight`).
+pub fn magnitude_key(layer: usize, m: usize) -> String {
+    format!("base_model.model.{}.lora_magnitude_vector", module_name(layer, m))
+}
+
+/// First id of DoRA magnitudes: ParamId(MAGNITUDE_IDS + 7·layer + m), far above every A/B id.
+pub const MAGNITUDE_IDS: u64 = 1 << 40;
+
+/// The stable id of DoRA's magnitude of projection `m` of layer `layer`.
+pub fn magnitude_id(layer: usize, m: usize) -> ParamId {
+    ParamId(MAGNITUDE_IDS + (7 * layer + m) as u64)
+}
+
+/// Which tensor of a module a parameter id names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamRole {
+    /// lora_A.
+    A,
+    /// lora_B.
+    B,
+    /// DoRA's lora_magnitude_vector.
+    Magnitude,
+}
+
+/// (layer, m, role) of any adapter parameter id ([`param_id`] or [`magnitude_id`]).
+pub fn param_role(id: ParamId) -> (usize, usize, ParamRole) {
+    if id.0 >= MAGNITUDE_IDS {
+        let k = (id.0 - MAGNITUDE_IDS) as usize;
+        return (k / 7, k % 7, ParamRole::Magnitude);
+    }
+    let (l, m, b) = param_of(id);
+    (l, m, if b { ParamRole::B } else { ParamRole::A })
+}
+
+/// The PEFT file key of any adapter parameter id (A, B, or DoRA's magnitude).
+pub fn param_key(id: ParamId) -> String {
+    match param_role(id) {
+        (l, m, ParamRole::Magnitude) => magnitude_key(l, m),
+        (l, m, role) => peft_key(l, m, role == ParamRole::B),
+    }
+}
+
 /// The stable id of a LoRA parameter: ParamId(2·(7·layer + m) + [b]), so ids (and the
 /// optimizer state keyed by them) do not depend on which modules are targeted.
 pub fn param_id(layer: usize, m: usize, b: bool) -> ParamId {
     ParamId((2 * (7 * layer + m) + b as usize) as u64)
 }
 
-/// Inverse of [`param_id`]: (layer, m, b).
+/// Inverse of [`param_id`]: (layer, m, b) (for A and B ids; see [`param_role`] for all).
 pub fn param_of(id: ParamId) -> (usize, usize, bool) {
     let k = id.0 as usize;
     (k / 14, (k / 2) % 7, k % 2 == 1)
@@ -61,6 +105,8 @@ pub struct HostLora {
     pub a: Vec<f32>,
     /// lora_B, (out, r).
     pub b: Vec<f32>,
+    /// DoRA's magnitude (out) (`lora_magnitude_vector`); None for plain LoRA.
+    pub magnitude: Option<Vec<f32>>,
 }
 
 /// An adapter on the host: its configuration and, per layer and projection (TARGETS order), the
@@ -74,9 +120,11 @@ pub struct HostAdapter {
 }
 
 impl HostAdapter {
-    /// Uploads A and B of every module as trainable parameters (ids from [`param_id`]); each
-    /// module runs with its configured scale (alpha/r or alpha/√r) and dropout. The dropout
-    /// seed of each `LoraRun` is 0: the per-step seed comes from `ForwardOpts::seed`.
+    /// Uploads A and B (and DoRA's magnitude) of every module as trainable parameters (ids from
+    /// [`param_id`], [`magnitude_id`]); each module runs with its configured scale (alpha/r or
+    /// alpha/√r) and dropout. The dropout seed of each `LoraRun` is 0: the per-step seed comes
+    /// from `ForwardOpts::seed`. A module without a magnitude under `use_dora` uploads without
+    /// one: [`init_dora_magnitudes`] gives it its initial value from the base weights.
     pub fn upload(&self, ctx: &GpuContext) -> Result<LoraSet> {
         let mut set = LoraSet { layers: Vec::with_capacity(self.layers.len()) };
         for (l, mods) in self.layers.iter().enumerate() {
@@ -86,6 +134,10 @@ impl HostAdapter {
                 let name = module_name(l, m);
                 let a = ctx.upload_f32(&h.a, &[h.r, h.in_features])?;
                 let b = ctx.upload_f32(&h.b, &[h.out_features, h.r])?;
+                let magnitude = match &h.magnitude {
+                    Some(g) => Some(Param { id: magnitude_id(l, m), value: ctx.upload_f32(g, &[h.out_features])? }),
+                    None => None,
+                };
                 row[m] = Some(LoraModule {
                     a: Param { id: param_id(l, m, false), value: a },
                     b: Param { id: param_id(l, m, true), value: b },
@@ -94,6 +146,8 @@ impl HostAdapter {
                         dropout: self.config.lora_dropout as f32,
                         seed: 0,
                     },
+                    magnitude,
+                    dora_norm: None,
                 });
             }
             set.layers.push(row);
@@ -116,7 +170,11 @@ impl HostAdapter {
                 }
                 let a = ctx.read_f32(&lm.a.value).await?;
                 let b = ctx.read_f32(&lm.b.value).await?;
-                row[m] = Some(HostLora { r, in_features: inp, out_features: out, a, b });
+                let magnitude = match &lm.magnitude {
+                    Some(g) => Some(ctx.read_f32(&g.value).await?),
+                    None => None,
+                };
+                row[m] = Some(HostLora { r, in_features: inp, out_features: out, a, b, magnitude });
             }
             layers.push(row);
         }
@@ -146,10 +204,43 @@ impl HostAdapter {
                         h.b.len()
                     )));
                 }
+                match (&h.magnitude, self.config.use_dora) {
+                    (Some(g), true) if g.len() == out => {}
+                    (Some(g), true) => {
+                        return Err(Error::Invalid(format!("{}: DoRA magnitude of {} values; want {out}", module_name(l, m), g.len())))
+                    }
+                    (Some(_), false) => {
+                        return Err(Error::Invalid(format!("{}: a DoRA magnitude, but the config's use_dora is false", module_name(l, m))))
+                    }
+                    (None, true) => {
+                        return Err(Error::Invalid(format!("{}: use_dora is true but the module has no DoRA magnitude", module_name(l, m))))
+                    }
+                    (None, false) => {}
+                }
             }
         }
         Ok(())
     }
+}
+
+/// DoRA: gives every module of `set` that has no magnitude yet PEFT's initial one,
+/// m = ||W0 + s·B·A||_row computed on the device from the base weights `w` (so the adapted model
+/// starts equal to the plain LoRA one). Nothing changes unless `cfg.use_dora`.
+pub fn init_dora_magnitudes(ctx: &GpuContext, cfg: &LoraConfig, set: &mut LoraSet, w: &LlamaWeights) -> Result<()> {
+    if !cfg.use_dora {
+        return Ok(());
+    }
+    for (l, mods) in set.layers.iter_mut().enumerate() {
+        for (m, lm) in mods.iter_mut().enumerate() {
+            let Some(lm) = lm else { continue };
+            if lm.magnitude.is_none() {
+                let w0 = &w.layers.get(l).ok_or_else(|| Error::Invalid(format!("the adapter has layer {l}; the model does not")))?.proj[m];
+                let norm = crate::ops::dora::weight_norm(ctx, w0, &lm.a.value, &lm.b.value, lm.run.scale)?;
+                lm.magnitude = Some(Param { id: magnitude_id(l, m), value: norm });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Writes `bytes` to `path` so that a crash never leaves a half-written file there: the bytes go

@@ -8,14 +8,16 @@
 //! What PEFT writes: the config as `json.dumps(config, indent=2, sort_keys=True)` (no final
 //! newline) with `inference_mode` true and every field of its LoraConfig dataclass, and the
 //! weights with safetensors' `save_file(state_dict, path, metadata={"format": "pt"})`: f32
-//! tensors `base_model.model.{module}.lora_A.weight` (r, in) and `.lora_B.weight` (out, r).
+//! tensors `base_model.model.{module}.lora_A.weight` (r, in) and `.lora_B.weight` (out, r),
+//! and with `use_dora` also `base_model.model.{module}.lora_magnitude_vector` (out) (no
+//! `.weight` suffix in the file; PEFT adds it when loading).
 //! Both are reproduced byte for byte (safetensors 0.8 orders tensors the same way in Rust and in
 //! Python, the Python package being this crate), except that `target_modules`, which PEFT keeps
 //! as a Python set, is written in the order given (PEFT's order is a set's and has no meaning).
 
 use super::config::{InitLoraWeights, LoraConfig, TargetModules};
 use super::merge::{bf16_bits_to_f32, f16_bits_to_f32};
-use super::{module_name, peft_key, HostAdapter, HostLora};
+use super::{magnitude_key, module_name, peft_key, HostAdapter, HostLora};
 use crate::gpu::GpuContext;
 use crate::model::llama::{LlamaConfig, LoraSet, TARGETS};
 use crate::quant::{serialize_tensors, RawTensor};
@@ -87,7 +89,7 @@ pub fn config_to_json(cfg: &LoraConfig) -> String {
     ] {
         f.insert(k, null.clone());
     }
-    for k in ["ensure_weight_tying", "fan_in_fan_out", "lora_bias", "use_dora", "use_qalora"] {
+    for k in ["ensure_weight_tying", "fan_in_fan_out", "lora_bias", "use_qalora"] {
         f.insert(k, Value::Bool(false));
     }
     f.insert("inference_mode", Value::Bool(true));
@@ -128,6 +130,7 @@ pub fn config_to_json(cfg: &LoraConfig) -> String {
     f.insert("r", Value::from(cfg.r));
     f.insert("target_modules", modules_value(&cfg.target_modules));
     f.insert("use_rslora", Value::Bool(cfg.use_rslora));
+    f.insert("use_dora", Value::Bool(cfg.use_dora));
     let obj: Map<String, Value> = f.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     serde_json::to_string_pretty(&Value::Object(obj)).expect("a JSON value always serializes")
 }
@@ -188,7 +191,7 @@ fn modules_from(v: &Value, field: &str, file: &str) -> Result<Option<TargetModul
 
 /// Parses PEFT's adapter_config.json (any PEFT version: missing fields take PEFT's defaults,
 /// unknown fields are ignored). Fields that change what the adapter computes and that this crate
-/// does not implement (DoRA, LoRA bias, fan_in_fan_out, QALoRA, aLoRA, layer replication,
+/// does not implement (LoRA bias, fan_in_fan_out, QALoRA, aLoRA, layer replication,
 /// trainable tokens, modules_to_save, target_parameters, initializations that modify the base
 /// weights such as PiSSA/OLoRA/LoftQ/CorDA/EVA, other LoRA variants) are errors naming the field,
 /// never silently ignored. `file` names the file in errors.
@@ -203,7 +206,6 @@ pub fn config_from_json(text: &str, file: &str) -> Result<LoraConfig> {
         }
     }
     for (k, what) in [
-        ("use_dora", "DoRA adapters"),
         ("fan_in_fan_out", "fan_in_fan_out (Conv1D-style weights)"),
         ("lora_bias", "LoRA bias terms"),
         ("use_qalora", "QALoRA adapters"),
@@ -275,6 +277,10 @@ pub fn config_from_json(text: &str, file: &str) -> Result<LoraConfig> {
         Value::Null => {}
         x => cfg.use_rslora = x.as_bool().ok_or_else(|| bad("use_rslora", "a boolean"))?,
     }
+    match get("use_dora") {
+        Value::Null => {}
+        x => cfg.use_dora = x.as_bool().ok_or_else(|| bad("use_dora", "a boolean"))?,
+    }
     cfg.init_lora_weights = match get("init_lora_weights") {
         Value::Null | Value::Bool(true) => InitLoraWeights::Default,
         Value::Bool(false) => InitLoraWeights::NoInit,
@@ -342,12 +348,19 @@ pub fn host_adapter_from_bytes(config_json: &str, st: &[u8], model: &LlamaConfig
     let targets = config.targets(model).map_err(|e| Error::format(&cfile, e.to_string()))?;
     let tensors = safetensors::SafeTensors::deserialize(st)
         .map_err(|e| Error::format(&wfile, format!("not a valid safetensors file: {e}")))?;
-    let mut expected: HashMap<String, (usize, usize, bool)> = HashMap::new();
+    // Kind of tensor: 0 lora_A, 1 lora_B, 2 DoRA's lora_magnitude_vector.
+    let mut expected: HashMap<String, (usize, usize, u8)> = HashMap::new();
     for (l, t) in targets.iter().enumerate() {
         for m in 0..7 {
             if t[m] {
-                expected.insert(peft_key(l, m, false), (l, m, false));
-                expected.insert(peft_key(l, m, true), (l, m, true));
+                expected.insert(peft_key(l, m, false), (l, m, 0));
+                expected.insert(peft_key(l, m, true), (l, m, 1));
+                if config.use_dora {
+                    // PEFT writes the key without `.weight`; its state-dict form (with it) is read too.
+                    let k = magnitude_key(l, m);
+                    let k = if tensors.tensor(&k).is_err() && tensors.tensor(&format!("{k}.weight")).is_ok() { format!("{k}.weight") } else { k };
+                    expected.insert(k, (l, m, 2));
+                }
             }
         }
     }
@@ -363,32 +376,43 @@ pub fn host_adapter_from_bytes(config_json: &str, st: &[u8], model: &LlamaConfig
                     ));
                 }
             }
+            let k = magnitude_key(l, m);
+            if t[m] && config.use_dora && tensors.tensor(&k).is_err() && tensors.tensor(&format!("{k}.weight")).is_err() {
+                return Err(Error::format(
+                    &wfile,
+                    format!("missing tensor {k} (use_dora is true: {} needs its DoRA magnitude)", module_name(l, m)),
+                ));
+            }
         }
     }
     let mut names = tensors.names();
     names.sort();
     for k in &names {
         if !expected.contains_key(*k) {
-            return Err(Error::format(
-                &wfile,
-                format!(
-                    "unexpected tensor {k}: not the lora_A/lora_B weight of a module the config targets in this {}-layer model",
-                    model.layers
-                ),
-            ));
+            let why = if k.contains("lora_magnitude_vector") && !config.use_dora {
+                "a DoRA magnitude, but the config's use_dora is false".to_string()
+            } else {
+                format!("not the lora_A/lora_B weight of a module the config targets in this {}-layer model", model.layers)
+            };
+            return Err(Error::format(&wfile, format!("unexpected tensor {k}: {why}")));
         }
     }
     let mut layers: Vec<[Option<HostLora>; 7]> = vec![Default::default(); model.layers];
-    for (k, &(l, m, b)) in &expected {
+    for (k, &(l, m, kind)) in &expected {
         let view = tensors.tensor(k).expect("present: checked above");
         let (out, inp) = model.proj_shape(m);
         let r = config.rank_for(&module_name(l, m));
-        let want = if b { [out, r] } else { [r, inp] };
+        let want: Vec<usize> = match kind {
+            0 => vec![r, inp],
+            1 => vec![out, r],
+            _ => vec![out],
+        };
         if view.shape() != want {
             return Err(Error::format(
                 &wfile,
                 format!(
-                    "tensor {k}: shape {:?}, want {want:?} ({} is {out}x{inp} (out x in), rank {r}; lora_A is r x in, lora_B is out x r)",
+                    "tensor {k}: shape {:?}, want {want:?} ({} is {out}x{inp} (out x in), rank {r}; lora_A is r x in, lora_B is out x r, \
+                     lora_magnitude_vector is out)",
                     view.shape(),
                     module_name(l, m)
                 ),
@@ -406,11 +430,12 @@ pub fn host_adapter_from_bytes(config_json: &str, st: &[u8], model: &LlamaConfig
             out_features: out,
             a: Vec::new(),
             b: Vec::new(),
+            magnitude: None,
         });
-        if b {
-            slot.b = data;
-        } else {
-            slot.a = data;
+        match kind {
+            0 => slot.a = data,
+            1 => slot.b = data,
+            _ => slot.magnitude = Some(data),
         }
     }
     Ok(HostAdapter { config, layers })
@@ -453,6 +478,14 @@ pub fn host_adapter_to_bytes(h: &HostAdapter, model: &LlamaConfig) -> Result<(St
                     dtype: safetensors::Dtype::F32,
                     shape,
                     data: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                });
+            }
+            if let Some(g) = &x.magnitude {
+                raw.push(RawTensor {
+                    name: magnitude_key(l, m),
+                    dtype: safetensors::Dtype::F32,
+                    shape: vec![x.out_features],
+                    data: g.iter().flat_map(|v| v.to_le_bytes()).collect(),
                 });
             }
         }

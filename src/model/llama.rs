@@ -2,14 +2,15 @@
 //! embedding -> N x [RMSNorm, attention with RoPE, residual, RMSNorm, SwiGLU MLP, residual] ->
 //! RMSNorm -> lm_head (tied to the embedding or separate). Base weights are frozen; each of the
 //! seven projections may carry a frozen bias (Qwen2 on q, k, v; Llama with attention_bias /
-//! mlp_bias) and a LoRA adapter, applied as PEFT does: y = x·W^T + b + s·(dropout(x)·A^T)·B^T.
+//! mlp_bias) and a LoRA adapter, applied as PEFT does: y = x·W^T + b + s·(dropout(x)·A^T)·B^T,
+//! or its DoRA form (ops::dora) when the adapter carries a magnitude.
 //! Optional gradient checkpointing per decoder layer.
 
 use crate::autograd::{self, BlockFn, Param, Tape, Var};
 use crate::gpu::{GpuContext, HostRows, RowShards, Tensor};
 use crate::ops::lora::{self, Frozen, LoraRun};
 use crate::ops::rope::{self, RopeTables};
-use crate::ops::{attention, embedding, head, matmul, rmsnorm, swiglu};
+use crate::ops::{attention, dora, embedding, head, matmul, rmsnorm, swiglu};
 use crate::{Error, Result};
 use std::rc::Rc;
 
@@ -158,7 +159,8 @@ impl LlamaWeights {
     }
 }
 
-/// One adapter: A (r, in), B (out, r), and how it runs (scale, dropout, seed).
+/// One adapter: A (r, in), B (out, r), and how it runs (scale, dropout, seed); with DoRA also
+/// the magnitude m (out) (PEFT's `lora_magnitude_vector`).
 #[derive(Clone)]
 pub struct LoraModule {
     /// lora_A.
@@ -167,6 +169,11 @@ pub struct LoraModule {
     pub b: Param,
     /// Scale and dropout; the seed is mixed with the step, layer and module at run time.
     pub run: LoraRun,
+    /// DoRA's magnitude m (out); None for plain LoRA.
+    pub magnitude: Option<Param>,
+    /// DoRA only: the row norms ||W0 + s·B·A|| (out) computed once for inference while A and B
+    /// do not change (generation); None: computed at every forward (training).
+    pub dora_norm: Option<Tensor>,
 }
 
 /// The adapters of a model: for each layer, one optional adapter per projection (TARGETS order).
@@ -177,16 +184,45 @@ pub struct LoraSet {
 }
 
 impl LoraSet {
-    /// Every parameter, in a stable order (layer, module, A then B).
+    /// Every parameter, in a stable order (layer, module, A, B, then DoRA's magnitude).
     pub fn params(&self) -> Vec<&Param> {
         let mut v = Vec::new();
         for l in &self.layers {
             for m in l.iter().flatten() {
                 v.push(&m.a);
                 v.push(&m.b);
+                if let Some(g) = &m.magnitude {
+                    v.push(g);
+                }
             }
         }
         v
+    }
+
+    /// Whether any module carries a DoRA magnitude.
+    pub fn is_dora(&self) -> bool {
+        self.layers.iter().flatten().flatten().any(|m| m.magnitude.is_some())
+    }
+
+    /// Computes and keeps the DoRA row norms of every DoRA module for inference with fixed A and
+    /// B (generation): each forward then skips the norm. Training must not call this (the norm
+    /// follows A and B); [`LoraSet::clear_dora_norms`] undoes it.
+    pub fn cache_dora_norms(&mut self, ctx: &GpuContext, w: &LlamaWeights) -> Result<()> {
+        for (l, mods) in self.layers.iter_mut().enumerate() {
+            for (m, lm) in mods.iter_mut().enumerate() {
+                let Some(lm) = lm else { continue };
+                if lm.magnitude.is_some() {
+                    let w0 = &w.layers[l].proj[m];
+                    lm.dora_norm = Some(crate::ops::dora::weight_norm(ctx, w0, &lm.a.value, &lm.b.value, lm.run.scale)?);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the norms kept by [`LoraSet::cache_dora_norms`].
+    pub fn clear_dora_norms(&mut self) {
+        self.layers.iter_mut().flatten().flatten().for_each(|m| m.dora_norm = None);
     }
 }
 
@@ -224,7 +260,14 @@ impl Layer {
                 let b = tape.param(&l.b);
                 let seed = lora::hash32(self.seed ^ lora::hash32((self.index * 7 + m) as u32 ^ l.run.seed));
                 let dropout = if self.inference { 0.0 } else { l.run.dropout };
-                lora::lora_linear_with_bias(tape, ctx, x, w0, bias, &a, &b, &LoraRun { seed, dropout, ..l.run })
+                let run = LoraRun { seed, dropout, ..l.run };
+                match &l.magnitude {
+                    Some(mag) => {
+                        let mag = tape.param(mag);
+                        dora::dora_linear(tape, ctx, x, w0, bias, &a, &b, &mag, &run, l.dora_norm.as_ref())
+                    }
+                    None => lora::lora_linear_with_bias(tape, ctx, x, w0, bias, &a, &b, &run),
+                }
             }
             None => lora::frozen_linear_with_bias(tape, ctx, x, w0, bias),
         }

@@ -3,7 +3,8 @@
 //! - `adapter_config.json`, `adapter_model.safetensors`: the adapter, as PEFT writes it (so a
 //!   checkpoint is also a usable adapter);
 //! - `optimizer.safetensors`: AdamW's moments, `{peft key}.exp_avg` and `{peft key}.exp_avg_sq`
-//!   (f32, the parameter's shape), for every parameter updated so far;
+//!   (f32, the parameter's shape), for every parameter updated so far (DoRA's magnitudes under
+//!   `...lora_magnitude_vector`);
 //! - `trainer_state.json`: the step, the run's RNG state, the data position, the schedule, the
 //!   AdamW hyperparameters and the per-parameter step counts. Every f64 is stored twice: as a
 //!   JSON number to read, and as its exact bits (`*_bits`, hex) that loading uses, so a resumed
@@ -21,7 +22,7 @@ use super::SplitMix64;
 use crate::autograd::ParamId;
 use crate::gpu::GpuContext;
 use crate::lora::peft::{host_adapter_from_bytes, host_adapter_to_bytes, CONFIG_FILE, WEIGHTS_FILE};
-use crate::lora::{param_id, param_of, peft_key, HostAdapter, LoraConfig};
+use crate::lora::{magnitude_id, param_id, param_key, param_role, HostAdapter, LoraConfig, ParamRole};
 use crate::model::llama::{LlamaConfig, LoraSet};
 use crate::ops::adamw::AdamW;
 use crate::quant::{serialize_tensors, RawTensor};
@@ -141,15 +142,19 @@ impl Checkpoint {
         let mut raw = Vec::new();
         let mut param_steps = Map::new();
         for (id, (m, v, t)) in &self.optimizer.moments {
-            let (l, mi, b) = param_of(*id);
+            let (l, mi, role) = param_role(*id);
+            let key = param_key(*id);
             let h = self.adapter.layers.get(l).and_then(|r| r[mi].as_ref()).ok_or_else(|| {
-                Error::Invalid(format!("checkpoint: optimizer state for {}, which the adapter does not hold", peft_key(l, mi, b)))
+                Error::Invalid(format!("checkpoint: optimizer state for {key}, which the adapter does not hold"))
             })?;
-            let shape = if b { vec![h.out_features, h.r] } else { vec![h.r, h.in_features] };
-            if m.len() != shape[0] * shape[1] || v.len() != m.len() {
-                return Err(Error::shape("checkpoint", format!("moments of {} have {} and {} values for shape {shape:?}", peft_key(l, mi, b), m.len(), v.len())));
+            let shape = match role {
+                ParamRole::A => vec![h.r, h.in_features],
+                ParamRole::B => vec![h.out_features, h.r],
+                ParamRole::Magnitude => vec![h.out_features],
+            };
+            if m.len() != shape.iter().product::<usize>() || v.len() != m.len() {
+                return Err(Error::shape("checkpoint", format!("moments of {key} have {} and {} values for shape {shape:?}", m.len(), v.len())));
             }
-            let key = peft_key(l, mi, b);
             for (suffix, data) in [("exp_avg", m), ("exp_avg_sq", v)] {
                 raw.push(RawTensor {
                     name: format!("{key}.{suffix}"),
@@ -273,11 +278,16 @@ impl Checkpoint {
         for (l, mods) in adapter.layers.iter().enumerate() {
             for (m, h) in mods.iter().enumerate() {
                 let Some(h) = h else { continue };
-                for b in [false, true] {
-                    let key = peft_key(l, m, b);
+                let ids = [param_id(l, m, false), param_id(l, m, true), magnitude_id(l, m)];
+                for id in ids {
+                    let key = param_key(id);
                     let Some(t) = param_steps.get(&key) else { continue };
                     let t = t.as_u64().ok_or_else(|| Error::format(&sfile, format!("param_steps[{key}] is not an integer")))?;
-                    let shape = if b { [h.out_features, h.r] } else { [h.r, h.in_features] };
+                    let shape: Vec<usize> = match param_role(id).2 {
+                        ParamRole::A => vec![h.r, h.in_features],
+                        ParamRole::B => vec![h.out_features, h.r],
+                        ParamRole::Magnitude => vec![h.out_features],
+                    };
                     let mut read = |suffix: &str| -> Result<Vec<f32>> {
                         let name = format!("{key}.{suffix}");
                         let view = ost.tensor(&name).map_err(|_| Error::format(&ofile, format!("missing tensor {name}")))?;
@@ -292,7 +302,7 @@ impl Checkpoint {
                     };
                     let mv = read("exp_avg")?;
                     let vv = read("exp_avg_sq")?;
-                    moments.insert(param_id(l, m, b), (mv, vv, t));
+                    moments.insert(id, (mv, vv, t));
                 }
             }
         }

@@ -23,8 +23,8 @@ use serde_json::{Map, Value};
 pub const DEFAULT_MAX_POSITIONS: usize = 2048;
 
 /// The keys of `TrainOptions`.
-pub const TRAIN_KEYS: [&str; 23] = [
-    "rank", "alpha", "dropout", "targetModules", "useRslora", "layersToTransform", "steps", "batchSize", "gradAccum",
+pub const TRAIN_KEYS: [&str; 24] = [
+    "rank", "alpha", "dropout", "targetModules", "useRslora", "useDora", "layersToTransform", "steps", "batchSize", "gradAccum",
     "maxLen", "lr", "schedule", "warmupSteps", "weightDecay", "beta1", "beta2", "eps", "maxGradNorm", "seed", "shuffle",
     "trainOnPrompt", "appendEos", "gradCheckpoint",
 ];
@@ -114,7 +114,7 @@ impl<'a> Opts<'a> {
 }
 
 /// `TrainOptions` (JSON) as a [`TrainConfig`]: each given option replaces the default of
-/// [`TrainConfig::default`]; `rank`/`alpha`/`dropout`/`targetModules`/`useRslora`/
+/// [`TrainConfig::default`]; `rank`/`alpha`/`dropout`/`targetModules`/`useRslora`/`useDora`/
 /// `layersToTransform` set the LoRA config ("all-linear", a list of module names, or a string
 /// that is a regular expression, as PEFT reads `target_modules`); `maxGradNorm: 0` turns
 /// clipping off; `validation` below 1 is a fraction of the examples, from 1 on a count.
@@ -144,6 +144,9 @@ pub fn train_config(v: &Value) -> Result<TrainConfig> {
     }
     if let Some(b) = o.bool("useRslora")? {
         c.lora.use_rslora = b;
+    }
+    if let Some(b) = o.bool("useDora")? {
+        c.lora.use_dora = b;
     }
     if let Some(Value::Array(a)) = o.get("layersToTransform") {
         let mut layers = Vec::with_capacity(a.len());

@@ -88,6 +88,10 @@ pub struct TrainArgs {
     /// Scale by alpha/sqrt(r) instead of alpha/r (rsLoRA).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub use_rslora: Option<bool>,
+    /// DoRA (PEFT's use_dora): also train a magnitude per output feature, the adapted weight's
+    /// rows rescaled to it.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub use_dora: Option<bool>,
     /// Adapter init: true (A Kaiming-uniform, B zero), gaussian, false (both random) [default: true].
     #[arg(long)]
     pub init_lora_weights: Option<String>,
@@ -171,9 +175,9 @@ pub struct TrainArgs {
 }
 
 /// The settings that must not change between a run and its resumption.
-const RESUME_KEYS: [&str; 22] = [
+const RESUME_KEYS: [&str; 23] = [
     "model", "data", "format", "val_data", "val_fraction", "r", "lora_alpha", "lora_dropout", "target_modules",
-    "use_rslora", "init_lora_weights", "init_adapter", "qlora", "bnb_4bit_use_double_quant", "bnb_4bit_blocksize",
+    "use_rslora", "use_dora", "init_lora_weights", "init_adapter", "qlora", "bnb_4bit_use_double_quant", "bnb_4bit_blocksize",
     "batch_size", "grad_accum", "max_len", "lr", "lr_scheduler", "seed", "no_shuffle",
 ];
 
@@ -216,6 +220,7 @@ impl TrainArgs {
         let mut c = LoraConfig::new(self.r.unwrap_or(16), self.lora_alpha.unwrap_or(16.0));
         c.lora_dropout = self.lora_dropout.unwrap_or(0.0);
         c.use_rslora = self.use_rslora.unwrap_or(false);
+        c.use_dora = self.use_dora.unwrap_or(false);
         c.target_modules = match self.target_modules.as_deref() {
             None | Some("all-linear") => TargetModules::AllLinear,
             Some(list) => TargetModules::Names(list.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect()),
@@ -458,6 +463,15 @@ pub fn run(args: TrainArgs) -> Result<i32> {
         t_load.elapsed().as_secs_f64()
     );
     let init = args.init_adapter.as_ref().map(|d| common::open_adapter(d, &model)).transpose()?;
+    if let (Some(h), Some(true)) = (&init, args.use_dora) {
+        if !h.config.use_dora {
+            bail!(
+                "--use-dora: the --init-adapter {} is a plain LoRA adapter (use_dora false in its config), and its \
+                 config replaces the LoRA flags; start without --init-adapter to train DoRA",
+                args.init_adapter.as_ref().unwrap().display()
+            );
+        }
+    }
     let mut sess = if args.resume {
         let ck = load_checkpoint(&ck_dir, &model.model.cfg)?;
         TrainSession::resume(&ctx, &model, &data, cfg.clone(), &ck)?
@@ -480,8 +494,8 @@ pub fn run(args: TrainArgs) -> Result<i32> {
     );
     let l = sess.lora_config();
     eprintln!(
-        "lora     r {} alpha {} dropout {} on {}; {} steps of batch {}x{}, lr {} {} (warmup {}), seed {}",
-        l.r, l.lora_alpha, l.lora_dropout, targets_text(l, &model)?, cfg.steps, cfg.batch_size, cfg.grad_accum, cfg.lr, cfg.schedule.name(), cfg.warmup(), cfg.seed
+        "lora     r {} alpha {} dropout {}{} on {}; {} steps of batch {}x{}, lr {} {} (warmup {}), seed {}",
+        l.r, l.lora_alpha, l.lora_dropout, if l.use_dora { " DoRA" } else { "" }, targets_text(l, &model)?, cfg.steps, cfg.batch_size, cfg.grad_accum, cfg.lr, cfg.schedule.name(), cfg.warmup(), cfg.seed
     );
 
     std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create the output folder", out.display()))?;

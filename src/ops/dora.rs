@@ -69,6 +69,11 @@ pub fn weight_norm(ctx: &GpuContext, w0: &Frozen, a: &Tensor, b: &Tensor, s: f32
     let norm = ctx.empty(&[n], DType::F32)?;
     match w0 {
         Frozen::F32(w) => norm_block(ctx, w, a, b, &norm, 0, s)?,
+        Frozen::F32Rows(w) => {
+            for (i, part) in w.parts().iter().enumerate() {
+                norm_block(ctx, part, a, b, &norm, w.range(i).start, s)?;
+            }
+        }
         Frozen::Nf4(w) => {
             // Multiples of 64 rows keep every chunk start on a packed-word boundary.
             let budget = (NORM_CHUNK_BYTES as u64).min(ctx.max_binding()) as usize;

@@ -118,7 +118,14 @@ impl ModelSource {
             Error::format(files.display("tokenizer.json"), "file not found in the model folder (training and generation need the tokenizer)")
         })?;
         let tok_cfg = files.file("tokenizer_config.json");
-        let tokenizer = Tokenizer::from_hf_files(tok_json, tok_cfg)?;
+        // The tokenizer's errors name the bare file: name it in its folder.
+        let in_folder = |e: Error| match e {
+            Error::Format { file, what } if file == "tokenizer.json" || file == "tokenizer_config.json" => {
+                Error::Format { file: files.display(&file), what }
+            }
+            e => e,
+        };
+        let tokenizer = Tokenizer::from_hf_files(tok_json, tok_cfg).map_err(in_folder)?;
         let template = if let Some(j) = files.file("chat_template.jinja") {
             Some(ChatTemplate::from_jinja_bytes(j).map_err(|e| Error::format(files.display("chat_template.jinja"), e.to_string()))?)
         } else if let Some(c) = tok_cfg {
@@ -127,7 +134,7 @@ impl ModelSource {
             None
         };
         let chat_ctx = match tok_cfg {
-            Some(c) => ChatContext::from_tokenizer_config(c)?,
+            Some(c) => ChatContext::from_tokenizer_config(c).map_err(in_folder)?,
             None => ChatContext::from_tokenizer(&tokenizer),
         };
         let side_files = SIDE_FILES.iter().filter_map(|&f| files.file(f).map(|b| (f.to_owned(), b.to_vec()))).collect();
@@ -189,6 +196,19 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
+    /// The positions a sequence (prompt plus generated tokens, or a training example) may take:
+    /// the positions the model was loaded for, at most the model's `max_position_embeddings`.
+    pub fn context_len(&self) -> usize {
+        self.config.max_position_embeddings.map_or(self.max_positions, |m| m.min(self.max_positions))
+    }
+
+    fn context_note(&self) -> String {
+        match self.config.max_position_embeddings {
+            Some(m) if m <= self.max_positions => format!(" (max_position_embeddings {m})"),
+            _ => " (as loaded)".to_owned(),
+        }
+    }
+
     /// The ids that end generation: the tokenizer's eos and config.json's eos ids.
     pub fn eos_ids(&self) -> Vec<u32> {
         let mut ids: Vec<u32> = self.tokenizer.eos_id().into_iter().collect();
@@ -236,26 +256,67 @@ impl LoadedModel {
         if cfg.eos_ids.is_empty() {
             cfg.eos_ids = self.eos_ids();
         }
-        let need = prompt_ids.len() + cfg.max_new_tokens;
-        if need > self.max_positions {
+        let context = self.context_len();
+        if prompt_ids.len() >= context {
             return Err(Error::Invalid(format!(
-                "the prompt ({} tokens) plus max_new_tokens ({}) exceeds the {} positions the model was loaded for",
+                "the prompt is {} tokens, which leaves no room in the model's context of {context} positions{}: shorten the prompt",
                 prompt_ids.len(),
-                cfg.max_new_tokens,
-                self.max_positions
+                self.context_note()
             )));
         }
+        // Generation stops at the end of the context, with its own stop reason.
+        let room = context - prompt_ids.len();
+        let capped = cfg.max_new_tokens > room;
+        cfg.max_new_tokens = cfg.max_new_tokens.min(room);
+        let need = prompt_ids.len() + cfg.max_new_tokens;
         let m = &self.model;
         let mut cache = KvCache::new(ctx, &m.cfg, need.max(1))?;
         let mut g = Generation::new(prompt_ids, &self.tokenizer, &cfg)?;
         let v = m.cfg.vocab;
         while let Some((ids, _pos)) = g.next_input() {
-            let logits = llama::forward_cached(ctx, &m.cfg, &m.weights, lora, &ids, &mut cache, &m.rope)?;
-            let last = ctx.read_f32(&logits).await?;
+            // A long prompt goes in chunks, so that no attention tensor outgrows a binding.
+            let mut logits = None;
+            let mut start = 0;
+            while start < ids.len() {
+                let n = prefill_chunk(ctx.max_binding(), m.cfg.heads, cache.len(), ids.len() - start);
+                logits = Some(llama::forward_cached(ctx, &m.cfg, &m.weights, lora, &ids[start..start + n], &mut cache, &m.rope)?);
+                start += n;
+            }
+            let last = ctx.read_f32(&logits.expect("at least one id")).await?;
             g.push_logits(&last[..v], &mut on_text)?;
         }
-        g.finish()
+        let mut out = g.finish()?;
+        if capped && out.stop_reason == crate::generate::StopReason::MaxNewTokens {
+            out.stop_reason = crate::generate::StopReason::ContextFull;
+        }
+        Ok(out)
     }
+}
+
+/// How many of `left` prompt ids to feed at position `pos` in one pass: at most 512, and few
+/// enough that the attention scores (heads x n x (pos + n) f32) stay within half of `max_binding`.
+fn prefill_chunk(max_binding: u64, heads: usize, pos: usize, left: usize) -> usize {
+    let fits = |n: usize| (heads as u64) * (n as u64) * ((pos + n) as u64) * 4 <= max_binding / 2;
+    let mut n = left.min(512);
+    while n > 1 && !fits(n) {
+        n /= 2;
+    }
+    n.max(1)
+}
+
+/// The largest values the training settings may take (far beyond any real run; they keep
+/// arithmetic on them from overflowing and a typo from allocating without end).
+pub mod bounds {
+    /// Optimizer steps.
+    pub const MAX_STEPS: u64 = 100_000_000;
+    /// Examples per micro-batch, and micro-batches per step.
+    pub const MAX_BATCH: usize = 65_536;
+    /// Tokens per example.
+    pub const MAX_LEN: usize = 1 << 20;
+    /// |lora_alpha|.
+    pub const MAX_ALPHA: f64 = 1e6;
+    /// LoRA rank.
+    pub const MAX_RANK: usize = 65_536;
 }
 
 /// A training run's settings. [`TrainConfig::default`] follows established practice for
@@ -340,8 +401,25 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         self.lora.validate()?;
         let bad = |what: String| Err(Error::Invalid(what));
-        if self.steps == 0 {
-            return bad("steps must be at least 1".into());
+        if self.steps == 0 || self.steps > bounds::MAX_STEPS {
+            return bad(format!("steps {} must be in 1..={}", self.steps, bounds::MAX_STEPS));
+        }
+        if self.batch_size > bounds::MAX_BATCH || self.grad_accum > bounds::MAX_BATCH {
+            return bad(format!(
+                "batch size {} and gradient accumulation {} must each be at most {}",
+                self.batch_size,
+                self.grad_accum,
+                bounds::MAX_BATCH
+            ));
+        }
+        if self.max_len > bounds::MAX_LEN {
+            return bad(format!("max_len {} must be at most {}", self.max_len, bounds::MAX_LEN));
+        }
+        if !(self.lora.lora_alpha > 0.0 && self.lora.lora_alpha <= bounds::MAX_ALPHA) {
+            return bad(format!("lora_alpha {} must be in (0, {}]", self.lora.lora_alpha, bounds::MAX_ALPHA));
+        }
+        if self.lora.r > bounds::MAX_RANK {
+            return bad(format!("the LoRA rank {} must be at most {}", self.lora.r, bounds::MAX_RANK));
         }
         if self.batch_size == 0 || self.grad_accum == 0 {
             return bad(format!("batch size {} and gradient accumulation {} must be at least 1", self.batch_size, self.grad_accum));
@@ -451,10 +529,12 @@ impl TrainSession {
         trainer: Trainer,
         resume_at: Option<crate::train::DataPosition>,
     ) -> Result<Self> {
-        if cfg.max_len > model.max_positions {
+        if cfg.max_len > model.context_len() {
             return Err(Error::Invalid(format!(
-                "max_len {} exceeds the {} positions the model was loaded for",
-                cfg.max_len, model.max_positions
+                "max_len {} exceeds the model's context of {} positions{}",
+                cfg.max_len,
+                model.context_len(),
+                model.context_note()
             )));
         }
         let enc = model.encoder(EncodeOptions { max_len: cfg.max_len, train_on_prompt: cfg.train_on_prompt, append_eos: cfg.append_eos })?;
@@ -482,7 +562,8 @@ impl TrainSession {
                 SamplerState { seed: cfg.seed, epoch: p.epoch, position: p.index, n_examples: train.len() as u64, shuffle: cfg.shuffle },
                 train.len(),
                 cfg.batch_size,
-            )?,
+            )
+            .map_err(|e| Error::format(data.file(), format!("the checkpoint's {}: {e}", crate::train::checkpoint::STATE_FILE)))?,
         };
         Ok(TrainSession { trainer, train, val, sampler, pad, cfg, stats, val_examples })
     }

@@ -121,7 +121,17 @@ impl Tokenizer {
             let cfg: Value = serde_json::from_slice(cfg)
                 .map_err(|e| Error::format("tokenizer_config.json", e.to_string()))?;
             let id_of = |key: &str| -> Result<Option<u32>> {
-                match cfg.get(key).and_then(token_content) {
+                let given = cfg.get(key).filter(|v| !v.is_null());
+                if let Some(v) = given.filter(|v| token_content(v).is_none()) {
+                    return Err(Error::format(
+                        "tokenizer_config.json",
+                        format!(
+                            "field `{key}`: {} is not a token (a string or {{\"content\": \"...\"}})",
+                            crate::error::quote(&v.to_string())
+                        ),
+                    ));
+                }
+                match given.and_then(token_content) {
                     None => Ok(None),
                     Some(s) => tok.token_to_id(s).map(Some).ok_or_else(|| {
                         Error::format(

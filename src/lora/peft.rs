@@ -483,7 +483,7 @@ pub fn adapter_from_bytes(
 /// Reads the adapter folder `dir` (adapter_config.json + adapter_model.safetensors) to the host.
 #[cfg(not(target_arch = "wasm32"))]
 pub fn read_host_adapter(dir: &std::path::Path, model: &LlamaConfig) -> Result<HostAdapter> {
-    let read = |f: &str| std::fs::read(dir.join(f)).map_err(|e| Error::format(dir.join(f).display().to_string(), e.to_string()));
+    let read = |f: &str| crate::io::files::read_regular(&dir.join(f));
     let cfg = read(CONFIG_FILE)?;
     let cfg = String::from_utf8(cfg).map_err(|_| Error::format(dir.join(CONFIG_FILE).display().to_string(), "not UTF-8 text"))?;
     let st = read(WEIGHTS_FILE)?;

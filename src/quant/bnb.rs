@@ -489,8 +489,7 @@ pub fn read_bnb_nf4(file_name: &str, tensors: &SafeTensors, weight: &str) -> Res
 /// unreadable or malformed file is an `Error::Format` naming it.
 pub fn read_bnb_nf4_file(path: &std::path::Path) -> Result<Vec<(String, Nf4Tensor)>> {
     let file = path.display().to_string();
-    let bytes =
-        std::fs::read(path).map_err(|e| Error::format(&file, format!("cannot read: {e}")))?;
+    let bytes = crate::io::files::read_regular(path)?;
     let tensors = SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::format(&file, format!("not a valid safetensors file: {e}")))?;
     read_all_bnb_nf4(&file, &tensors)

@@ -359,7 +359,7 @@ pub fn load_checkpoint(dir: &std::path::Path, model: &LlamaConfig) -> Result<Che
     let mut files = Vec::new();
     for name in [CONFIG_FILE, WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE] {
         let p = src.join(name);
-        let bytes = std::fs::read(&p).map_err(|e| Error::format(p.display().to_string(), e.to_string()))?;
+        let bytes = crate::io::files::read_regular(&p)?;
         files.push((name.to_string(), bytes));
     }
     Checkpoint::from_files(&files, model, &src.display().to_string())

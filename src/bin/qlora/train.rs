@@ -191,7 +191,7 @@ impl TrainArgs {
         let text = String::from_utf8(common::read(&path)?).with_context(|| format!("{}: not UTF-8", path.display()))?;
         let file: TrainArgs = toml::from_str(&text).map_err(|e| {
             let line = e.span().map_or(0, |s| text[..s.start.min(text.len())].lines().count().max(1));
-            anyhow::anyhow!("{}: line {line}: {}", path.display(), e.message().trim())
+            anyhow::anyhow!("{}: line {line}: {}", path.display(), qlora_webgpu::error::quote(e.message().trim()))
         })?;
         let mut m = to_map(&file);
         // Paths in the file are relative to the file.
@@ -370,6 +370,16 @@ fn parse_size(s: &str) -> Option<u64> {
 }
 
 pub fn run(args: TrainArgs) -> Result<i32> {
+    // First thing, so that Ctrl-C at any moment ends the run in order: before training starts
+    // nothing has been written and the run exits at the next check; during training the step in
+    // flight finishes and a checkpoint is written. A second Ctrl-C exits at once.
+    ctrlc::set_handler(|| {
+        if STOP.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond Ctrl-C: exiting without a checkpoint");
+            std::process::exit(EXIT_INTERRUPTED);
+        }
+        eprintln!("\nCtrl-C: finishing this step, then writing a checkpoint (Ctrl-C again to quit now)");
+    })?;
     let args = args.merged()?;
     let model_path = args.model.clone().context("no model: give MODEL (a .gguf file or a Hugging Face folder) or `model` in --config")?;
     let data_path = args.data.clone().context("no training data: give --data FILE.jsonl or `data` in --config")?;
@@ -392,8 +402,14 @@ pub fn run(args: TrainArgs) -> Result<i32> {
         if !ck_dir.is_dir() {
             bail!("--resume: {} has no checkpoint (run without --resume to start)", out.display());
         }
-        let saved = std::fs::read_to_string(out.join(RUN_CONFIG)).with_context(|| format!("--resume: {} is missing", out.join(RUN_CONFIG).display()))?;
-        let saved: Value = serde_json::to_value(toml::from_str::<toml::Table>(&saved)?)?;
+        let saved_path = out.join(RUN_CONFIG);
+        let saved = qlora_webgpu::io::files::read_regular(&saved_path).map_err(|e| anyhow::anyhow!("--resume: {e}"))?;
+        let saved = String::from_utf8(saved).map_err(|_| anyhow::anyhow!("--resume: {}: not UTF-8 text", saved_path.display()))?;
+        let saved: toml::Table = toml::from_str(&saved).map_err(|e| {
+            let line = e.span().map_or(0, |s| saved[..s.start.min(saved.len())].lines().count().max(1));
+            anyhow::anyhow!("--resume: {}: line {line}: {}", saved_path.display(), qlora_webgpu::error::quote(e.message().trim()))
+        })?;
+        let saved: Value = serde_json::to_value(saved)?;
         let now = Value::Object(to_map(&eff));
         let diff: Vec<String> = RESUME_KEYS
             .iter()
@@ -515,13 +531,10 @@ pub fn run(args: TrainArgs) -> Result<i32> {
         }
     }
 
-    ctrlc::set_handler(|| {
-        if STOP.swap(true, Ordering::SeqCst) {
-            eprintln!("\nsecond Ctrl-C: exiting without a checkpoint");
-            std::process::exit(EXIT_INTERRUPTED);
-        }
-        eprintln!("\nCtrl-C: finishing this step, then writing a checkpoint (Ctrl-C again to quit now)");
-    })?;
+    if STOP.load(Ordering::SeqCst) && !args.resume && sess.step_count() == 0 {
+        eprintln!("stopped  by Ctrl-C before the first step: no checkpoint written");
+        return Ok(EXIT_INTERRUPTED);
+    }
 
     let pb = ProgressBar::new(cfg.steps);
     pb.set_style(ProgressStyle::with_template("{bar:28} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")?);
@@ -530,9 +543,17 @@ pub fn run(args: TrainArgs) -> Result<i32> {
     let start_step = sess.step_count();
     let mut tokens_total = 0usize;
     let mut interrupted = false;
+    // The step of the last checkpoint and adapter on disk (for the message of a failed step).
+    let mut saved_step = if args.resume { Some(sess.step_count()) } else { None };
     while !sess.done() {
         let ts = Instant::now();
-        let info = block_on(sess.step())?;
+        let info = block_on(sess.step()).map_err(|e| {
+            let saved = match saved_step {
+                Some(s) => format!("the checkpoint {} and the adapter in {} hold step {s}", ck_dir.display(), out.display()),
+                None => format!("nothing was saved yet (the first checkpoint comes at step {save_every})"),
+            };
+            anyhow::anyhow!("{e}; {saved}")
+        })?;
         let dt = ts.elapsed().as_secs_f64();
         tokens_total += info.input_tokens;
         let tps = tokens_total as f64 / t0.elapsed().as_secs_f64();
@@ -571,6 +592,7 @@ pub fn run(args: TrainArgs) -> Result<i32> {
             run.save_checkpoint(&sess)?;
             run.save_adapter(&sess)?;
             run.plot()?;
+            saved_step = Some(info.step);
         }
         if stop {
             interrupted = true;

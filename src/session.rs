@@ -308,7 +308,7 @@ fn prefill_chunk(max_binding: u64, heads: usize, pos: usize, left: usize) -> usi
 /// arithmetic on them from overflowing and a typo from allocating without end).
 pub mod bounds {
     /// Optimizer steps.
-    pub const MAX_STEPS: u64 = 100_000_000;
+    pub const MAX_STEPS: u64 = crate::train::checkpoint::MAX_STEPS;
     /// Examples per micro-batch, and micro-batches per step.
     pub const MAX_BATCH: usize = 65_536;
     /// Tokens per example.
@@ -515,6 +515,37 @@ impl TrainSession {
     /// schedule then spans the new length).
     pub fn resume(ctx: &Rc<GpuContext>, model: &LoadedModel, data: &Dataset, cfg: TrainConfig, ck: &Checkpoint) -> Result<Self> {
         cfg.validate()?;
+        // What the checkpoint holds must be what this run would compute with: a setting that
+        // differs (e.g. an edited trainer_state.json) is refused, naming it.
+        let o = cfg.opts();
+        let (hp, s) = (&ck.optimizer.hp, &ck.state);
+        let mut diff = Vec::new();
+        let mut cmp = |what: &str, saved: String, now: String| {
+            if saved != now {
+                diff.push(format!("{what}: {} in the checkpoint, {} now", crate::error::quote(&saved), crate::error::quote(&now)));
+            }
+        };
+        let bits = |x: f64| format!("{x:e} (bits {:016x})", x.to_bits());
+        cmp("lr", bits(hp.lr), bits(o.adamw.lr));
+        cmp("beta1", bits(hp.beta1), bits(o.adamw.beta1));
+        cmp("beta2", bits(hp.beta2), bits(o.adamw.beta2));
+        cmp("eps", bits(hp.eps), bits(o.adamw.eps));
+        cmp("weight_decay", bits(hp.weight_decay), bits(o.adamw.weight_decay));
+        cmp("schedule", s.schedule.kind.name().to_owned(), o.schedule.kind.name().to_owned());
+        cmp("max_grad_norm", format!("{:?}", s.max_grad_norm.map(f32::to_bits)), format!("{:?}", o.max_grad_norm.map(f32::to_bits)));
+        if s.step > cfg.steps {
+            diff.push(format!("step {} is past the run's {} steps", s.step, cfg.steps));
+        }
+        if s.schedule.total_steps > cfg.steps {
+            diff.push(format!("the schedule's total_steps {} is past the run's {} steps", s.schedule.total_steps, cfg.steps));
+        }
+        if !diff.is_empty() {
+            return Err(Error::Invalid(format!(
+                "the checkpoint ({}) does not belong to this run: {}",
+                crate::train::checkpoint::STATE_FILE,
+                diff.join("; ")
+            )));
+        }
         let mut trainer = Trainer::resume(ctx.clone(), model.model.clone(), ck, cfg.grad_checkpoint)?;
         // The same schedule unless the run was extended (more steps): then it spans the new end.
         trainer.state.schedule = cfg.opts().schedule;
@@ -556,6 +587,22 @@ impl TrainSession {
                 val.batch(&idx, pad).map(|b| TokenBatch { ids: b.ids, targets: b.targets, batch: b.batch })
             })
             .collect::<Result<Vec<_>>>()?;
+        if let Some(p) = resume_at {
+            // The data position follows from the step: step x grad_accum batches, each epoch
+            // ceil(n / batch) of them (the last one shorter).
+            let per_epoch = train.len().div_ceil(cfg.batch_size).max(1) as u64;
+            let batches = trainer.state.step.saturating_mul(cfg.grad_accum as u64);
+            let want = (batches / per_epoch, (batches % per_epoch) * cfg.batch_size as u64);
+            if (p.epoch, p.index) != want {
+                return Err(Error::format(
+                    data.file(),
+                    format!(
+                        "the checkpoint's {}: data position epoch {} index {} does not follow from step {} (expected epoch {} index {} for {} examples in batches of {} x {})",
+                        crate::train::checkpoint::STATE_FILE, p.epoch, p.index, trainer.state.step, want.0, want.1, train.len(), cfg.batch_size, cfg.grad_accum
+                    ),
+                ));
+            }
+        }
         let sampler = match resume_at {
             None => BatchSampler::new(train.len(), cfg.batch_size, cfg.shuffle, cfg.seed)?,
             Some(p) => BatchSampler::resume(

@@ -249,3 +249,124 @@ fn ctrl_c_right_after_start_exits_130_in_order() {
     assert_eq!(out.status.code(), Some(130), "exit status {:?} (killed by the signal when None):\n{err}", out.status);
     assert!(!dir.join("o/checkpoint").exists() || dir.join("o/checkpoint/manifest.json").exists(), "no partial checkpoint");
 }
+
+/// Trains the tiny model for 4 steps (a checkpoint every 2) into `dir/o`; returns the args
+/// that continue it to 6 steps with --resume.
+fn trained_run(dir: &Path) -> Vec<String> {
+    std::fs::copy(fixtures().join("data/chat.jsonl"), dir.join("chat.jsonl")).unwrap();
+    let m = tiny_model().display().to_string();
+    let base: Vec<String> = ["train", &m, "--data", "chat.jsonl", "-r", "2", "--batch-size", "2", "--max-len", "48", "--save-every", "2", "--lr", "1e-3", "--out", "o"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut first = base.clone();
+    first.extend(["--steps".into(), "4".into()]);
+    let a: Vec<&str> = first.iter().map(String::as_str).collect();
+    let (code, err) = qlora(&a, dir, Duration::from_secs(300));
+    assert_eq!(code, 0, "{err}");
+    let mut resume = base;
+    resume.extend(["--steps".into(), "6".into(), "--resume".into()]);
+    resume
+}
+
+fn sha_hex(b: &[u8]) -> String {
+    qlora_webgpu::io::sha256::hex(&qlora_webgpu::io::sha256::sha256(b))
+}
+
+#[test]
+fn changed_or_corrupted_checkpoints_and_adapters_are_refused() {
+    let dir = tmp("checksums");
+    let resume = trained_run(&dir);
+    let ra: Vec<&str> = resume.iter().map(String::as_str).collect();
+    let ck = dir.join("o/checkpoint");
+    let pristine: Vec<(String, Vec<u8>)> = ["adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors", "trainer_state.json", "manifest.json"]
+        .iter()
+        .map(|n| (n.to_string(), std::fs::read(ck.join(n)).unwrap()))
+        .collect();
+    let restore = || {
+        for (n, b) in &pristine {
+            std::fs::write(ck.join(n), b).unwrap();
+        }
+    };
+    let manifest: serde_json::Value = serde_json::from_slice(&pristine[4].1).unwrap();
+    assert_eq!(manifest["settings"]["r"], 2, "the manifest records the run's settings: {manifest}");
+    for (n, b) in &pristine[..4] {
+        assert_eq!(manifest["files"][n], sha_hex(b), "{n}");
+    }
+
+    // One flipped bit in any file: refused, naming the file.
+    for (i, name) in ["adapter_model.safetensors", "optimizer.safetensors", "trainer_state.json"].iter().enumerate() {
+        let mut b = pristine.iter().find(|(n, _)| n == name).unwrap().1.clone();
+        let at = b.len() - 1 - 8 * i;
+        b[at] ^= 0x10;
+        std::fs::write(ck.join(name), &b).unwrap();
+        fails_with(&ra, &dir, &[&format!("checkpoint/{name}: SHA-256"), "refusing to resume"]);
+        restore();
+    }
+    std::fs::remove_file(ck.join("manifest.json")).unwrap();
+    fails_with(&ra, &dir, &["checkpoint/manifest.json: no such file"]);
+    restore();
+
+    // trainer_state.json edited and the manifest made to match: the state itself is checked.
+    let state: serde_json::Value = serde_json::from_slice(&pristine[3].1).unwrap();
+    let edit = |f: &dyn Fn(&mut serde_json::Value), needles: &[&str]| {
+        let mut s = state.clone();
+        f(&mut s);
+        let text = serde_json::to_vec_pretty(&s).unwrap();
+        let mut m = manifest.clone();
+        m["files"]["trainer_state.json"] = sha_hex(&text).into();
+        std::fs::write(ck.join("trainer_state.json"), &text).unwrap();
+        std::fs::write(ck.join("manifest.json"), serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+        fails_with(&ra, &dir, needles);
+        restore();
+    };
+    edit(&|s| s["step"] = 0.into(), &["trainer_state.json", "step is 0"]);
+    edit(&|s| s["adamw"]["steps"] = (1u64 << 63).into(), &["adamw.steps 9223372036854775808 differs from step 4"]);
+    edit(&|s| s["schedule"]["total_steps"] = (1u64 << 63).into(), &["schedule.total_steps 9223372036854775808 is not in 4..=100000000"]);
+    edit(&|s| s["data"]["epoch"] = 7.into(), &["chat.jsonl: the checkpoint's trainer_state.json: data position epoch 7 index 0 does not follow from step 4 (expected epoch 2 index 0"]);
+    let lr_bits = format!("{:016x}", 2e-3f64.to_bits());
+    edit(
+        &|s| {
+            s["adamw"]["lr_bits"] = lr_bits.clone().into();
+            s["schedule"]["base_lr_bits"] = lr_bits.clone().into();
+        },
+        &["does not belong to this run: lr: 2e-3"],
+    );
+    // Settings recorded in the manifest that differ from the command line: named.
+    let mut m = manifest.clone();
+    m["settings"]["seed"] = 9.into();
+    std::fs::write(ck.join("manifest.json"), serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    fails_with(&ra, &dir, &["written by a run with other settings: seed: 9 -> null"]);
+    restore();
+
+    // The untouched checkpoint resumes.
+    let (code, err) = qlora(&ra, &dir, Duration::from_secs(300));
+    assert_eq!(code, 0, "{err}");
+
+    // The adapter written to OUT carries per-tensor SHA-256 in its metadata; a flipped bit in
+    // a tensor's data is refused naming that tensor. Without the metadata (as PEFT writes it)
+    // the same bytes load.
+    let ad = dir.join("o");
+    let bytes = std::fs::read(ad.join("adapter_model.safetensors")).unwrap();
+    let st = qlora_webgpu::io::SafeTensorsFile::parse("a", &bytes).unwrap();
+    assert!(st.metadata().contains_key(qlora_webgpu::lora::peft::CHECKSUM_KEY));
+    let first = st.tensors().iter().min_by_key(|t| st.data(&t.name).unwrap().as_ptr() as usize).unwrap().name.clone();
+    let cfg = qlora_webgpu::model::config::ModelConfig::from_json("config.json", &std::fs::read(tiny_model().join("config.json")).unwrap()).unwrap().to_llama();
+    qlora_webgpu::lora::peft::read_host_adapter(&ad, &cfg).expect("the adapter as written loads");
+    let header = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut flipped = bytes.clone();
+    flipped[header + 1] ^= 0x01;
+    std::fs::write(ad.join("adapter_model.safetensors"), &flipped).unwrap();
+    let e = qlora_webgpu::lora::peft::read_host_adapter(&ad, &cfg).unwrap_err().to_string();
+    assert!(e.contains(&format!("tensor {first}: its data does not match the SHA-256")), "{e}");
+    // A broken tensor entry in the header names the tensor.
+    let text = String::from_utf8_lossy(&bytes[8..header]).into_owned();
+    let broken = text.replacen("\"data_offsets\":[0,", "\"data_offsets\":[7,", 1);
+    assert_ne!(broken, text);
+    let mut b2 = bytes[..8].to_vec();
+    b2.extend(broken.as_bytes());
+    b2.extend(&bytes[header..]);
+    std::fs::write(ad.join("adapter_model.safetensors"), &b2).unwrap();
+    let e = qlora_webgpu::lora::peft::read_host_adapter(&ad, &cfg).unwrap_err().to_string();
+    assert!(e.contains("adapter_model.safetensors") && e.contains(&first), "{e}");
+}

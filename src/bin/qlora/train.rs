@@ -15,7 +15,7 @@ use qlora_webgpu::lora::config::{InitLoraWeights, LoraConfig, TargetModules};
 use qlora_webgpu::lora::peft::{CONFIG_FILE, WEIGHTS_FILE};
 use qlora_webgpu::lora::write_atomic;
 use qlora_webgpu::session::{self, BaseQuant, LoadedModel, Prompt, TrainConfig, TrainSession};
-use qlora_webgpu::train::checkpoint::{load_checkpoint, save_checkpoint};
+use qlora_webgpu::train::checkpoint::{load_checkpoint_with, save_checkpoint_with};
 use qlora_webgpu::train::memory::{self, RunShape};
 use qlora_webgpu::train::ScheduleKind;
 use serde::{Deserialize, Serialize};
@@ -284,6 +284,8 @@ fn metrics_line(v: Value) -> String {
 }
 
 struct Run<'a> {
+    /// The settings that determine the run ([`RESUME_KEYS`]), recorded in each checkpoint.
+    settings: Value,
     ctx: Rc<GpuContext>,
     model: &'a LoadedModel,
     out: PathBuf,
@@ -303,7 +305,7 @@ impl Run<'_> {
 
     fn save_checkpoint(&self, s: &TrainSession) -> Result<()> {
         let ck = block_on(s.checkpoint())?;
-        save_checkpoint(&self.out.join(CHECKPOINT_DIR), &ck, &self.model.model.cfg)?;
+        save_checkpoint_with(&self.out.join(CHECKPOINT_DIR), &ck, &self.model.model.cfg, &self.settings)?;
         Ok(())
     }
 
@@ -397,6 +399,8 @@ pub fn run(args: TrainArgs) -> Result<i32> {
     eff.steps = Some(cfg.steps);
     eff.epochs = None;
     let run_toml = toml::to_string(&Value::Object(to_map(&eff)))?;
+    let now_map = to_map(&eff);
+    let settings = Value::Object(RESUME_KEYS.iter().filter_map(|k| now_map.get(*k).map(|v| (k.to_string(), v.clone()))).collect());
     let ck_dir = out.join(CHECKPOINT_DIR);
     if args.resume {
         if !ck_dir.is_dir() {
@@ -474,8 +478,16 @@ pub fn run(args: TrainArgs) -> Result<i32> {
     );
     let init = args.init_adapter.as_ref().map(|d| common::open_adapter(d, &model)).transpose()?;
     let mut sess = if args.resume {
-        let ck = load_checkpoint(&ck_dir, &model.model.cfg)?;
-        TrainSession::resume(&ctx, &model, &data, cfg.clone(), &ck)?
+        let (ck, saved) = load_checkpoint_with(&ck_dir, &model.model.cfg).map_err(|e| anyhow::anyhow!("--resume: {e}"))?;
+        let diff: Vec<String> = RESUME_KEYS
+            .iter()
+            .filter(|k| saved.get(**k) != settings.get(**k))
+            .map(|k| format!("{k}: {} -> {}", saved.get(*k).unwrap_or(&Value::Null), settings.get(*k).unwrap_or(&Value::Null)))
+            .collect();
+        if !diff.is_empty() {
+            bail!("--resume: the checkpoint {} was written by a run with other settings: {}", ck_dir.display(), qlora_webgpu::error::quote(&diff.join("; ")));
+        }
+        TrainSession::resume(&ctx, &model, &data, cfg.clone(), &ck).map_err(|e| anyhow::anyhow!("--resume from {}: {e}", ck_dir.display()))?
     } else {
         TrainSession::new(&ctx, &model, &data, cfg.clone(), init.as_ref())?
     };
@@ -505,7 +517,7 @@ pub fn run(args: TrainArgs) -> Result<i32> {
     let (kept, tr, va) = if args.resume { metrics_upto(&metrics_path, sess.step_count())? } else { (String::new(), vec![], vec![]) };
     std::fs::write(&metrics_path, kept)?;
     let metrics = std::fs::OpenOptions::new().append(true).open(&metrics_path)?;
-    let mut run = Run { ctx: ctx.clone(), model: &model, out: out.clone(), metrics, train_points: tr, val_points: va };
+    let mut run = Run { settings: settings.clone(), ctx: ctx.clone(), model: &model, out: out.clone(), metrics, train_points: tr, val_points: va };
 
     let before = match &prompts {
         Some(p) if !args.resume => {

@@ -12,7 +12,7 @@ use crate::{Error, Result};
 pub fn check_regular(path: &Path) -> Result<()> {
     let label = path.display().to_string();
     let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::format(&label, "no such file"),
+        std::io::ErrorKind::NotFound => Error::format(&label, "cannot read: no such file"),
         std::io::ErrorKind::PermissionDenied => Error::format(&label, format!("cannot read (permission denied): {e}")),
         _ => Error::format(&label, format!("cannot read: {e}")),
     })?;

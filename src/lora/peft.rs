@@ -340,6 +340,39 @@ pub fn tensor_checksums<'a>(tensors: impl Iterator<Item = (&'a str, &'a [u8])>) 
     Value::Object(map).to_string()
 }
 
+/// `bytes` (a safetensors file written by [`host_adapter_to_bytes`]) without its
+/// [`CHECKSUM_KEY`] metadata entry: the file exactly as PEFT writes it. Other files are
+/// returned unchanged.
+pub fn strip_checksum(bytes: &[u8]) -> Vec<u8> {
+    let Some(n) = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize) else { return bytes.to_vec() };
+    let Some(header) = bytes.get(8..8usize.saturating_add(n)).and_then(|h| std::str::from_utf8(h).ok()) else { return bytes.to_vec() };
+    let key = format!(",\"{CHECKSUM_KEY}\":\"");
+    let Some(start) = header.find(&key) else { return bytes.to_vec() };
+    // The value is a JSON string whose quotes are escaped: it ends at the first bare quote.
+    let body = &header[start + key.len()..];
+    let mut end = None;
+    let mut escaped = false;
+    for (i, c) in body.char_indices() {
+        match c {
+            '\\' if !escaped => escaped = true,
+            '"' if !escaped => {
+                end = Some(start + key.len() + i + 1);
+                break;
+            }
+            _ => escaped = false,
+        }
+    }
+    let Some(end) = end else { return bytes.to_vec() };
+    let mut h = format!("{}{}", &header[..start], &header[end..]).trim_end().to_owned();
+    while h.len() % 8 != 0 {
+        h.push(' ');
+    }
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend(h.as_bytes());
+    out.extend(&bytes[8 + n..]);
+    out
+}
+
 /// Checks the per-tensor SHA-256 of [`CHECKSUM_KEY`] when the file records it (an adapter
 /// written by this project); a file without it (written by PEFT) passes. Names the first
 /// tensor whose data differs.

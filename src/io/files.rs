@@ -1,4 +1,4 @@
-//! Reading files from disk safely (native only): only regular files are read, so that a FIFO,
+//! Reading files from disk safely (std::fs; on wasm every call fails, as std::fs does): only regular files are read, so that a FIFO,
 //! socket or device named like a model or data file is refused instead of blocking forever or
 //! reading without end; a folder in place of a file, a missing file and an unreadable file get
 //! different messages, each naming the path.

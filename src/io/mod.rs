@@ -4,7 +4,6 @@
 //! pre-quantized bitsandbytes projections) under its Hugging Face name and PyTorch shape, from
 //! which [`HostModel::upload`] makes the decoder's [`LlamaWeights`].
 
-#[cfg(not(target_arch = "wasm32"))]
 pub mod files;
 pub mod gguf;
 pub mod hf;

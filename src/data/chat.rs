@@ -99,8 +99,8 @@ impl std::fmt::Debug for ChatTemplate {
 }
 
 /// The work one render may do (minijinja's fuel: about one unit per instruction, plus the size
-/// of values built): far above what a chat template needs for a long conversation (SmolLM2's
-/// uses about 2,000 for ten turns), low enough that a hostile loop ends within a second or so.
+/// of values built): far above what a chat template needs for a long conversation (the chat
+/// tests and the fuzzer's seeds render within it), low enough that a hostile loop ends soon.
 pub const TEMPLATE_FUEL: u64 = 20_000_000;
 /// The nesting depth one render may reach (minijinja's recursion counter).
 pub const TEMPLATE_RECURSION: usize = 200;

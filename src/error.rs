@@ -38,3 +38,18 @@ impl Error {
         Error::Format { file: file.into(), what: what.into() }
     }
 }
+
+/// At most this many characters of a bad value are quoted in a message.
+pub const QUOTE_MAX: usize = 200;
+
+/// `s` for a message: as is when at most [`QUOTE_MAX`] characters, else its first
+/// [`QUOTE_MAX`] characters followed by "… (N characters)", so that an error never echoes a
+/// huge value in full.
+pub fn quote(s: &str) -> String {
+    let n = s.chars().count();
+    if n <= QUOTE_MAX {
+        return s.to_owned();
+    }
+    let head: String = s.chars().take(QUOTE_MAX).collect();
+    format!("{head}… ({n} characters)")
+}

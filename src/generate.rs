@@ -5,6 +5,10 @@
 use crate::data::tokenizer::{IncrementalDecoder, Tokenizer};
 use crate::{Error, Result};
 
+/// The most tokens one generation may ask for (beyond any model's context; keeps arithmetic on
+/// it from overflowing).
+pub const MAX_NEW_TOKENS: usize = 1 << 24;
+
 /// Sampling and stopping settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingConfig {
@@ -53,6 +57,9 @@ impl SamplingConfig {
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(Error::Invalid(format!("top_p must be in (0, 1], got {}", self.top_p)));
+        }
+        if self.max_new_tokens > MAX_NEW_TOKENS {
+            return Err(Error::Invalid(format!("max_new_tokens {} must be at most {MAX_NEW_TOKENS}", self.max_new_tokens)));
         }
         if self.stop_strings.iter().any(String::is_empty) {
             return Err(Error::Invalid("stop strings must not be empty".into()));
@@ -211,6 +218,9 @@ pub enum StopReason {
     StopString(String),
     /// `max_new_tokens` were produced.
     MaxNewTokens,
+    /// The sequence reached the end of the model's context (`max_position_embeddings`, or the
+    /// positions the model was loaded for) before `max_new_tokens`.
+    ContextFull,
 }
 
 /// The result of [`generate`].

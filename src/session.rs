@@ -118,7 +118,14 @@ impl ModelSource {
             Error::format(files.display("tokenizer.json"), "file not found in the model folder (training and generation need the tokenizer)")
         })?;
         let tok_cfg = files.file("tokenizer_config.json");
-        let tokenizer = Tokenizer::from_hf_files(tok_json, tok_cfg)?;
+        // The tokenizer's errors name the bare file: name it in its folder.
+        let in_folder = |e: Error| match e {
+            Error::Format { file, what } if file == "tokenizer.json" || file == "tokenizer_config.json" => {
+                Error::Format { file: files.display(&file), what }
+            }
+            e => e,
+        };
+        let tokenizer = Tokenizer::from_hf_files(tok_json, tok_cfg).map_err(in_folder)?;
         let template = if let Some(j) = files.file("chat_template.jinja") {
             Some(ChatTemplate::from_jinja_bytes(j).map_err(|e| Error::format(files.display("chat_template.jinja"), e.to_string()))?)
         } else if let Some(c) = tok_cfg {
@@ -127,7 +134,7 @@ impl ModelSource {
             None
         };
         let chat_ctx = match tok_cfg {
-            Some(c) => ChatContext::from_tokenizer_config(c)?,
+            Some(c) => ChatContext::from_tokenizer_config(c).map_err(in_folder)?,
             None => ChatContext::from_tokenizer(&tokenizer),
         };
         let side_files = SIDE_FILES.iter().filter_map(|&f| files.file(f).map(|b| (f.to_owned(), b.to_vec()))).collect();
@@ -189,6 +196,19 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
+    /// The positions a sequence (prompt plus generated tokens, or a training example) may take:
+    /// the positions the model was loaded for, at most the model's `max_position_embeddings`.
+    pub fn context_len(&self) -> usize {
+        self.config.max_position_embeddings.map_or(self.max_positions, |m| m.min(self.max_positions))
+    }
+
+    fn context_note(&self) -> String {
+        match self.config.max_position_embeddings {
+            Some(m) if m <= self.max_positions => format!(" (max_position_embeddings {m})"),
+            _ => " (as loaded)".to_owned(),
+        }
+    }
+
     /// The ids that end generation: the tokenizer's eos and config.json's eos ids.
     pub fn eos_ids(&self) -> Vec<u32> {
         let mut ids: Vec<u32> = self.tokenizer.eos_id().into_iter().collect();
@@ -236,15 +256,19 @@ impl LoadedModel {
         if cfg.eos_ids.is_empty() {
             cfg.eos_ids = self.eos_ids();
         }
-        let need = prompt_ids.len() + cfg.max_new_tokens;
-        if need > self.max_positions {
+        let context = self.context_len();
+        if prompt_ids.len() >= context {
             return Err(Error::Invalid(format!(
-                "the prompt ({} tokens) plus max_new_tokens ({}) exceeds the {} positions the model was loaded for",
+                "the prompt is {} tokens, which leaves no room in the model's context of {context} positions{}: shorten the prompt",
                 prompt_ids.len(),
-                cfg.max_new_tokens,
-                self.max_positions
+                self.context_note()
             )));
         }
+        // Generation stops at the end of the context, with its own stop reason.
+        let room = context - prompt_ids.len();
+        let capped = cfg.max_new_tokens > room;
+        cfg.max_new_tokens = cfg.max_new_tokens.min(room);
+        let need = prompt_ids.len() + cfg.max_new_tokens;
         let m = &self.model;
         // DoRA: A and B are fixed while generating, so each module's row norms are computed once.
         let cached;
@@ -260,12 +284,49 @@ impl LoadedModel {
         let mut g = Generation::new(prompt_ids, &self.tokenizer, &cfg)?;
         let v = m.cfg.vocab;
         while let Some((ids, _pos)) = g.next_input() {
-            let logits = llama::forward_cached(ctx, &m.cfg, &m.weights, lora, &ids, &mut cache, &m.rope)?;
-            let last = ctx.read_f32(&logits).await?;
+            // A long prompt goes in chunks, so that no attention tensor outgrows a binding.
+            let mut logits = None;
+            let mut start = 0;
+            while start < ids.len() {
+                let n = prefill_chunk(ctx.max_binding(), m.cfg.heads, cache.len(), ids.len() - start);
+                logits = Some(llama::forward_cached(ctx, &m.cfg, &m.weights, lora, &ids[start..start + n], &mut cache, &m.rope)?);
+                start += n;
+            }
+            let last = ctx.read_f32(&logits.expect("at least one id")).await?;
             g.push_logits(&last[..v], &mut on_text)?;
         }
-        g.finish()
+        let mut out = g.finish()?;
+        if capped && out.stop_reason == crate::generate::StopReason::MaxNewTokens {
+            out.stop_reason = crate::generate::StopReason::ContextFull;
+        }
+        Ok(out)
     }
+}
+
+/// How many of `left` prompt ids to feed at position `pos` in one pass: at most 512, and few
+/// enough that the attention scores (heads x n x (pos + n) f32) stay within half of `max_binding`.
+fn prefill_chunk(max_binding: u64, heads: usize, pos: usize, left: usize) -> usize {
+    let fits = |n: usize| (heads as u64) * (n as u64) * ((pos + n) as u64) * 4 <= max_binding / 2;
+    let mut n = left.min(512);
+    while n > 1 && !fits(n) {
+        n /= 2;
+    }
+    n.max(1)
+}
+
+/// The largest values the training settings may take (far beyond any real run; they keep
+/// arithmetic on them from overflowing and a typo from allocating without end).
+pub mod bounds {
+    /// Optimizer steps.
+    pub const MAX_STEPS: u64 = crate::train::checkpoint::MAX_STEPS;
+    /// Examples per micro-batch, and micro-batches per step.
+    pub const MAX_BATCH: usize = 65_536;
+    /// Tokens per example.
+    pub const MAX_LEN: usize = 1 << 20;
+    /// |lora_alpha|.
+    pub const MAX_ALPHA: f64 = 1e6;
+    /// LoRA rank.
+    pub const MAX_RANK: usize = 65_536;
 }
 
 /// A training run's settings. [`TrainConfig::default`] follows established practice for
@@ -350,8 +411,25 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         self.lora.validate()?;
         let bad = |what: String| Err(Error::Invalid(what));
-        if self.steps == 0 {
-            return bad("steps must be at least 1".into());
+        if self.steps == 0 || self.steps > bounds::MAX_STEPS {
+            return bad(format!("steps {} must be in 1..={}", self.steps, bounds::MAX_STEPS));
+        }
+        if self.batch_size > bounds::MAX_BATCH || self.grad_accum > bounds::MAX_BATCH {
+            return bad(format!(
+                "batch size {} and gradient accumulation {} must each be at most {}",
+                self.batch_size,
+                self.grad_accum,
+                bounds::MAX_BATCH
+            ));
+        }
+        if self.max_len > bounds::MAX_LEN {
+            return bad(format!("max_len {} must be at most {}", self.max_len, bounds::MAX_LEN));
+        }
+        if !(self.lora.lora_alpha > 0.0 && self.lora.lora_alpha <= bounds::MAX_ALPHA) {
+            return bad(format!("lora_alpha {} must be in (0, {}]", self.lora.lora_alpha, bounds::MAX_ALPHA));
+        }
+        if self.lora.r > bounds::MAX_RANK {
+            return bad(format!("the LoRA rank {} must be at most {}", self.lora.r, bounds::MAX_RANK));
         }
         if self.batch_size == 0 || self.grad_accum == 0 {
             return bad(format!("batch size {} and gradient accumulation {} must be at least 1", self.batch_size, self.grad_accum));
@@ -456,6 +534,37 @@ impl TrainSession {
     /// schedule then spans the new length).
     pub fn resume(ctx: &Rc<GpuContext>, model: &LoadedModel, data: &Dataset, cfg: TrainConfig, ck: &Checkpoint) -> Result<Self> {
         cfg.validate()?;
+        // What the checkpoint holds must be what this run would compute with: a setting that
+        // differs (e.g. an edited trainer_state.json) is refused, naming it.
+        let o = cfg.opts();
+        let (hp, s) = (&ck.optimizer.hp, &ck.state);
+        let mut diff = Vec::new();
+        let mut cmp = |what: &str, saved: String, now: String| {
+            if saved != now {
+                diff.push(format!("{what}: {} in the checkpoint, {} now", crate::error::quote(&saved), crate::error::quote(&now)));
+            }
+        };
+        let bits = |x: f64| format!("{x:e} (bits {:016x})", x.to_bits());
+        cmp("lr", bits(hp.lr), bits(o.adamw.lr));
+        cmp("beta1", bits(hp.beta1), bits(o.adamw.beta1));
+        cmp("beta2", bits(hp.beta2), bits(o.adamw.beta2));
+        cmp("eps", bits(hp.eps), bits(o.adamw.eps));
+        cmp("weight_decay", bits(hp.weight_decay), bits(o.adamw.weight_decay));
+        cmp("schedule", s.schedule.kind.name().to_owned(), o.schedule.kind.name().to_owned());
+        cmp("max_grad_norm", format!("{:?}", s.max_grad_norm.map(f32::to_bits)), format!("{:?}", o.max_grad_norm.map(f32::to_bits)));
+        if s.step > cfg.steps {
+            diff.push(format!("step {} is past the run's {} steps", s.step, cfg.steps));
+        }
+        if s.schedule.total_steps > cfg.steps {
+            diff.push(format!("the schedule's total_steps {} is past the run's {} steps", s.schedule.total_steps, cfg.steps));
+        }
+        if !diff.is_empty() {
+            return Err(Error::Invalid(format!(
+                "the checkpoint ({}) does not belong to this run: {}",
+                crate::train::checkpoint::STATE_FILE,
+                diff.join("; ")
+            )));
+        }
         let mut trainer = Trainer::resume(ctx.clone(), model.model.clone(), ck, cfg.grad_checkpoint)?;
         // The same schedule unless the run was extended (more steps): then it spans the new end.
         trainer.state.schedule = cfg.opts().schedule;
@@ -470,10 +579,12 @@ impl TrainSession {
         trainer: Trainer,
         resume_at: Option<crate::train::DataPosition>,
     ) -> Result<Self> {
-        if cfg.max_len > model.max_positions {
+        if cfg.max_len > model.context_len() {
             return Err(Error::Invalid(format!(
-                "max_len {} exceeds the {} positions the model was loaded for",
-                cfg.max_len, model.max_positions
+                "max_len {} exceeds the model's context of {} positions{}",
+                cfg.max_len,
+                model.context_len(),
+                model.context_note()
             )));
         }
         let enc = model.encoder(cfg.encode_options())?;
@@ -495,13 +606,30 @@ impl TrainSession {
                 val.batch(&idx, pad).map(|b| TokenBatch { ids: b.ids, targets: b.targets, batch: b.batch })
             })
             .collect::<Result<Vec<_>>>()?;
+        if let Some(p) = resume_at {
+            // The data position follows from the step: step x grad_accum batches, each epoch
+            // ceil(n / batch) of them (the last one shorter).
+            let per_epoch = train.len().div_ceil(cfg.batch_size).max(1) as u64;
+            let batches = trainer.state.step.saturating_mul(cfg.grad_accum as u64);
+            let want = (batches / per_epoch, (batches % per_epoch) * cfg.batch_size as u64);
+            if (p.epoch, p.index) != want {
+                return Err(Error::format(
+                    data.file(),
+                    format!(
+                        "the checkpoint's {}: data position epoch {} index {} does not follow from step {} (expected epoch {} index {} for {} examples in batches of {} x {})",
+                        crate::train::checkpoint::STATE_FILE, p.epoch, p.index, trainer.state.step, want.0, want.1, train.len(), cfg.batch_size, cfg.grad_accum
+                    ),
+                ));
+            }
+        }
         let sampler = match resume_at {
             None => BatchSampler::new(train.len(), cfg.batch_size, cfg.shuffle, cfg.seed)?,
             Some(p) => BatchSampler::resume(
                 SamplerState { seed: cfg.seed, epoch: p.epoch, position: p.index, n_examples: train.len() as u64, shuffle: cfg.shuffle },
                 train.len(),
                 cfg.batch_size,
-            )?,
+            )
+            .map_err(|e| Error::format(data.file(), format!("the checkpoint's {}: {e}", crate::train::checkpoint::STATE_FILE)))?,
         };
         Ok(TrainSession { trainer, train, val, sampler, pad, cfg, stats, val_examples })
     }

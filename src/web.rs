@@ -570,6 +570,7 @@ mod api {
             StopReason::Eos(_) => "eos",
             StopReason::StopString(_) => "stop-string",
             StopReason::MaxNewTokens => "max-new-tokens",
+            StopReason::ContextFull => "context-full",
         };
         Ok(to_js(&json!({"text": out.text, "tokens": out.ids, "promptTokens": ids.len(), "stopReason": stop, "ms": now_ms() - t0})))
     }

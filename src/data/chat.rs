@@ -98,6 +98,13 @@ impl std::fmt::Debug for ChatTemplate {
     }
 }
 
+/// The work one render may do (minijinja's fuel: about one unit per instruction, plus the size
+/// of values built): far above what a chat template needs for a long conversation (the chat
+/// tests and the fuzzer's seeds render within it), low enough that a hostile loop ends soon.
+pub const TEMPLATE_FUEL: u64 = 20_000_000;
+/// The nesting depth one render may reach (minijinja's recursion counter).
+pub const TEMPLATE_RECURSION: usize = 200;
+
 fn template_err(e: minijinja::Error) -> Error {
     Error::format("chat template", format!("{e:#}"))
 }
@@ -116,6 +123,10 @@ impl ChatTemplate {
                 .map_err(template_err)?,
         );
         env.set_undefined_behavior(minijinja::UndefinedBehavior::Lenient);
+        // A template comes from a file: bound its work and nesting so that a hostile one
+        // (an endless loop, runaway recursion, a huge string) ends with an error.
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        env.set_recursion_limit(TEMPLATE_RECURSION);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_filter("tojson", tojson);

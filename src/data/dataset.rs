@@ -310,7 +310,7 @@ impl Dataset {
     #[cfg(not(target_arch = "wasm32"))]
     pub fn from_jsonl_file(path: &std::path::Path, fmt: Format) -> Result<Dataset> {
         let name = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|e| Error::format(&name, format!("cannot read: {e}")))?;
+        let bytes = crate::io::files::read_regular(path)?;
         Self::from_jsonl(&name, &bytes, fmt)
     }
 

@@ -101,8 +101,15 @@ impl Tokenizer {
     /// file: they are left empty (see [`Tokenizer::from_hf_files`] and
     /// [`Tokenizer::with_special_ids`]).
     pub fn from_json_bytes(tokenizer_json: &[u8]) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json)
-            .map_err(|e| Error::format("tokenizer.json", e.to_string()))?;
+        // The tokenizers crate panics on some malformed files (an `expect` in its decoder
+        // deserialization, found by fuzzing): turn that into an error (native; on wasm a panic
+        // aborts, as everywhere there).
+        let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(tokenizer_json))
+            .map_err(|p| {
+                let why = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+                Error::format("tokenizer.json", format!("malformed (the tokenizers library failed: {})", crate::error::quote(&why)))
+            })?;
+        let inner = parsed.map_err(|e| Error::format("tokenizer.json", crate::error::quote(&e.to_string())))?;
         Ok(Self::wrap(inner, SpecialTokenIds::default()))
     }
 
@@ -121,7 +128,17 @@ impl Tokenizer {
             let cfg: Value = serde_json::from_slice(cfg)
                 .map_err(|e| Error::format("tokenizer_config.json", e.to_string()))?;
             let id_of = |key: &str| -> Result<Option<u32>> {
-                match cfg.get(key).and_then(token_content) {
+                let given = cfg.get(key).filter(|v| !v.is_null());
+                if let Some(v) = given.filter(|v| token_content(v).is_none()) {
+                    return Err(Error::format(
+                        "tokenizer_config.json",
+                        format!(
+                            "field `{key}`: {} is not a token (a string or {{\"content\": \"...\"}})",
+                            crate::error::quote(&v.to_string())
+                        ),
+                    ));
+                }
+                match given.and_then(token_content) {
                     None => Ok(None),
                     Some(s) => tok.token_to_id(s).map(Some).ok_or_else(|| {
                         Error::format(

@@ -457,7 +457,7 @@ impl<'a> GgufFile<'a> {
             None => DEFAULT_ALIGNMENT,
             Some(v) => match v.as_u64() {
                 Some(a) if a.is_power_of_two() => a,
-                _ => return Err(fail(format!("metadata `general.alignment`: {v:?}, expected a power of two"))),
+                _ => return Err(fail(format!("metadata `general.alignment`: {v}, expected a power of two", v = crate::error::quote(&format!("{v:?}"))))),
             },
         };
 
@@ -855,6 +855,10 @@ struct GgufSource<'g, 'a> {
 }
 
 impl TensorSource for GgufSource<'_, '_> {
+    fn present(&self) -> (String, &'static str, usize) {
+        let field = if self.permuted.is_some() { "llama.block_count" } else { "qwen2.block_count" };
+        (self.g.file().to_owned(), field, self.g.tensors().len())
+    }
     fn fetch(&mut self, name: &str, shape: &[usize], _projection: bool) -> Result<HostWeight> {
         let file = self.g.file();
         let gname = gguf_name(name).ok_or_else(|| Error::Invalid(format!("no GGUF name for `{name}`")))?;
@@ -940,7 +944,7 @@ pub fn gguf_config(g: &GgufFile) -> Result<ModelConfig> {
         other => {
             return Err(Error::format(
                 file,
-                format!("metadata `general.architecture`: \"{other}\" is not supported (supported: llama, qwen2)"),
+                format!("metadata `general.architecture`: \"{other}\" is not supported (supported: llama, qwen2)", other = crate::error::quote(other)),
             ))
         }
     };
@@ -951,7 +955,7 @@ pub fn gguf_config(g: &GgufFile) -> Result<ModelConfig> {
             .map(|v| {
                 v.as_u64()
                     .and_then(|x| usize::try_from(x).ok())
-                    .ok_or_else(|| Error::format(file, format!("metadata `{k}`: {v:?}, expected a non-negative integer")))
+                    .ok_or_else(|| Error::format(file, format!("metadata `{k}`: {v}, expected a non-negative integer", v = crate::error::quote(&format!("{v:?}")))))
             })
             .transpose()
     };
@@ -968,7 +972,7 @@ pub fn gguf_config(g: &GgufFile) -> Result<ModelConfig> {
             .map(|v| {
                 v.as_f64()
                     .filter(|x| x.is_finite())
-                    .ok_or_else(|| Error::format(file, format!("metadata `{k}`: {v:?}, expected a number")))
+                    .ok_or_else(|| Error::format(file, format!("metadata `{k}`: {v}, expected a number", v = crate::error::quote(&format!("{v:?}")))))
             })
             .transpose()
     };
@@ -1000,7 +1004,7 @@ pub fn gguf_config(g: &GgufFile) -> Result<ModelConfig> {
         if v != head_dim {
             return Err(Error::format(
                 file,
-                format!("metadata `{}`: {v} differs from the key length {head_dim} (not supported)", key("attention.value_length")),
+                format!("metadata `{}`: {v} differs from the key length {head_dim} (not supported)", key("attention.value_length"), v = crate::error::quote(&v.to_string())),
             ));
         }
     }
@@ -1032,7 +1036,7 @@ pub fn gguf_config(g: &GgufFile) -> Result<ModelConfig> {
         Some(other) => {
             return Err(Error::format(
                 file,
-                format!("metadata `{}`: \"{other}\" is not supported (supported: none, linear)", key("rope.scaling.type")),
+                format!("metadata `{}`: \"{other}\" is not supported (supported: none, linear)", key("rope.scaling.type"), other = crate::error::quote(other)),
             ))
         }
     };
@@ -1072,7 +1076,7 @@ pub fn gguf_config(g: &GgufFile) -> Result<ModelConfig> {
             .map(|v| {
                 v.as_u64()
                     .and_then(|x| u32::try_from(x).ok())
-                    .ok_or_else(|| Error::format(file, format!("metadata `{k}`: {v:?}, expected a token id")))
+                    .ok_or_else(|| Error::format(file, format!("metadata `{k}`: {v}, expected a token id", v = crate::error::quote(&format!("{v:?}")))))
             })
             .transpose()
     };

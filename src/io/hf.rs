@@ -124,6 +124,9 @@ impl<'a> HfSource<'a> {
 }
 
 impl TensorSource for HfSource<'_> {
+    fn present(&self) -> (String, &'static str, usize) {
+        (self.config_label.clone(), "num_hidden_layers", self.shards.iter().map(|s| s.st.tensors().len()).sum())
+    }
     fn fetch(&mut self, name: &str, shape: &[usize], projection: bool) -> Result<HostWeight> {
         let si = self.locate(name)?;
         if projection && self.shards[si].st.contains(&format!("{name}{NF4_QUANT_STATE_SUFFIX}")) {
@@ -270,6 +273,14 @@ mod native {
                     continue;
                 }
                 let label = path.display().to_string();
+                // Stat before opening: opening a FIFO blocks until a writer appears.
+                let kind = std::fs::metadata(&path).map_err(|e| Error::format(&label, format!("cannot stat: {e}")))?;
+                if !kind.is_file() {
+                    return Err(Error::format(
+                        &label,
+                        if kind.is_dir() { "is a folder, not a file" } else { "not a regular file (a FIFO, socket or device): refused" },
+                    ));
+                }
                 let file = std::fs::File::open(&path).map_err(|e| Error::format(&label, format!("cannot open: {e}")))?;
                 let meta = file.metadata().map_err(|e| Error::format(&label, format!("cannot stat: {e}")))?;
                 if !meta.is_file() {

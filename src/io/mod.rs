@@ -4,10 +4,12 @@
 //! pre-quantized bitsandbytes projections) under its Hugging Face name and PyTorch shape, from
 //! which [`HostModel::upload`] makes the decoder's [`LlamaWeights`].
 
+pub mod files;
 pub mod gguf;
 pub mod hf;
 pub mod quantized;
 pub mod safetensors;
+pub mod sha256;
 
 use crate::gpu::{GpuContext, HostRows, RowShards};
 use crate::model::config::{names, ModelConfig};
@@ -118,12 +120,17 @@ pub struct HostModel {
 /// tensor when it is missing or has another shape. Only projection weights may be NF4.
 pub(crate) trait TensorSource {
     fn fetch(&mut self, name: &str, shape: &[usize], projection: bool) -> Result<HostWeight>;
+    /// (the file that gives the layer count, that count's field name, the number of tensors
+    /// the files hold): checked by [`HostModel::build`] before it allocates anything per layer.
+    fn present(&self) -> (String, &'static str, usize);
 }
 
 impl HostModel {
     /// Assembles the model from `src`, asking for every tensor of
     /// [`ModelConfig::tensor_shapes`].
     pub(crate) fn build(config: ModelConfig, src: &mut dyn TensorSource) -> Result<Self> {
+        let (file, field, present) = src.present();
+        config.check_sizes(&file, field, Some(present))?;
         let c = config.hidden_size;
         let plain = |src: &mut dyn TensorSource, name: &str, shape: &[usize]| -> Result<HostTensor> {
             match src.fetch(name, shape, false)? {

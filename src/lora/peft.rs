@@ -335,6 +335,76 @@ fn le_u16(bytes: &[u8]) -> impl Iterator<Item = u16> + '_ {
     bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]))
 }
 
+/// The safetensors metadata key under which adapters written here record the SHA-256 of each
+/// tensor's data: a JSON object `{tensor name: hex digest}`. PEFT's own files lack it.
+pub const CHECKSUM_KEY: &str = "qlora_webgpu.sha256";
+
+/// The value of [`CHECKSUM_KEY`] for `(name, data bytes)` pairs.
+pub fn tensor_checksums<'a>(tensors: impl Iterator<Item = (&'a str, &'a [u8])>) -> String {
+    let map: serde_json::Map<String, Value> =
+        tensors.map(|(n, d)| (n.to_owned(), Value::from(crate::io::sha256::hex(&crate::io::sha256::sha256(d))))).collect();
+    Value::Object(map).to_string()
+}
+
+/// `bytes` (a safetensors file written by [`host_adapter_to_bytes`]) without its
+/// [`CHECKSUM_KEY`] metadata entry: the file exactly as PEFT writes it. Other files are
+/// returned unchanged.
+pub fn strip_checksum(bytes: &[u8]) -> Vec<u8> {
+    let Some(n) = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize) else { return bytes.to_vec() };
+    let Some(header) = bytes.get(8..8usize.saturating_add(n)).and_then(|h| std::str::from_utf8(h).ok()) else { return bytes.to_vec() };
+    let key = format!(",\"{CHECKSUM_KEY}\":\"");
+    let Some(start) = header.find(&key) else { return bytes.to_vec() };
+    // The value is a JSON string whose quotes are escaped: it ends at the first bare quote.
+    let body = &header[start + key.len()..];
+    let mut end = None;
+    let mut escaped = false;
+    for (i, c) in body.char_indices() {
+        match c {
+            '\\' if !escaped => escaped = true,
+            '"' if !escaped => {
+                end = Some(start + key.len() + i + 1);
+                break;
+            }
+            _ => escaped = false,
+        }
+    }
+    let Some(end) = end else { return bytes.to_vec() };
+    let mut h = format!("{}{}", &header[..start], &header[end..]).trim_end().to_owned();
+    while h.len() % 8 != 0 {
+        h.push(' ');
+    }
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend(h.as_bytes());
+    out.extend(&bytes[8 + n..]);
+    out
+}
+
+/// Checks the per-tensor SHA-256 of [`CHECKSUM_KEY`] when the file records it (an adapter
+/// written by this project); a file without it (written by PEFT) passes. Names the first
+/// tensor whose data differs.
+pub fn verify_checksums(st: &crate::io::safetensors::SafeTensorsFile, file: &str) -> Result<()> {
+    let Some(text) = st.metadata().get(CHECKSUM_KEY) else { return Ok(()) };
+    let want: serde_json::Map<String, Value> = serde_json::from_str(text)
+        .map_err(|e| Error::format(file, format!("metadata `{CHECKSUM_KEY}` is not a JSON object of digests: {e}")))?;
+    for t in st.tensors() {
+        let got = crate::io::sha256::hex(&crate::io::sha256::sha256(st.data(&t.name)?));
+        match want.get(&t.name).and_then(Value::as_str) {
+            Some(w) if w == got => {}
+            Some(_) => {
+                return Err(Error::format(
+                    file,
+                    format!("tensor {}: its data does not match the SHA-256 recorded in the file's metadata (the file is corrupted or was edited)", t.name),
+                ))
+            }
+            None => return Err(Error::format(file, format!("tensor {}: no SHA-256 in metadata `{CHECKSUM_KEY}`, which lists the others", t.name))),
+        }
+    }
+    if want.len() != st.tensors().len() {
+        return Err(Error::format(file, format!("metadata `{CHECKSUM_KEY}` lists {} tensors, the file holds {}", want.len(), st.tensors().len())));
+    }
+    Ok(())
+}
+
 /// Reads an adapter from the bytes of its two files, for `model`. `source` names the adapter
 /// (e.g. its folder) in errors, which then read `{source}/adapter_config.json: ...` or
 /// `{source}/adapter_model.safetensors: tensor KEY: ...`. Checks: the config parses and fits the
@@ -346,6 +416,9 @@ pub fn host_adapter_from_bytes(config_json: &str, st: &[u8], model: &LlamaConfig
     let wfile = format!("{source}/{WEIGHTS_FILE}");
     let config = config_from_json(config_json, &cfile)?;
     let targets = config.targets(model).map_err(|e| Error::format(&cfile, e.to_string()))?;
+    // Our reader first: its errors name the tensor at fault.
+    let checked = crate::io::safetensors::SafeTensorsFile::parse(&wfile, st)?;
+    verify_checksums(&checked, &wfile)?;
     let tensors = safetensors::SafeTensors::deserialize(st)
         .map_err(|e| Error::format(&wfile, format!("not a valid safetensors file: {e}")))?;
     // Kind of tensor: 0 lora_A, 1 lora_B, 2 DoRA's lora_magnitude_vector.
@@ -490,7 +563,8 @@ pub fn host_adapter_to_bytes(h: &HostAdapter, model: &LlamaConfig) -> Result<(St
             }
         }
     }
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let mut meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    meta.insert(CHECKSUM_KEY.to_string(), tensor_checksums(raw.iter().map(|t| (t.name.as_str(), t.data.as_slice()))));
     Ok((json, serialize_tensors(&raw, Some(meta))?))
 }
 
@@ -516,7 +590,7 @@ pub fn adapter_from_bytes(
 /// Reads the adapter folder `dir` (adapter_config.json + adapter_model.safetensors) to the host.
 #[cfg(not(target_arch = "wasm32"))]
 pub fn read_host_adapter(dir: &std::path::Path, model: &LlamaConfig) -> Result<HostAdapter> {
-    let read = |f: &str| std::fs::read(dir.join(f)).map_err(|e| Error::format(dir.join(f).display().to_string(), e.to_string()));
+    let read = |f: &str| crate::io::files::read_regular(&dir.join(f));
     let cfg = read(CONFIG_FILE)?;
     let cfg = String::from_utf8(cfg).map_err(|_| Error::format(dir.join(CONFIG_FILE).display().to_string(), "not UTF-8 text"))?;
     let st = read(WEIGHTS_FILE)?;

@@ -130,7 +130,7 @@ impl Fields<'_> {
                 .as_u64()
                 .and_then(|x| usize::try_from(x).ok())
                 .map(Some)
-                .ok_or_else(|| err(self.file, format!("field `{}`: {v} is not a non-negative integer", self.path(k)))),
+                .ok_or_else(|| err(self.file, format!("field `{}`: {v} is not a non-negative integer", self.path(k), v = crate::error::quote(&v.to_string())))),
         }
     }
     fn req_usize(&self, k: &str) -> Result<usize> {
@@ -144,7 +144,7 @@ impl Fields<'_> {
                 .as_f64()
                 .filter(|x| x.is_finite())
                 .map(Some)
-                .ok_or_else(|| err(self.file, format!("field `{}`: {v} is not a finite number", self.path(k)))),
+                .ok_or_else(|| err(self.file, format!("field `{}`: {v} is not a finite number", self.path(k), v = crate::error::quote(&v.to_string())))),
         }
     }
     fn req_f64(&self, k: &str) -> Result<f64> {
@@ -157,7 +157,7 @@ impl Fields<'_> {
             Some(v) => v
                 .as_bool()
                 .map(Some)
-                .ok_or_else(|| err(self.file, format!("field `{}`: {v} is not true or false", self.path(k)))),
+                .ok_or_else(|| err(self.file, format!("field `{}`: {v} is not true or false", self.path(k), v = crate::error::quote(&v.to_string())))),
         }
     }
     fn str(&self, k: &str) -> Result<Option<&str>> {
@@ -166,7 +166,7 @@ impl Fields<'_> {
             Some(v) => v
                 .as_str()
                 .map(Some)
-                .ok_or_else(|| err(self.file, format!("field `{}`: {v} is not a string", self.path(k)))),
+                .ok_or_else(|| err(self.file, format!("field `{}`: {v} is not a string", self.path(k), v = crate::error::quote(&v.to_string())))),
         }
     }
     fn token_id(&self, k: &str) -> Result<Option<u32>> {
@@ -176,7 +176,7 @@ impl Fields<'_> {
                 .as_u64()
                 .and_then(|x| u32::try_from(x).ok())
                 .map(Some)
-                .ok_or_else(|| err(self.file, format!("field `{}`: {v} is not a token id", self.path(k)))),
+                .ok_or_else(|| err(self.file, format!("field `{}`: {v} is not a token id", self.path(k), v = crate::error::quote(&v.to_string())))),
         }
     }
 }
@@ -241,7 +241,7 @@ impl ModelConfig {
         }
         if let Some(act) = f.str("hidden_act")? {
             if act != "silu" {
-                return Err(err(file, format!("field `hidden_act`: \"{act}\" is not supported (only \"silu\")")));
+                return Err(err(file, format!("field `hidden_act`: \"{act}\" is not supported (only \"silu\")", act = crate::error::quote(act))));
             }
         }
         let rms_norm_eps = f.f64("rms_norm_eps")?.unwrap_or(1e-6);
@@ -281,10 +281,10 @@ impl ModelConfig {
                 let qf = Fields { file, prefix: "quantization_config.", obj: q };
                 qf.str("quant_method")?.map(str::to_owned)
             }
-            Some(v) => return Err(err(file, format!("field `quantization_config`: {v} is not an object"))),
+            Some(v) => return Err(err(file, format!("field `quantization_config`: {v} is not an object", v = crate::error::quote(&v.to_string())))),
             None => None,
         };
-        Ok(ModelConfig {
+        let config = ModelConfig {
             architecture,
             hidden_size,
             intermediate_size,
@@ -307,7 +307,9 @@ impl ModelConfig {
             mlp_bias,
             sliding_window,
             quant_method,
-        })
+        };
+        config.check_sizes(file, "num_hidden_layers", None)?;
+        Ok(config)
     }
 
     fn architecture(f: &Fields) -> Result<Architecture> {
@@ -319,18 +321,18 @@ impl ModelConfig {
                     .as_str()
                     .ok_or_else(|| err(f.file, "field `architectures`: not a list of strings"))?;
                 all.into_iter().find(|a| a.hf_name() == name).ok_or_else(|| {
-                    err(f.file, format!("field `architectures`: \"{name}\" is not supported (supported: {SUPPORTED})"))
+                    err(f.file, format!("field `architectures`: \"{name}\" is not supported (supported: {SUPPORTED})", name = crate::error::quote(name)))
                 })
             }
             Some(v) if !v.is_array() => {
-                Err(err(f.file, format!("field `architectures`: {v} is not a list")))
+                Err(err(f.file, format!("field `architectures`: {v} is not a list", v = crate::error::quote(&v.to_string()))))
             }
             _ => {
                 let mt = f.str("model_type")?.ok_or_else(|| {
                     err(f.file, "missing fields `architectures` and `model_type`: cannot tell the model family")
                 })?;
                 all.into_iter().find(|a| a.model_type() == mt).ok_or_else(|| {
-                    err(f.file, format!("field `model_type`: \"{mt}\" is not supported (supported: llama, mistral, qwen2)"))
+                    err(f.file, format!("field `model_type`: \"{mt}\" is not supported (supported: llama, mistral, qwen2)", mt = crate::error::quote(mt)))
                 })
             }
         }
@@ -341,10 +343,10 @@ impl ModelConfig {
         // `rope_scaling` at the top level.
         let (params, prefix) = match f.get("rope_parameters") {
             Some(Value::Object(p)) => (Some(p), "rope_parameters."),
-            Some(v) => return Err(err(f.file, format!("field `rope_parameters`: {v} is not an object"))),
+            Some(v) => return Err(err(f.file, format!("field `rope_parameters`: {v} is not an object", v = crate::error::quote(&v.to_string())))),
             None => match f.get("rope_scaling") {
                 Some(Value::Object(p)) => (Some(p), "rope_scaling."),
-                Some(v) => return Err(err(f.file, format!("field `rope_scaling`: {v} is not an object"))),
+                Some(v) => return Err(err(f.file, format!("field `rope_scaling`: {v} is not an object", v = crate::error::quote(&v.to_string())))),
                 None => (None, ""),
             },
         };
@@ -366,7 +368,7 @@ impl ModelConfig {
             if v > 0.0 {
                 Ok(v)
             } else {
-                Err(err(f.file, format!("field `{prefix}{k}`: {v} is not positive")))
+                Err(err(f.file, format!("field `{prefix}{k}`: {v} is not positive", v = crate::error::quote(&v.to_string()))))
             }
         };
         let scaling = match kind {
@@ -395,11 +397,42 @@ impl ModelConfig {
             other => {
                 return Err(err(
                     f.file,
-                    format!("field `{prefix}{kind_field}`: rope type \"{other}\" is not supported (supported: default, linear, llama3)"),
+                    format!("field `{prefix}{kind_field}`: rope type \"{other}\" is not supported (supported: default, linear, llama3)", other = crate::error::quote(other)),
                 ))
             }
         };
         Ok((theta, scaling))
+    }
+
+    /// Checks that the sizes are plausible before anything is allocated from them: every
+    /// tensor's element count (and its f32 bytes) fits in 64 bits, and, when `present` (the
+    /// number of tensors the model files hold) is given, the `num_hidden_layers` layers (of at
+    /// least 9 tensors each, plus the embedding and the final norm) can be there at all.
+    /// `file` and `field` (the layer count's name there) name the source in the error.
+    pub fn check_sizes(&self, file: &str, field: &str, present: Option<usize>) -> Result<()> {
+        let too_big = |what: String| err(file, format!("{what}: too large to be a real model (sizes overflow)"));
+        let mul = |a: usize, b: usize, what: &str| -> Result<usize> {
+            a.checked_mul(b).and_then(|n| n.checked_mul(4)).map(|_| a * b).ok_or_else(|| too_big(format!("{what} = {a} x {b}")))
+        };
+        let (c, h, kv, d) = (self.hidden_size, self.num_attention_heads, self.num_key_value_heads, self.head_dim);
+        mul(self.vocab_size, c, "vocab_size x hidden_size")?;
+        mul(mul(h, d, "num_attention_heads x head_dim")?, c, "the q/o projection")?;
+        mul(mul(kv, d, "num_key_value_heads x head_dim")?, c, "the k/v projection")?;
+        mul(self.intermediate_size, c, "intermediate_size x hidden_size")?;
+        if let Some(present) = present {
+            // A layer has at least 9 tensors; refuse counts that cannot be there at all (the
+            // loader names the first missing tensor of a count that is merely wrong).
+            if self.num_hidden_layers > present {
+                return Err(err(
+                    file,
+                    format!(
+                        "`{field}` is {} layers, but the model files hold only {present} tensors (a layer has at least 9)",
+                        self.num_hidden_layers
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The decoder's hyperparameters (rope scaling and biases are not part of [`LlamaConfig`];

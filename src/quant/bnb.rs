@@ -489,8 +489,7 @@ pub fn read_bnb_nf4(file_name: &str, tensors: &SafeTensors, weight: &str) -> Res
 /// unreadable or malformed file is an `Error::Format` naming it.
 pub fn read_bnb_nf4_file(path: &std::path::Path) -> Result<Vec<(String, Nf4Tensor)>> {
     let file = path.display().to_string();
-    let bytes =
-        std::fs::read(path).map_err(|e| Error::format(&file, format!("cannot read: {e}")))?;
+    let bytes = crate::io::files::read_regular(path)?;
     let tensors = SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::format(&file, format!("not a valid safetensors file: {e}")))?;
     read_all_bnb_nf4(&file, &tensors)
@@ -589,6 +588,23 @@ pub fn serialize_tensors(
             .map_err(|e| Error::Invalid(format!("tensor `{}`: {e}", t.name)))?;
         views.push((t.name.clone(), view));
     }
-    safetensors::serialize(views, metadata)
-        .map_err(|e| Error::Invalid(format!("safetensors serialization failed: {e}")))
+    // The safetensors crate writes the metadata map in HashMap order, which differs from run to
+    // run once there are two entries: rewrite it with sorted keys (the same entries, so the
+    // same length) so that equal inputs give equal bytes.
+    let fix = metadata.as_ref().filter(|m| m.len() > 1).map(|m| {
+        let written = serde_json::to_string(m).expect("strings serialize");
+        let sorted = serde_json::to_string(&m.iter().collect::<std::collections::BTreeMap<_, _>>()).expect("strings serialize");
+        (written, sorted)
+    });
+    let mut bytes = safetensors::serialize(views, metadata)
+        .map_err(|e| Error::Invalid(format!("safetensors serialization failed: {e}")))?;
+    if let Some((written, sorted)) = fix {
+        let header_end = 8 + u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+        let at = bytes[8..header_end]
+            .windows(written.len())
+            .position(|w| w == written.as_bytes())
+            .ok_or_else(|| Error::Invalid("safetensors serialization: metadata not found in the header".into()))?;
+        bytes[8 + at..8 + at + sorted.len()].copy_from_slice(sorted.as_bytes());
+    }
+    Ok(bytes)
 }

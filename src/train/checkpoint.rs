@@ -36,6 +36,56 @@ pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const STATE_FILE: &str = "trainer_state.json";
 /// Version of the trainer_state.json layout.
 pub const STATE_VERSION: u64 = 1;
+/// The most optimizer steps a run may have (also `session::bounds::MAX_STEPS`).
+pub const MAX_STEPS: u64 = 100_000_000;
+/// The manifest of a checkpoint folder: the SHA-256 of every other file and the settings that
+/// determine the run (`{"version": 1, "files": {name: hex}, "settings": {...}}`), written last.
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// The manifest (see [`MANIFEST_FILE`]) of checkpoint `files`, recording `settings` (the caller's
+/// description of the run, e.g. the command line's settings; `null` when none).
+pub fn manifest_bytes(files: &[(String, Vec<u8>)], settings: &Value) -> Vec<u8> {
+    let digests: Map<String, Value> = files
+        .iter()
+        .map(|(n, b)| (n.clone(), Value::from(crate::io::sha256::hex(&crate::io::sha256::sha256(b)))))
+        .collect();
+    let mut o = Map::new();
+    o.insert("version".into(), Value::from(1));
+    o.insert("files".into(), Value::Object(digests));
+    o.insert("settings".into(), settings.clone());
+    let mut text = serde_json::to_string_pretty(&Value::Object(o)).expect("a JSON value always serializes");
+    text.push('\n');
+    text.into_bytes()
+}
+
+/// Checks `files` against `manifest` (the bytes of [`MANIFEST_FILE`]): every file listed with
+/// the SHA-256 recorded for it and no other. Returns the recorded settings. `source` names the
+/// checkpoint in errors, which name the file that differs.
+pub fn verify_manifest(files: &[(String, Vec<u8>)], manifest: &[u8], source: &str) -> Result<Value> {
+    let mfile = format!("{source}/{MANIFEST_FILE}");
+    let v: Value = serde_json::from_slice(manifest).map_err(|e| Error::format(&mfile, format!("not valid JSON: {e}")))?;
+    let digests = v.get("files").and_then(Value::as_object).ok_or_else(|| Error::format(&mfile, "missing object `files`"))?;
+    for (name, bytes) in files {
+        let got = crate::io::sha256::hex(&crate::io::sha256::sha256(bytes));
+        match digests.get(name).and_then(Value::as_str) {
+            Some(want) if want == got => {}
+            Some(want) => {
+                return Err(Error::format(
+                    format!("{source}/{name}"),
+                    format!(
+                        "SHA-256 {got} differs from the {} recorded in {MANIFEST_FILE} when the checkpoint was written: the file was changed or corrupted; refusing to resume from it",
+                        crate::error::quote(want)
+                    ),
+                ))
+            }
+            None => return Err(Error::format(&mfile, format!("no SHA-256 recorded for {name}"))),
+        }
+    }
+    if digests.len() != files.len() {
+        return Err(Error::format(&mfile, format!("lists {} files, the checkpoint holds {}", digests.len(), files.len())));
+    }
+    Ok(v.get("settings").cloned().unwrap_or(Value::Null))
+}
 
 /// Where the data stream is: the epoch and the index of the next example (or micro-batch) in
 /// that epoch's order (the order itself is derived from the run's seed and the epoch).
@@ -252,8 +302,9 @@ impl Checkpoint {
             )),
             None => o.get("max_grad_norm").and_then(Value::as_f64).map(|x| x as f32),
         };
+        let step = get_u64(o, "step", &sfile)?;
         let state = TrainState {
-            step: get_u64(o, "step", &sfile)?,
+            step,
             rng: SplitMix64 { state: rng },
             data: DataPosition { epoch: get_u64(d, "epoch", &sfile)?, index: get_u64(d, "index", &sfile)? },
             schedule,
@@ -269,6 +320,40 @@ impl Checkpoint {
         };
         let steps = get_u64(a, "steps", &sfile)?;
         let param_steps = get_obj(a, "param_steps", &sfile)?;
+        // The state must be one a run can be in (checked before anything is sized from it).
+        let mut bad = Vec::new();
+        if step == 0 {
+            bad.push("step is 0 (a checkpoint is written after a step)".to_owned());
+        }
+        if steps != step {
+            bad.push(format!("adamw.steps {steps} differs from step {step}"));
+        }
+        if schedule.total_steps < step || schedule.total_steps > MAX_STEPS {
+            bad.push(format!("schedule.total_steps {} is not in {step}..={}", schedule.total_steps, MAX_STEPS));
+        }
+        if schedule.warmup_steps > schedule.total_steps {
+            bad.push(format!("schedule.warmup_steps {} exceeds total_steps {}", schedule.warmup_steps, schedule.total_steps));
+        }
+        if schedule.base_lr.to_bits() != hp.lr.to_bits() {
+            bad.push(format!("schedule.base_lr {} differs from adamw.lr {}", schedule.base_lr, hp.lr));
+        }
+        for (x, what) in [(hp.lr, "adamw.lr"), (hp.beta1, "adamw.beta1"), (hp.beta2, "adamw.beta2"), (hp.eps, "adamw.eps"), (hp.weight_decay, "adamw.weight_decay")] {
+            if !(x.is_finite() && x >= 0.0) {
+                bad.push(format!("{what} {x} is not a finite number >= 0"));
+            }
+        }
+        if let Some(g) = max_grad_norm.filter(|g| !(g.is_finite() && *g > 0.0)) {
+            bad.push(format!("max_grad_norm {g} is not positive"));
+        }
+        for (k, t) in param_steps {
+            if !t.as_u64().is_some_and(|t| t >= 1 && t <= step) {
+                bad.push(format!("param_steps[{k}] {t} is not in 1..={step}"));
+            }
+        }
+        if !bad.is_empty() {
+            bad.truncate(5);
+            return Err(Error::format(&sfile, format!("not a state a run can be in: {}", bad.join("; "))));
+        }
 
         let ofile = format!("{source}/{OPTIMIZER_FILE}");
         let ost = safetensors::SafeTensors::deserialize(get(OPTIMIZER_FILE)?)
@@ -332,8 +417,18 @@ fn sibling(dir: &std::path::Path, suffix: &str) -> std::path::PathBuf {
 /// documentation for the temporary-folder-and-rename protocol).
 #[cfg(not(target_arch = "wasm32"))]
 pub fn save_checkpoint(dir: &std::path::Path, ck: &Checkpoint, model: &LlamaConfig) -> Result<()> {
+    save_checkpoint_with(dir, ck, model, &Value::Null)
+}
+
+/// [`save_checkpoint`], recording `settings` (the settings that determine the run) in the
+/// manifest next to the SHA-256 of every file; [`load_checkpoint_with`] gives them back.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn save_checkpoint_with(dir: &std::path::Path, ck: &Checkpoint, model: &LlamaConfig, settings: &Value) -> Result<()> {
     use std::io::Write;
-    let files = ck.to_files(model)?;
+    let mut files = ck.to_files(model)?;
+    let manifest = manifest_bytes(&files, settings);
+    // Written last: a folder with a manifest is complete.
+    files.push((MANIFEST_FILE.to_string(), manifest));
     let io = |p: &std::path::Path, what: &str, e: std::io::Error| Error::format(p.display().to_string(), format!("{what}: {e}"));
     let tmp = sibling(dir, ".tmp");
     let old = sibling(dir, ".old");
@@ -354,6 +449,12 @@ pub fn save_checkpoint(dir: &std::path::Path, ck: &Checkpoint, model: &LlamaConf
         std::fs::rename(dir, &old).map_err(|e| io(dir, "move the previous checkpoint aside", e))?;
     }
     std::fs::rename(&tmp, dir).map_err(|e| io(dir, "rename the new checkpoint into place", e))?;
+    // Make the renames durable before the previous checkpoint is removed.
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if let Ok(d) = std::fs::File::open(parent) {
+            let _ = d.sync_all();
+        }
+    }
     if old.exists() {
         std::fs::remove_dir_all(&old).map_err(|e| io(&old, "remove the previous checkpoint", e))?;
     }
@@ -364,13 +465,25 @@ pub fn save_checkpoint(dir: &std::path::Path, ck: &Checkpoint, model: &LlamaConf
 /// between the renames of `save_checkpoint`) for `model` (native shell).
 #[cfg(not(target_arch = "wasm32"))]
 pub fn load_checkpoint(dir: &std::path::Path, model: &LlamaConfig) -> Result<Checkpoint> {
+    load_checkpoint_with(dir, model).map(|(ck, _)| ck)
+}
+
+/// [`load_checkpoint`], also returning the settings recorded by [`save_checkpoint_with`]. Every
+/// file is checked against the SHA-256 in the manifest first; a missing manifest, a changed or
+/// corrupted file is an error naming it.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn load_checkpoint_with(dir: &std::path::Path, model: &LlamaConfig) -> Result<(Checkpoint, Value)> {
     let old = sibling(dir, ".old");
     let src = if !dir.exists() && old.exists() { old } else { dir.to_path_buf() };
     let mut files = Vec::new();
     for name in [CONFIG_FILE, WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE] {
         let p = src.join(name);
-        let bytes = std::fs::read(&p).map_err(|e| Error::format(p.display().to_string(), e.to_string()))?;
+        let bytes = crate::io::files::read_regular(&p)?;
         files.push((name.to_string(), bytes));
     }
-    Checkpoint::from_files(&files, model, &src.display().to_string())
+    let source = src.display().to_string();
+    let manifest = crate::io::files::read_regular(&src.join(MANIFEST_FILE))
+        .map_err(|e| Error::format(format!("{source}/{MANIFEST_FILE}"), format!("{e} (every checkpoint this version writes has one; the folder is incomplete or was changed)")))?;
+    let settings = verify_manifest(&files, &manifest, &source)?;
+    Ok((Checkpoint::from_files(&files, model, &source)?, settings))
 }

@@ -162,15 +162,15 @@ impl Accumulator {
 }
 
 /// Stops training on a bad loss: an error when `loss` (the loss of step `step`, counted from 1)
-/// is NaN or infinite, saying that the update was not applied, so the adapter and the last
-/// checkpoint hold the last good state.
+/// is NaN or infinite, saying that the update was not applied, so the adapter on the device
+/// still holds the last good state (what was saved to disk, if anything, the caller says).
 pub fn check_loss(loss: f64, step: u64) -> Result<()> {
     if loss.is_finite() {
         Ok(())
     } else {
         Err(Error::Invalid(format!(
-            "the loss is {loss} at step {step}: training stopped before applying that update; the adapter and the \
-             last checkpoint hold the last good state (lower the learning rate, enable gradient clipping, or check \
+            "the loss is {loss} at step {step}: training stopped before applying that update, so the adapter on the \
+             device still holds the last good state (lower the learning rate, enable gradient clipping, or check \
              the data)"
         )))
     }

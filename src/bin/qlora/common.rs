@@ -16,7 +16,7 @@ use std::rc::Rc;
 
 /// Reads a whole file, naming it in the error.
 pub fn read(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))
+    Ok(qlora_webgpu::io::files::read_regular(path)?)
 }
 
 /// Opens a model: a `.gguf` file or a Hugging Face folder (config.json, *.safetensors,
@@ -38,11 +38,12 @@ pub fn open_model(path: &Path) -> Result<ModelSource> {
     bail!("{name}: not a model: expected a .gguf file or a Hugging Face model folder (config.json + *.safetensors + tokenizer.json)")
 }
 
-/// Positions the model is loaded for: enough for `need` tokens, at least 2048 and at most
-/// what config.json allows when it says.
+/// Positions the model is loaded for: enough for `need` tokens, at least 2048, and never more
+/// than the model's context (`max_position_embeddings`; 8192 when the model does not say), so
+/// a large `need` cannot allocate RoPE tables and caches beyond what the model can use.
 pub fn positions_for(src: &ModelSource, need: usize) -> usize {
     let cap = src.host.config.max_position_embeddings.unwrap_or(8192);
-    need.max(2048.min(cap))
+    need.max(2048.min(cap)).min(cap)
 }
 
 /// The frozen base's precision (QLoRA's NF4 as bitsandbytes' `BitsAndBytesConfig`).

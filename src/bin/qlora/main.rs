@@ -356,7 +356,7 @@ fn mib(b: f64) -> String {
 
 fn info(path: &Path) -> Result<()> {
     let (host, dtypes): (HostModel, BTreeMap<String, usize>) = if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let bytes = qlora_webgpu::io::files::read_regular(path)?;
         let g = load_gguf(&path.display().to_string(), &bytes)?;
         let mut d = BTreeMap::new();
         for t in g.tensor_types.values() {

@@ -15,7 +15,7 @@ use qlora_webgpu::lora::config::{InitLoraWeights, LoraConfig, TargetModules};
 use qlora_webgpu::lora::peft::{CONFIG_FILE, WEIGHTS_FILE};
 use qlora_webgpu::lora::write_atomic;
 use qlora_webgpu::session::{self, BaseQuant, LoadedModel, Prompt, TrainConfig, TrainSession};
-use qlora_webgpu::train::checkpoint::{load_checkpoint, save_checkpoint};
+use qlora_webgpu::train::checkpoint::{load_checkpoint_with, save_checkpoint_with};
 use qlora_webgpu::train::memory::{self, RunShape};
 use qlora_webgpu::train::ScheduleKind;
 use serde::{Deserialize, Serialize};
@@ -195,7 +195,7 @@ impl TrainArgs {
         let text = String::from_utf8(common::read(&path)?).with_context(|| format!("{}: not UTF-8", path.display()))?;
         let file: TrainArgs = toml::from_str(&text).map_err(|e| {
             let line = e.span().map_or(0, |s| text[..s.start.min(text.len())].lines().count().max(1));
-            anyhow::anyhow!("{}: line {line}: {}", path.display(), e.message().trim())
+            anyhow::anyhow!("{}: line {line}: {}", path.display(), qlora_webgpu::error::quote(e.message().trim()))
         })?;
         let mut m = to_map(&file);
         // Paths in the file are relative to the file.
@@ -289,6 +289,8 @@ fn metrics_line(v: Value) -> String {
 }
 
 struct Run<'a> {
+    /// The settings that determine the run ([`RESUME_KEYS`]), recorded in each checkpoint.
+    settings: Value,
     ctx: Rc<GpuContext>,
     model: &'a LoadedModel,
     out: PathBuf,
@@ -308,7 +310,7 @@ impl Run<'_> {
 
     fn save_checkpoint(&self, s: &TrainSession) -> Result<()> {
         let ck = block_on(s.checkpoint())?;
-        save_checkpoint(&self.out.join(CHECKPOINT_DIR), &ck, &self.model.model.cfg)?;
+        save_checkpoint_with(&self.out.join(CHECKPOINT_DIR), &ck, &self.model.model.cfg, &self.settings)?;
         Ok(())
     }
 
@@ -375,6 +377,16 @@ fn parse_size(s: &str) -> Option<u64> {
 }
 
 pub fn run(args: TrainArgs) -> Result<i32> {
+    // First thing, so that Ctrl-C at any moment ends the run in order: before training starts
+    // nothing has been written and the run exits at the next check; during training the step in
+    // flight finishes and a checkpoint is written. A second Ctrl-C exits at once.
+    ctrlc::set_handler(|| {
+        if STOP.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond Ctrl-C: exiting without a checkpoint");
+            std::process::exit(EXIT_INTERRUPTED);
+        }
+        eprintln!("\nCtrl-C: finishing this step, then writing a checkpoint (Ctrl-C again to quit now)");
+    })?;
     let args = args.merged()?;
     let model_path = args.model.clone().context("no model: give MODEL (a .gguf file or a Hugging Face folder) or `model` in --config")?;
     let data_path = args.data.clone().context("no training data: give --data FILE.jsonl or `data` in --config")?;
@@ -392,13 +404,21 @@ pub fn run(args: TrainArgs) -> Result<i32> {
     eff.steps = Some(cfg.steps);
     eff.epochs = None;
     let run_toml = toml::to_string(&Value::Object(to_map(&eff)))?;
+    let now_map = to_map(&eff);
+    let settings = Value::Object(RESUME_KEYS.iter().filter_map(|k| now_map.get(*k).map(|v| (k.to_string(), v.clone()))).collect());
     let ck_dir = out.join(CHECKPOINT_DIR);
     if args.resume {
         if !ck_dir.is_dir() {
             bail!("--resume: {} has no checkpoint (run without --resume to start)", out.display());
         }
-        let saved = std::fs::read_to_string(out.join(RUN_CONFIG)).with_context(|| format!("--resume: {} is missing", out.join(RUN_CONFIG).display()))?;
-        let saved: Value = serde_json::to_value(toml::from_str::<toml::Table>(&saved)?)?;
+        let saved_path = out.join(RUN_CONFIG);
+        let saved = qlora_webgpu::io::files::read_regular(&saved_path).map_err(|e| anyhow::anyhow!("--resume: {e}"))?;
+        let saved = String::from_utf8(saved).map_err(|_| anyhow::anyhow!("--resume: {}: not UTF-8 text", saved_path.display()))?;
+        let saved: toml::Table = toml::from_str(&saved).map_err(|e| {
+            let line = e.span().map_or(0, |s| saved[..s.start.min(saved.len())].lines().count().max(1));
+            anyhow::anyhow!("--resume: {}: line {line}: {}", saved_path.display(), qlora_webgpu::error::quote(e.message().trim()))
+        })?;
+        let saved: Value = serde_json::to_value(saved)?;
         let now = Value::Object(to_map(&eff));
         let diff: Vec<String> = RESUME_KEYS
             .iter()
@@ -473,8 +493,16 @@ pub fn run(args: TrainArgs) -> Result<i32> {
         }
     }
     let mut sess = if args.resume {
-        let ck = load_checkpoint(&ck_dir, &model.model.cfg)?;
-        TrainSession::resume(&ctx, &model, &data, cfg.clone(), &ck)?
+        let (ck, saved) = load_checkpoint_with(&ck_dir, &model.model.cfg).map_err(|e| anyhow::anyhow!("--resume: {e}"))?;
+        let diff: Vec<String> = RESUME_KEYS
+            .iter()
+            .filter(|k| saved.get(**k) != settings.get(**k))
+            .map(|k| format!("{k}: {} -> {}", saved.get(*k).unwrap_or(&Value::Null), settings.get(*k).unwrap_or(&Value::Null)))
+            .collect();
+        if !diff.is_empty() {
+            bail!("--resume: the checkpoint {} was written by a run with other settings: {}", ck_dir.display(), qlora_webgpu::error::quote(&diff.join("; ")));
+        }
+        TrainSession::resume(&ctx, &model, &data, cfg.clone(), &ck).map_err(|e| anyhow::anyhow!("--resume from {}: {e}", ck_dir.display()))?
     } else {
         TrainSession::new(&ctx, &model, &data, cfg.clone(), init.as_ref())?
     };
@@ -504,7 +532,7 @@ pub fn run(args: TrainArgs) -> Result<i32> {
     let (kept, tr, va) = if args.resume { metrics_upto(&metrics_path, sess.step_count())? } else { (String::new(), vec![], vec![]) };
     std::fs::write(&metrics_path, kept)?;
     let metrics = std::fs::OpenOptions::new().append(true).open(&metrics_path)?;
-    let mut run = Run { ctx: ctx.clone(), model: &model, out: out.clone(), metrics, train_points: tr, val_points: va };
+    let mut run = Run { settings: settings.clone(), ctx: ctx.clone(), model: &model, out: out.clone(), metrics, train_points: tr, val_points: va };
 
     let before = match &prompts {
         Some(p) if !args.resume => {
@@ -532,13 +560,10 @@ pub fn run(args: TrainArgs) -> Result<i32> {
         }
     }
 
-    ctrlc::set_handler(|| {
-        if STOP.swap(true, Ordering::SeqCst) {
-            eprintln!("\nsecond Ctrl-C: exiting without a checkpoint");
-            std::process::exit(EXIT_INTERRUPTED);
-        }
-        eprintln!("\nCtrl-C: finishing this step, then writing a checkpoint (Ctrl-C again to quit now)");
-    })?;
+    if STOP.load(Ordering::SeqCst) && !args.resume && sess.step_count() == 0 {
+        eprintln!("stopped  by Ctrl-C before the first step: no checkpoint written");
+        return Ok(EXIT_INTERRUPTED);
+    }
 
     let pb = ProgressBar::new(cfg.steps);
     pb.set_style(ProgressStyle::with_template("{bar:28} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")?);
@@ -547,9 +572,17 @@ pub fn run(args: TrainArgs) -> Result<i32> {
     let start_step = sess.step_count();
     let mut tokens_total = 0usize;
     let mut interrupted = false;
+    // The step of the last checkpoint and adapter on disk (for the message of a failed step).
+    let mut saved_step = if args.resume { Some(sess.step_count()) } else { None };
     while !sess.done() {
         let ts = Instant::now();
-        let info = block_on(sess.step())?;
+        let info = block_on(sess.step()).map_err(|e| {
+            let saved = match saved_step {
+                Some(s) => format!("the checkpoint {} and the adapter in {} hold step {s}", ck_dir.display(), out.display()),
+                None => format!("nothing was saved yet (the first checkpoint comes at step {save_every})"),
+            };
+            anyhow::anyhow!("{e}; {saved}")
+        })?;
         let dt = ts.elapsed().as_secs_f64();
         tokens_total += info.input_tokens;
         let tps = tokens_total as f64 / t0.elapsed().as_secs_f64();
@@ -588,6 +621,7 @@ pub fn run(args: TrainArgs) -> Result<i32> {
             run.save_checkpoint(&sess)?;
             run.save_adapter(&sess)?;
             run.plot()?;
+            saved_step = Some(info.step);
         }
         if stop {
             interrupted = true;

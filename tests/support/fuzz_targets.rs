@@ -94,7 +94,7 @@ fn mini_adapter() -> qlora_webgpu::lora::HostAdapter {
     for (mi, slot) in layers[0].iter_mut().enumerate() {
         if mi == 0 || mi == 2 {
             let (o, i) = m.proj_shape(mi);
-            *slot = Some(HostLora { r: 2, in_features: i, out_features: o, a: values(2 * i, mi), b: values(2 * o, mi + 1) });
+            *slot = Some(HostLora { r: 2, in_features: i, out_features: o, a: values(2 * i, mi), b: values(2 * o, mi + 1), magnitude: None });
         }
     }
     let mut config = qlora_webgpu::lora::config::LoraConfig::new(2, 4.0);

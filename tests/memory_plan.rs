@@ -48,12 +48,14 @@ fn plan_covers_the_measured_peak() {
     let h = host(2);
     let cfg = h.config.to_llama();
     let (b, t) = (2, 64);
-    for checkpoint in [false, true] {
+    for (checkpoint, dora) in [(false, false), (true, false), (false, true), (true, true)] {
         let ctx: Rc<GpuContext> = block_on(GpuContext::new()).expect("a GPU adapter");
         let weights = h.upload_nf4(&ctx, 64, true).unwrap();
+        let mut lora = LoraConfig::new(16, 16.0);
+        lora.use_dora = dora;
+        let mut set = init_lora_set(&ctx, &cfg, &lora, 0).unwrap();
+        qlora_webgpu::lora::init_dora_magnitudes(&ctx, &lora, &mut set, &weights).unwrap();
         let model = Rc::new(Model::new(&ctx, cfg.clone(), weights, None, t).unwrap());
-        let lora = LoraConfig::new(16, 16.0);
-        let set = init_lora_set(&ctx, &cfg, &lora, 0).unwrap();
         let opts = TrainOpts {
             adamw: AdamW { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
             schedule: Schedule::new(ScheduleKind::Constant, 1e-4, 0, 10),
@@ -69,10 +71,10 @@ fn plan_covers_the_measured_peak() {
         // One step holds the most: the AdamW moments appear in it.
         block_on(trainer.step(&batch, DataPosition { epoch: 0, index: 1 })).unwrap();
         let measured = ctx.pool_stats().peak_in_use as u64;
-        let p = plan(&h.config, &RunShape { batch: b, seq: t, rank: 16, adapted: 7, nf4: Some(true), table_bytes: 2 }, checkpoint);
+        let p = plan(&h.config, &RunShape { batch: b, seq: t, rank: 16, adapted: 7, nf4: Some(true), table_bytes: 2, dora }, checkpoint);
         let ratio = p.total() as f64 / measured as f64;
-        eprintln!("checkpoint {checkpoint}: planned {:.1} MiB ({p:?}), measured peak {:.1} MiB, ratio {ratio:.2}", p.total() as f64 / 1048576.0, measured as f64 / 1048576.0);
-        assert!(p.total() >= measured, "checkpoint {checkpoint}: the plan ({}) is below the measured peak ({measured})", p.total());
-        assert!(ratio <= 1.5, "checkpoint {checkpoint}: the plan overstates the peak {ratio:.2}x");
+        eprintln!("checkpoint {checkpoint}, DoRA {dora}: planned {:.1} MiB ({p:?}), measured peak {:.1} MiB, ratio {ratio:.2}", p.total() as f64 / 1048576.0, measured as f64 / 1048576.0);
+        assert!(p.total() >= measured, "checkpoint {checkpoint}, DoRA {dora}: the plan ({}) is below the measured peak ({measured})", p.total());
+        assert!(ratio <= 1.5, "checkpoint {checkpoint}, DoRA {dora}: the plan overstates the peak {ratio:.2}x");
     }
 }

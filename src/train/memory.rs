@@ -10,11 +10,13 @@
 //!   a value in f32; the output layer's table (the lm_head, or the tied embedding) in its storage
 //!   type (2 bytes for a 16-bit checkpoint, else 4; an untied input embedding stays in host
 //!   memory), norms and biases in f32.
-//! - LoRA: 16 bytes a trainable value (the value, its gradient, AdamW's two moments).
+//! - LoRA: 16 bytes a trainable value (the value, its gradient, AdamW's two moments); with DoRA
+//!   also the magnitude vectors (one value per output feature of each adapted projection).
 //! - activations kept for backward, per token and decoder layer: the two RMSNorm inputs and
 //!   outputs (4C), q, k, v after RoPE (Cq + 2 Ckv), the attention output (Cq), gate, up and
-//!   their SwiGLU product (3I), each adapter's x·Aᵀ (r per adapted projection) and the attention
-//!   row statistics (NH): with checkpointing only the layer input (C), plus one layer's full set
+//!   their SwiGLU product (3I), each adapter's x·Aᵀ (r per adapted projection), with DoRA each
+//!   adapted projection's pre-scaling output (its out features), and the attention row
+//!   statistics (NH): with checkpointing only the layer input (C), plus one layer's full set
 //!   while it is recomputed.
 //! - the backward of one layer: about as much again as one layer's activations (gradients
 //!   flowing through it).
@@ -61,6 +63,9 @@ pub struct RunShape {
     pub nf4: Option<bool>,
     /// Bytes per value of the embedding and lm_head (2 for a 16-bit checkpoint, else 4).
     pub table_bytes: usize,
+    /// DoRA: a magnitude per output feature of each adapted projection (trained), and its
+    /// pre-scaling output kept for backward.
+    pub dora: bool,
 }
 
 /// The plan for `cfg` run as `run`, with or without per-layer recomputation.
@@ -81,9 +86,11 @@ pub fn plan(cfg: &ModelConfig, run: &RunShape, checkpoint: bool) -> MemoryPlan {
     let small = 4 * (2 * c * l + c + (cq + 2 * ckv) * l);
     let weights = proj_bytes + tables + small;
     let lora_values: u64 = (0..run.adapted.min(7)).map(|m| lc.proj_shape(m)).map(|(o, n)| ((o + n) * run.rank) as u64).sum::<u64>() * l;
-    let lora = 16 * lora_values;
+    // DoRA's magnitude vectors: one value per output feature of each adapted projection.
+    let dora_out: u64 = if run.dora { (0..run.adapted.min(7)).map(|m| lc.proj_shape(m).0 as u64).sum() } else { 0 };
+    let lora = 16 * (lora_values + dora_out * l);
     let tokens = (run.batch * run.seq) as u64;
-    let per_layer_token = 4 * (4 * c + 2 * cq + 2 * ckv + 3 * i + (run.adapted * run.rank) as u64 + lc.heads as u64);
+    let per_layer_token = 4 * (4 * c + 2 * cq + 2 * ckv + 3 * i + (run.adapted * run.rank) as u64 + lc.heads as u64 + dora_out);
     let layer = tokens * per_layer_token;
     let activations = if checkpoint { tokens * 4 * c * l + layer } else { layer * l };
     let widened = (v * c * 4).min(crate::ops::head::WIDEN_BYTES);
@@ -151,7 +158,7 @@ mod tests {
     #[test]
     fn recomputation_is_chosen_only_when_needed() {
         let cfg = crate::model::arch::config("smollm2-135m").unwrap();
-        let run = RunShape { batch: 4, seq: 512, rank: 16, adapted: 7, nf4: Some(true), table_bytes: 2 };
+        let run = RunShape { batch: 4, seq: 512, rank: 16, adapted: 7, nf4: Some(true), table_bytes: 2, dora: false };
         let p = plan(&cfg, &run, false);
         let c = plan(&cfg, &run, true);
         assert!(c.activations < p.activations / 5, "{c:?} vs {p:?}");

@@ -451,6 +451,7 @@ pub fn run(args: TrainArgs) -> Result<i32> {
         },
         // Q8 (9 bits a value) is planned as 2 bytes: an upper bound.
         table_bytes: if lossless_compact(&src.host.embed.data, src.host.config.hidden_size) == DType::F32 { 4 } else { 2 },
+        dora: cfg.lora.use_dora,
     };
     let plan = memory::choose(&src.host.config, &shape, budget, cfg.grad_checkpoint).map_err(|e| anyhow::anyhow!("{}: {e}", model_path.display()))?;
     let gib = |b: u64| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64);

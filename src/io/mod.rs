@@ -5,6 +5,7 @@
 //! which [`HostModel::upload`] makes the decoder's [`LlamaWeights`].
 
 pub mod gguf;
+pub mod gguf_write;
 pub mod hf;
 pub mod quantized;
 pub mod safetensors;

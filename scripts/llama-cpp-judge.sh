@@ -3,7 +3,7 @@
 #
 # 1. builds the PyPI package llama-cpp-python from source once into a virtual environment in
 #    $LLAMA_CPP_VENV (default ~/.cache/qlora-llamacpp/venv; CMAKE_ARGS="-DGGML_NATIVE=OFF"; on a
-#    busy 2-core machine this takes 20 to 40 minutes; later runs reuse it);
+#    busy 2-core machine this took 65 minutes; later runs reuse it);
 # 2. builds `qlora` (release; or give QLORA=path/to/qlora);
 # 3. trains a short pirate adapter (the README's main job, data/pirate.jsonl, QLoRA r 16
 #    alpha 32 lr 1e-3 batch 2, $STEPS steps, default 8), or takes ADAPTER=folder;

@@ -6,6 +6,7 @@
 
 pub mod files;
 pub mod gguf;
+pub mod gguf_write;
 pub mod hf;
 pub mod quantized;
 pub mod safetensors;

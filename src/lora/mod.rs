@@ -10,6 +10,7 @@
 //! `LoraModule` per layer and projection, in `TARGETS` order); the host form is [`HostAdapter`].
 
 pub mod config;
+pub mod gguf;
 pub mod merge;
 pub mod named;
 pub mod peft;

@@ -6,6 +6,7 @@
 mod bench;
 mod chat;
 mod common;
+mod export;
 mod plot;
 mod train;
 
@@ -67,8 +68,17 @@ In the chat: /adapter NAME (or /adapter base) switches adapters without reloadin
     #[command(after_help = "Examples:\n  qlora eval MODEL --data data/pirate_eval.jsonl\n  qlora eval MODEL --adapter pirate-adapter --data held-out.jsonl --max-len 96\nGive the encoding options the adapter was trained with (--format, --max-len, --train-on-prompt,\n--no-append-eos) to score the tokens training scored.")]
     Eval(EvalArgs),
     /// Merge an adapter into its base model and write a Hugging Face folder (dense weights).
-    #[command(after_help = "Examples:\n  qlora merge SmolLM2-135M-Instruct.Q4_1.gguf --adapter pirate-adapter --out smollm2-pirate\n  qlora merge ~/models/base --adapter a --out merged --dtype bf16")]
+    #[command(after_help = "Examples:\n  qlora merge SmolLM2-135M-Instruct.Q4_1.gguf --adapter pirate-adapter --out smollm2-pirate\n  qlora merge ~/models/base --adapter a --out merged --dtype bf16\n  qlora merge SmolLM2-135M-Instruct.Q4_1.gguf --adapter pirate-adapter --out smollm2-pirate.gguf --dtype q8_0   (a GGUF for llama.cpp)")]
     Merge(MergeArgs),
+    /// Write a PEFT adapter as a llama.cpp GGUF LoRA adapter (or, without --adapter, the model as a GGUF).
+    #[command(after_help = "Examples:
+  qlora export SmolLM2-135M-Instruct.Q4_1.gguf --adapter pirate-adapter --out pirate-lora.gguf
+  qlora export ~/models/Llama-3.2-1B --adapter a --out a.gguf --dtype f16
+  qlora export SmolLM2-135M-Instruct.Q4_1.gguf --out smollm2-f32.gguf --dtype f32   (the model itself)
+
+llama.cpp: llama-cli -m BASE.gguf --lora pirate-lora.gguf (BASE as llama.cpp converted it, or our export).
+DoRA adapters and adapters whose modules need different alpha/r are refused (llama.cpp cannot apply them): merge instead.")]
+    Export(export::ExportArgs),
     /// Architecture, parameter count, stored dtypes and the memory a model needs in f32, f16 and NF4.
     #[command(after_help = "Examples:\n  qlora info ~/models/SmolLM2-135M-Instruct\n  qlora info SmolLM2-135M-Instruct.Q4_1.gguf")]
     Info {
@@ -103,6 +113,10 @@ struct GenerateArgs {
     sampling: SamplingArgs,
     #[command(flatten)]
     quant: QuantArgs,
+    /// Also write a JSON file with the prompt's token ids, the logits at its last position and
+    /// the generated ids (for comparing with another implementation, e.g. llama.cpp).
+    #[arg(long, value_name = "FILE")]
+    dump_logits: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -141,10 +155,12 @@ struct MergeArgs {
     /// The PEFT adapter folder to merge.
     #[arg(long)]
     adapter: PathBuf,
-    /// The output folder (config.json, model.safetensors, tokenizer files).
+    /// The output folder (config.json, model.safetensors, tokenizer files), or a .gguf file
+    /// (a complete GGUF model for llama.cpp: hyperparameters, tokenizer, chat template).
     #[arg(long)]
     out: PathBuf,
-    /// Output dtype: f32, f16, bf16 [default: the base's dtype for a Hugging Face folder, f32 for GGUF].
+    /// Output dtype: f32, f16, bf16 [default: the base's dtype for a Hugging Face folder, f32 for GGUF];
+    /// for a .gguf output f32, f16 or q8_0 [default f16].
     #[arg(long)]
     dtype: Option<String>,
 }
@@ -187,6 +203,7 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Chat(a) => chat::run(a)?,
         Cmd::Eval(a) => eval(a)?,
         Cmd::Merge(a) => merge(a)?,
+        Cmd::Export(a) => export::run(a)?,
         Cmd::Bench(a) => bench::run(a)?,
     }
     Ok(0)
@@ -214,12 +231,27 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let ids = model.prompt_ids(&common::prompt(&model, &text, a.system.as_deref(), a.raw))?;
     let profile = std::env::var_os("QLORA_PROFILE").is_some();
     ctx.set_profiling(profile);
+    let last_logits = match &a.dump_logits {
+        Some(_) => {
+            let m = &model.model;
+            let mut cache = qlora_webgpu::model::llama::KvCache::new(&ctx, &m.cfg, ids.len())?;
+            let t = qlora_webgpu::model::llama::forward_cached(&ctx, &m.cfg, &m.weights, &set, &ids, &mut cache, &m.rope)?;
+            let mut l = block_on(ctx.read_f32(&t))?;
+            l.truncate(m.cfg.vocab);
+            Some(l)
+        }
+        None => None,
+    };
     let mut out = std::io::stdout();
     let g = block_on(model.generate(&ctx, &set, &ids, &cfg, |t| {
         let _ = out.write_all(t.as_bytes());
         let _ = out.flush();
     }))?;
     println!();
+    if let (Some(path), Some(logits)) = (&a.dump_logits, last_logits) {
+        let v = serde_json::json!({"prompt_ids": ids, "last_logits": logits, "generated_ids": g.ids, "text": g.text});
+        std::fs::write(path, serde_json::to_vec(&v)?).with_context(|| format!("{}: cannot write", path.display()))?;
+    }
     eprintln!("[{} prompt tokens, {} new, stop: {:?}]", ids.len(), g.ids.len(), g.stop_reason);
     if profile {
         for (k, n, s) in ctx.profile_report().iter().take(12) {
@@ -299,8 +331,10 @@ fn merge(a: MergeArgs) -> Result<()> {
     if !a.adapter.is_dir() {
         bail!("{}: no such adapter folder", a.adapter.display());
     }
-    let adapter = qlora_webgpu::lora::peft::read_host_adapter(&a.adapter, &lcfg)?;
+    let to_gguf = a.out.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    let adapter = if to_gguf { export::read_adapter_for(&a.adapter, &src, false)? } else { qlora_webgpu::lora::peft::read_host_adapter(&a.adapter, &lcfg)? };
     let dtype = match a.dtype.as_deref() {
+        _ if to_gguf => OutDtype::F32,
         Some("f32") | Some("float32") => OutDtype::F32,
         Some("f16") | Some("float16") => OutDtype::F16,
         Some("bf16") | Some("bfloat16") => OutDtype::Bf16,
@@ -327,6 +361,12 @@ fn merge(a: MergeArgs) -> Result<()> {
         })
         .collect();
     let merged = merge_adapter(&base, &adapter, &lcfg)?;
+    if to_gguf {
+        let dt = export::write_model_gguf(&a.model, &src, &merged, &a.out, a.dtype.as_deref())?;
+        let n = adapter.layers.iter().flatten().filter(|x| x.is_some()).count();
+        println!("merged {n} adapted projections of {} into {} (GGUF, {dt:?})", a.model.display(), a.out.display());
+        return Ok(());
+    }
     let (config_json, side) = match src.kind {
         SourceKind::HfFolder => (src.config_json.clone().context("config.json")?, src.side_files.clone()),
         SourceKind::Gguf => {

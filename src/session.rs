@@ -97,7 +97,13 @@ pub const SIDE_FILES: [&str; 6] = [
 impl ModelSource {
     /// A GGUF file's model, tokenizer and chat template; `name` names the file in errors.
     pub fn from_gguf(name: &str, bytes: &[u8]) -> Result<Self> {
-        let g = crate::io::gguf::load_gguf(name, bytes)?;
+        Self::from_gguf_with(name, bytes, None)
+    }
+
+    /// As [`ModelSource::from_gguf`], the projections quantized to NF4 (blocksize, double
+    /// quantization) as they are read when `quantize` is given.
+    pub fn from_gguf_with(name: &str, bytes: &[u8], quantize: Option<(usize, bool)>) -> Result<Self> {
+        let g = crate::io::gguf::load_gguf_with(name, bytes, quantize)?;
         let gt = g.tokenizer(name)?;
         let tokenizer = gt.build().map_err(|e| Error::format(name, format!("tokenizer from tokenizer.ggml.* metadata: {e}")))?;
         let template = match gt.chat_template.as_deref() {
@@ -113,7 +119,13 @@ impl ModelSource {
     /// template) and chat_template.jinja (preferred over tokenizer_config's template, as
     /// transformers 5 does). `name` names the folder in messages.
     pub fn from_hf(name: &str, files: &dyn ModelFiles) -> Result<Self> {
-        let host = crate::io::hf::load_hf(files)?;
+        Self::from_hf_with(name, files, None)
+    }
+
+    /// As [`ModelSource::from_hf`], the projections quantized to NF4 (blocksize, double
+    /// quantization) as they are read when `quantize` is given.
+    pub fn from_hf_with(name: &str, files: &dyn ModelFiles, quantize: Option<(usize, bool)>) -> Result<Self> {
+        let host = crate::io::hf::load_hf_with(files, quantize)?;
         let tok_json = files.file("tokenizer.json").ok_or_else(|| {
             Error::format(files.display("tokenizer.json"), "file not found in the model folder (training and generation need the tokenizer)")
         })?;

@@ -83,3 +83,28 @@ fn device_memory_of_the_base_with_and_without_nf4() {
     // About 1/7 of f32 (0.5625 B/weight): the tables are a fixed 64 B a weight.
     assert!((p32 as f64 / p4 as f64) > 6.9, "NF4 takes about 1/7 of f32: {p32} vs {p4}");
 }
+
+#[test]
+fn quantizing_while_reading_gives_the_same_nf4_as_quantizing_after() {
+    // `qlora train --qlora` reads each projection and quantizes it at once (the f32 model never
+    // exists on the host): the same NF4 bits as loading in f32 and quantizing afterwards (the
+    // GGUF loader shares the same wrapper; tests/cli_qlora.rs trains from both).
+    use qlora_webgpu::io::hf::MmapDir;
+    use qlora_webgpu::quant::nf4::quantize_nf4;
+    let dir = MmapDir::open(fixtures().join("model")).unwrap();
+    let f32_model = load_hf(&dir).unwrap();
+    for (bs, dq) in [(64, true), (128, false)] {
+        let q = qlora_webgpu::io::hf::load_hf_with(&dir, Some((bs, dq))).unwrap();
+        assert_eq!(q.embed, f32_model.embed, "the embedding stays f32");
+        let mut n = 0;
+        for (lq, lf) in q.layers.iter().zip(&f32_model.layers) {
+            for (pq, pf) in lq.proj.iter().zip(&lf.proj) {
+                let (HostWeight::Nf4(got), HostWeight::F32(t)) = (pq, pf) else { panic!("NF4 after reading, f32 without") };
+                assert_eq!(got, &quantize_nf4(&t.data, &t.shape, bs, dq).unwrap());
+                n += 1;
+            }
+            assert_eq!(lq.attn_norm, lf.attn_norm);
+        }
+        assert_eq!(n, 14);
+    }
+}

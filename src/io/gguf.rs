@@ -905,12 +905,18 @@ impl TensorSource for GgufSource<'_, '_> {
 /// under its Hugging Face name, and attn_q/attn_k rows of "llama" files restored with
 /// [`unpermute_rows`].
 pub fn load_gguf(file: &str, bytes: &[u8]) -> Result<GgufModel> {
+    load_gguf_with(file, bytes, None)
+}
+
+/// As [`load_gguf`], with every projection quantized to NF4 (blocksize, double quantization) as
+/// it is dequantized when `quantize` is given (QLoRA).
+pub fn load_gguf_with(file: &str, bytes: &[u8], quantize: Option<(usize, bool)>) -> Result<GgufModel> {
     let g = GgufFile::parse(file, bytes)?;
     let config = gguf_config(&g)?;
     let permuted = (config.architecture != Architecture::Qwen2)
         .then_some((config.num_attention_heads, config.num_key_value_heads));
     let mut src = GgufSource { g: &g, permuted, used: BTreeSet::new() };
-    let mut model = HostModel::build(config, &mut src)?;
+    let mut model = HostModel::build_with(config, &mut src, quantize)?;
     if g.tensor("rope_freqs.weight").is_some() {
         src.used.insert("rope_freqs.weight".into());
     }

@@ -155,6 +155,12 @@ impl TensorSource for HfSource<'_> {
 /// tensor, and the expected and actual shapes. Extra tensors are listed in
 /// [`HostModel::unused`].
 pub fn load_hf(files: &dyn ModelFiles) -> Result<HostModel> {
+    load_hf_with(files, None)
+}
+
+/// As [`load_hf`], with every projection quantized to NF4 (blocksize, double quantization) as it
+/// is read when `quantize` is given (QLoRA: the f32 model never exists on the host).
+pub fn load_hf_with(files: &dyn ModelFiles, quantize: Option<(usize, bool)>) -> Result<HostModel> {
     let config_label = files.display(CONFIG_FILE);
     let config_bytes = files
         .file(CONFIG_FILE)
@@ -188,7 +194,7 @@ pub fn load_hf(files: &dyn ModelFiles) -> Result<HostModel> {
         index_label,
         used: BTreeSet::new(),
     };
-    let mut model = HostModel::build(config, &mut src)?;
+    let mut model = HostModel::build_with(config, &mut src, quantize)?;
     let mut unused: Vec<String> = src
         .shards
         .iter()

@@ -22,10 +22,17 @@ pub fn read(path: &Path) -> Result<Vec<u8>> {
 /// Opens a model: a `.gguf` file or a Hugging Face folder (config.json, *.safetensors,
 /// tokenizer.json). Anything else is an error that says what was expected.
 pub fn open_model(path: &Path) -> Result<ModelSource> {
+    open_model_with(path, None)
+}
+
+/// As [`open_model`], the projections quantized to NF4 (blocksize, double quantization) as they
+/// are read when `quantize` is given (`qlora train --qlora`: the f32 model never exists on the
+/// host).
+pub fn open_model_with(path: &Path, quantize: Option<(usize, bool)>) -> Result<ModelSource> {
     let name = path.display().to_string();
     if path.is_dir() {
         let dir = MmapDir::open(path)?;
-        return Ok(ModelSource::from_hf(&name, &dir)?);
+        return Ok(ModelSource::from_hf_with(&name, &dir, quantize)?);
     }
     if !path.exists() {
         bail!("{name}: no such file or folder (give a .gguf file or a Hugging Face model folder)");
@@ -33,7 +40,7 @@ pub fn open_model(path: &Path) -> Result<ModelSource> {
     let is_gguf = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
     let bytes = read(path)?;
     if is_gguf || bytes.starts_with(b"GGUF") {
-        return Ok(ModelSource::from_gguf(&name, &bytes)?);
+        return Ok(ModelSource::from_gguf_with(&name, &bytes, quantize)?);
     }
     bail!("{name}: not a model: expected a .gguf file or a Hugging Face model folder (config.json + *.safetensors + tokenizer.json)")
 }

@@ -434,7 +434,14 @@ pub fn run(args: TrainArgs) -> Result<i32> {
     let gi = ctx.info();
     eprintln!("gpu      {} ({}, {})", gi.name, gi.backend, gi.device_type);
     let t_load = Instant::now();
-    let src = common::open_model(&model_path)?;
+    // With --qlora each projection is quantized as it is read: the model is never all f32 here.
+    let src = common::open_model_with(
+        &model_path,
+        match quant {
+            BaseQuant::F32 => None,
+            BaseQuant::Nf4 { blocksize, double_quant } => Some((blocksize, double_quant)),
+        },
+    )?;
     let mut cfg = cfg;
     let budget = match &args.max_memory {
         Some(m) => parse_size(m).with_context(|| format!("--max-memory {m:?}: expected a size such as 6G, 7.5G or 512M"))?,

@@ -15,8 +15,7 @@ use qlora_webgpu::io::{load_gguf, HostModel};
 use qlora_webgpu::model::config::{Architecture, ModelConfig, RopeScaling};
 use qlora_webgpu::Error;
 
-#[path = "support/sha256.rs"]
-mod sha256;
+use qlora_webgpu::io::sha256;
 #[path = "support/smollm2_gguf.rs"]
 mod smollm2_gguf;
 use smollm2_gguf::{fixture_json, smollm2_gguf};

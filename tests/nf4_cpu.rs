@@ -17,9 +17,7 @@ use qlora_webgpu::Error;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
-#[path = "support/sha256.rs"]
-mod sha256;
-use sha256::{hex, sha256, sha256_f32_le_hex, Sha256};
+use qlora_webgpu::io::sha256::{hex, sha256, sha256_f32_le_hex, Sha256};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -12,8 +12,7 @@
 //! Run alone: QLORA_SMOLLM2_GGUF=$(bash scripts/fetch-smollm2.sh) cargo test --test smollm2_real
 
 mod common;
-#[path = "support/sha256.rs"]
-mod sha256;
+use qlora_webgpu::io::sha256;
 #[path = "support/smollm2_gguf.rs"]
 mod smollm2_gguf;
 

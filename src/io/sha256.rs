@@ -2,7 +2,7 @@
 //! crate (the same code natively and on wasm): checkpoints record the SHA-256 of each file, adapters
 //! the SHA-256 of each tensor (see `train::checkpoint`, `lora::peft`); test fixtures record the
 //! SHA-256 of reference arrays too large to commit (tests/fixtures/nf4, tests/fixtures/smollm2),
-//! and the tests hash their own output the same way (tests/support/sha256.rs is their copy).
+//! and the tests hash their own output with this module.
 
 const K: [u32; 64] = [
     0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,

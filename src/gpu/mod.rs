@@ -13,7 +13,7 @@ mod shards;
 mod tensor;
 
 pub use pool::PoolStats;
-pub use shards::{lossless_16bit, lossless_compact, HostRows, RowShards};
+pub use shards::{lossless_16bit, lossless_compact, round_f16, HostRows, RowShards};
 pub use tensor::{DType, Tensor, Q8_BLOCK};
 
 use crate::{Error, Result};

@@ -56,6 +56,22 @@ pub fn f16_exact(x: f32) -> Option<u16> {
     }
 }
 
+/// `x` rounded to the nearest IEEE half (ties to even), as f32: ±inf past the largest half
+/// (65504), subnormal halves below 2^-14, NaN and infinities kept.
+pub fn round_f16(x: f32) -> f32 {
+    let a = x.abs();
+    if !a.is_finite() {
+        return x;
+    }
+    if a >= 65520.0 {
+        return f32::INFINITY.copysign(x);
+    }
+    // The spacing of halves around a: 2^-24 below 2^-14, else 2^(exponent - 10).
+    let e = ((a.to_bits() >> 23) as i32 - 127).max(-14);
+    let step = f32::from_bits(((e - 10 + 127) as u32) << 23);
+    ((a / step).round_ties_even() * step).copysign(x)
+}
+
 /// The widest storage that holds every value of `data` exactly: bf16 or f16 (2 bytes), else f32.
 pub fn lossless_16bit(data: &[f32]) -> DType {
     if data.iter().all(|&x| bf16_exact(x).is_some()) {
@@ -290,6 +306,41 @@ impl HostRows {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rounding_to_f16_is_to_the_nearest_half() {
+        // Every half's neighbourhood: the half itself, the midpoints to its neighbours (ties to
+        // even) and points just inside them.
+        for h in 0u16..0x7c00 {
+            let v = f32::from_bits(f16_to_f32_bits(h));
+            assert_eq!(round_f16(v).to_bits(), v.to_bits(), "half {h:#x}");
+            assert_eq!(round_f16(-v).to_bits(), (-v).to_bits());
+            if h == 0x7bff {
+                // 65504, the largest half: its midpoint to the next (65520) and beyond overflow.
+                assert_eq!(round_f16(65520.0), f32::INFINITY);
+                assert_eq!(round_f16(65519.99), 65504.0);
+                continue;
+            }
+            let next = f32::from_bits(f16_to_f32_bits(h + 1));
+            let mid = (v as f64 + next as f64) / 2.0;
+            let even = if h % 2 == 0 { v } else { next };
+            assert_eq!(round_f16(mid as f32), even, "midpoint above {h:#x}");
+            let below = f32::from_bits((mid as f32).to_bits() - 1);
+            let above = f32::from_bits((mid as f32).to_bits() + 1);
+            assert_eq!(round_f16(below), v, "just below the midpoint above {h:#x}");
+            assert_eq!(round_f16(above), next, "just above the midpoint above {h:#x}");
+        }
+        assert_eq!(round_f16(1e6), f32::INFINITY);
+        assert!(round_f16(f32::NAN).is_nan());
+    }
+
+    /// f32 bits of half `h` (normal or subnormal, positive), computed independently of the code
+    /// under test.
+    fn f16_to_f32_bits(h: u16) -> u32 {
+        let (e, m) = ((h >> 10) as i32, (h & 0x3ff) as f64);
+        let v = if e == 0 { m * 2f64.powi(-24) } else { (1.0 + m / 1024.0) * 2f64.powi(e - 15) };
+        (v as f32).to_bits()
+    }
 
     #[test]
     fn f16_exactness() {

@@ -891,6 +891,13 @@ impl TensorSource for GgufSource<'_, '_> {
                 })?;
             }
         }
+        // A token embedding or output layer quantized in a type other than Q8_0 (Q4_K, Q6_K, ...:
+        // values that need more than 16 bits to be exact) is rounded to f16, so it is held in
+        // 16 bits on the device instead of 32 (a Q8_0 table stays exact, in 8 bits).
+        let table = name == crate::model::config::names::EMBED || name == crate::model::config::names::LM_HEAD;
+        if table && !matches!(info.ty.name(), Some("F32" | "F16" | "BF16" | "Q8_0")) {
+            data.iter_mut().for_each(|v| *v = crate::gpu::round_f16(*v));
+        }
         self.used.insert(gname);
         Ok(HostWeight::F32(HostTensor { shape: shape.to_vec(), data }))
     }
@@ -902,7 +909,8 @@ impl TensorSource for GgufSource<'_, '_> {
 /// attention.head_count, attention.head_count_kv, attention.key_length, rope.freq_base,
 /// attention.layer_norm_rms_epsilon, context_length, rope.scaling.*; vocabulary size from
 /// tokenizer.ggml.tokens; tied when there is no output.weight), every tensor dequantized to f32
-/// under its Hugging Face name, and attn_q/attn_k rows of "llama" files restored with
+/// under its Hugging Face name (a token embedding or output layer in a quantized type other than
+/// Q8_0 rounded to f16, so that it is held in 16 bits), and attn_q/attn_k rows of "llama" files restored with
 /// [`unpermute_rows`].
 pub fn load_gguf(file: &str, bytes: &[u8]) -> Result<GgufModel> {
     load_gguf_with(file, bytes, None)

@@ -482,6 +482,34 @@ test('the package API in a page: with the binding limit lowered to 1 MiB the sha
   compareWithNative('sharded (1 MiB binding, nf4-dq)', { losses: r.losses, dir: webDir }, native, BOUNDS.qlora);
 });
 
+test('the package API in a page: DoRA (useDora) trains as natively', { timeout: 20 * 60e3 }, async () => {
+  // DoRA's kernels (shaders/dora.wgsl: row norms of W0 + s*B*A, the magnitude scaling and its
+  // gradient) in the browser against the native run of the same options.
+  const t0 = Date.now();
+  const opts = { rank: 4, alpha: 8, steps: 2, lr: 0.005, batchSize: 2, maxLen: 64, seed: 11, schedule: 'constant', warmupSteps: 0, maxGradNorm: 1, dropout: 0, useDora: true };
+  const modelOpts = { maxPositions: 128, name: 'model' };
+  const lines = [];
+  const page = await apiPage(lines);
+  const r = await page.evaluate(async ({ opts, modelOpts }) => {
+    const { q, gpu } = window;
+    const model = q.Model.fromHuggingFace(gpu, window.hfFiles, modelOpts);
+    const data = q.Dataset.fromJsonl('pirate.jsonl', window.pirate);
+    const run = new q.Training(model, data, opts);
+    const reports = await run.train();
+    const files = await run.exportAdapter();
+    return { losses: reports.map((x) => x.loss), files: { adapterConfig: files.adapterConfig, adapterModel: [...files.adapterModel] } };
+  }, { opts, modelOpts });
+  await page.close();
+  console.log(`# browser DoRA run: ${secs(t0)}`);
+  assert.equal(JSON.parse(r.files.adapterConfig).use_dora, true);
+  const webDir = path.join(tmp, 'browser-dora');
+  writeAdapter(webDir, r.files);
+  const keys = [...readSafetensors(fs.readFileSync(path.join(webDir, 'adapter_model.safetensors'))).keys()];
+  assert.equal(keys.filter((k) => k.endsWith('lora_magnitude_vector')).length, 14, 'a magnitude per adapted projection (2 layers x 7)');
+  const native = await nativeRun(opts, modelOpts, path.join(tmp, 'native-dora'));
+  compareWithNative('DoRA (f32 base)', { losses: r.losses, dir: webDir }, native, BOUNDS.f32);
+});
+
 test('the package API in a page: the "busy" and "callback" errors', { timeout: 600e3 }, async () => {
   const lines = [];
   const page = await apiPage(lines);

@@ -141,3 +141,35 @@ fn packed_batch_gives_the_unpacked_loss_and_lora_gradients() {
     let l = read(&ctx, l.value())[0] as f64;
     assert!((l - lu).abs() / lu > 1e-3, "causal attention across examples gives {l}, unpacked {lu}");
 }
+
+/// End to end through the session (what `qlora train --packing` runs): on the tiny Llama with
+/// the pirate-style chat data, the first step of a packed run scores the same tokens with the same
+/// loss as the unpacked run of the same examples in one batch, in fewer rows.
+#[test]
+fn packed_session_step_equals_the_unpacked_one() {
+    use qlora_webgpu::data::dataset::{Dataset, Format};
+    use qlora_webgpu::gpu::block_on;
+    use qlora_webgpu::io::hf::MmapDir;
+    use qlora_webgpu::session::{BaseQuant, ModelSource, TrainConfig, TrainSession};
+    let ctx = gpu();
+    let dir = MmapDir::open(&std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama/model")).unwrap();
+    let model = ModelSource::from_hf("tiny-llama", &dir).unwrap().upload(&ctx, BaseQuant::F32, 128).unwrap();
+    let mut jsonl = String::new();
+    for (q, a) in [("Where be the gold?", "Buried on the isle, matey."), ("What is 2 plus 2?", "Arr, four."), ("Name a fruit.", "A lime, to keep the scurvy away, arr."), ("Is the sea wet?", "Aye."), ("Who are you?", "A humble pirate of the seven seas, arr!")] {
+        jsonl += &serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}).to_string();
+        jsonl.push('\n');
+    }
+    let data = Dataset::from_jsonl("pirates.jsonl", jsonl.as_bytes(), Format::Auto).unwrap();
+    let cfg = TrainConfig { steps: 3, batch_size: 5, max_len: 128, shuffle: false, ..Default::default() };
+    let mut plain = TrainSession::new(&ctx, &model, &data, cfg.clone(), None).unwrap();
+    let mut packed = TrainSession::new(&ctx, &model, &data, TrainConfig { packing: true, ..cfg }, None).unwrap();
+    let rows = packed.packed_rows().unwrap();
+    assert!(rows < 5, "5 short examples pack into {rows} rows of 128");
+    let a = block_on(plain.step()).unwrap();
+    let b = block_on(packed.step()).unwrap();
+    assert_eq!(a.counted_tokens, b.counted_tokens);
+    let rel = (a.loss - b.loss).abs() / a.loss;
+    // Achieved: 0; bound 8 f32 ulps.
+    eprintln!("first step: unpacked {} packed {} (relative {rel:e}), rows {rows}, input tokens {} vs {}", a.loss, b.loss, a.input_tokens, b.input_tokens);
+    assert!(rel <= 1e-6, "first step: unpacked loss {} vs packed {}", a.loss, b.loss);
+}

@@ -268,7 +268,7 @@ impl TrainArgs {
         c.grad_checkpoint = self.grad_checkpoint.unwrap_or(false);
         c.packing = self.packing.unwrap_or(false);
         if c.packing && self.epochs.is_some() {
-            bail!("--epochs with --packing: give --steps (the number of packed rows is known only after tokenizing; the log's data line states it)");
+            bail!("--epochs with --packing: give --steps (the number of packed rows is known only after tokenizing; the log's packing line states it)");
         }
         c.validation = match self.val_fraction {
             Some(f) if self.val_data.is_some() => bail!("--val-fraction {f} and --val-data: give one of them"),

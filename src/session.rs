@@ -384,6 +384,11 @@ pub struct TrainConfig {
     pub grad_checkpoint: bool,
     /// Examples held out for validation (None: no validation).
     pub validation: Option<Split>,
+    /// Sequence packing (TRL's padding-free packing): training examples are packed into rows of
+    /// max_len tokens (best-fit decreasing), position ids restart per example and attention
+    /// stays within each example; a batch is then `batch_size` packed rows. Validation stays
+    /// one example per row (the same loss either way).
+    pub packing: bool,
 }
 
 impl Default for TrainConfig {
@@ -409,6 +414,7 @@ impl Default for TrainConfig {
             append_eos: true,
             grad_checkpoint: false,
             validation: None,
+            packing: false,
         }
     }
 }
@@ -507,6 +513,8 @@ pub struct StepInfo {
 pub struct TrainSession {
     trainer: Trainer,
     train: TokenizedDataset,
+    /// The training examples packed into rows (with `cfg.packing`); the sampler then draws rows.
+    packed: Option<Vec<dataset::PackedRow>>,
     val: Vec<TokenBatch>,
     sampler: BatchSampler,
     pad: u32,
@@ -610,18 +618,21 @@ impl TrainSession {
             None => (all, TokenizedDataset::from_examples(Vec::new())),
         };
         let pad = dataset::pad_id(&model.tokenizer);
+        let packed = if cfg.packing { Some(dataset::pack(train.examples(), cfg.max_len)?) } else { None };
+        // What the sampler draws: examples, or packed rows.
+        let n_items = packed.as_ref().map_or(train.len(), Vec::len);
         let val_examples = val.len();
         let val = (0..val.len())
             .step_by(cfg.batch_size)
             .map(|i| {
                 let idx: Vec<usize> = (i..(i + cfg.batch_size).min(val.len())).collect();
-                val.batch(&idx, pad).map(|b| TokenBatch { ids: b.ids, targets: b.targets, batch: b.batch })
+                val.batch(&idx, pad).map(|b| TokenBatch { ids: b.ids, targets: b.targets, batch: b.batch, seg: None })
             })
             .collect::<Result<Vec<_>>>()?;
         if let Some(p) = resume_at {
             // The data position follows from the step: step x grad_accum batches, each epoch
             // ceil(n / batch) of them (the last one shorter).
-            let per_epoch = train.len().div_ceil(cfg.batch_size).max(1) as u64;
+            let per_epoch = n_items.div_ceil(cfg.batch_size).max(1) as u64;
             let batches = trainer.state.step.saturating_mul(cfg.grad_accum as u64);
             let want = (batches / per_epoch, (batches % per_epoch) * cfg.batch_size as u64);
             if (p.epoch, p.index) != want {
@@ -629,21 +640,21 @@ impl TrainSession {
                     data.file(),
                     format!(
                         "the checkpoint's {}: data position epoch {} index {} does not follow from step {} (expected epoch {} index {} for {} examples in batches of {} x {})",
-                        crate::train::checkpoint::STATE_FILE, p.epoch, p.index, trainer.state.step, want.0, want.1, train.len(), cfg.batch_size, cfg.grad_accum
+                        crate::train::checkpoint::STATE_FILE, p.epoch, p.index, trainer.state.step, want.0, want.1, n_items, cfg.batch_size, cfg.grad_accum
                     ),
                 ));
             }
         }
         let sampler = match resume_at {
-            None => BatchSampler::new(train.len(), cfg.batch_size, cfg.shuffle, cfg.seed)?,
+            None => BatchSampler::new(n_items, cfg.batch_size, cfg.shuffle, cfg.seed)?,
             Some(p) => BatchSampler::resume(
-                SamplerState { seed: cfg.seed, epoch: p.epoch, position: p.index, n_examples: train.len() as u64, shuffle: cfg.shuffle },
-                train.len(),
+                SamplerState { seed: cfg.seed, epoch: p.epoch, position: p.index, n_examples: n_items as u64, shuffle: cfg.shuffle },
+                n_items,
                 cfg.batch_size,
             )
             .map_err(|e| Error::format(data.file(), format!("the checkpoint's {}: {e}", crate::train::checkpoint::STATE_FILE)))?,
         };
-        Ok(TrainSession { trainer, train, val, sampler, pad, cfg, stats, val_examples })
+        Ok(TrainSession { trainer, train, packed, val, sampler, pad, cfg, stats, val_examples })
     }
 
     /// The settings.
@@ -659,6 +670,11 @@ impl TrainSession {
     /// (training examples, validation examples).
     pub fn split_sizes(&self) -> (usize, usize) {
         (self.train.len(), self.val_examples)
+    }
+
+    /// Packed rows the training examples make (with `packing`), else None.
+    pub fn packed_rows(&self) -> Option<usize> {
+        self.packed.as_ref().map(Vec::len)
     }
 
     /// Steps taken so far.
@@ -687,9 +703,16 @@ impl TrainSession {
         let mut input_tokens = 0;
         for _ in 0..self.cfg.grad_accum {
             let idx = self.sampler.next_batch();
-            let b = self.train.batch(&idx, self.pad)?;
+            let (b, seg) = match &self.packed {
+                Some(rows) => {
+                    let picked: Vec<&dataset::PackedRow> = idx.iter().map(|&i| &rows[i]).collect();
+                    let p = dataset::collate_packed(&picked, self.pad)?;
+                    (p.batch, Some(p.seg))
+                }
+                None => (self.train.batch(&idx, self.pad)?, None),
+            };
             input_tokens += b.ids.len();
-            micro.push(TokenBatch { ids: b.ids, targets: b.targets, batch: b.batch });
+            micro.push(TokenBatch { ids: b.ids, targets: b.targets, batch: b.batch, seg });
         }
         let counted_tokens = micro.iter().map(TokenBatch::n_tokens).sum();
         let pos = self.sampler.state().data_position();
@@ -757,7 +780,7 @@ impl EvalSet {
             .step_by(bs)
             .map(|i| {
                 let idx: Vec<usize> = (i..(i + bs).min(t.len())).collect();
-                t.batch(&idx, pad).map(|b| TokenBatch { ids: b.ids, targets: b.targets, batch: b.batch })
+                t.batch(&idx, pad).map(|b| TokenBatch { ids: b.ids, targets: b.targets, batch: b.batch, seg: None })
             })
             .collect::<Result<Vec<_>>>()?;
         let counted = batches.iter().map(TokenBatch::n_tokens).sum();

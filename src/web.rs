@@ -89,6 +89,8 @@ mod api {
       /** Clip the global gradient norm (0: no clipping). */
       maxGradNorm?: number;
       seed?: number; shuffle?: boolean; trainOnPrompt?: boolean; appendEos?: boolean; gradCheckpoint?: boolean;
+      /** Sequence packing (TRL's padding-free packing): examples packed into rows of maxLen. */
+      packing?: boolean;
       /** Held-out examples: a fraction in (0, 1) or a count (0: none). */
       validation?: number;
     }

@@ -293,7 +293,7 @@ fn trainer_run(ctx: &Rc<GpuContext>, host: &HostModel, b: &Batch, steps: usize) 
         seed: 0,
     };
     let mut trainer = Trainer::new(ctx.clone(), model, lora_cfg, set, opts);
-    let batch = [TokenBatch { ids: b.ids.clone(), targets: b.targets.clone(), batch: b.batch }];
+    let batch = [TokenBatch { ids: b.ids.clone(), targets: b.targets.clone(), batch: b.batch, seg: None }];
     let losses = (0..steps).map(|i| block_on(trainer.step(&batch, DataPosition { epoch: 0, index: i as u64 + 1 })).unwrap().loss).collect();
     let params = trainer.set.params().iter().map(|p| read(ctx, &p.value)).collect();
     (losses, params)
@@ -311,7 +311,7 @@ fn a_batch_over_the_binding_runs_as_micro_batches() {
     let lowered = Lowered::new(&ctx, 16 << 10);
     let (l2, p2) = trainer_run(&ctx, &host, &b, 5);
     let cfg = host.config.to_llama();
-    let batch = qlora_webgpu::train::trainer::TokenBatch { ids: b.ids.clone(), targets: b.targets.clone(), batch: b.batch };
+    let batch = qlora_webgpu::train::trainer::TokenBatch { ids: b.ids.clone(), targets: b.targets.clone(), batch: b.batch, seg: None };
     assert_eq!(batch.split_to_fit(&cfg, ctx.max_binding()).unwrap().len(), 2);
     // At 8 KiB one sequence alone does not fit: refused with the length that would.
     ctx.set_max_binding(8 << 10);

@@ -72,7 +72,7 @@ fn pattern_batch(rng: &mut Rng, rows: usize, len: usize, v: usize) -> TokenBatch
         }
         ids.extend(row);
     }
-    TokenBatch { ids, targets, batch: rows }
+    TokenBatch { ids, targets, batch: rows, seg: None }
 }
 
 fn lora_cfg(dropout: f64) -> LoraConfig {

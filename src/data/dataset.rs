@@ -805,6 +805,101 @@ pub fn collate(examples: &[&Example], pad_id: u32) -> Result<Batch> {
     Ok(Batch { ids, targets, batch: bsz, seq, n_tokens })
 }
 
+/// One row of sequence packing (TRL's padding-free packing): several whole examples
+/// concatenated, with the row offset where each starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackedRow {
+    /// The examples' ids, one after the other.
+    pub ids: Vec<u32>,
+    /// Their labels, one after the other (unshifted, as in [`Example`]).
+    pub labels: Vec<i32>,
+    /// Row offset of each example's first token (ascending, the first is 0).
+    pub starts: Vec<usize>,
+}
+
+/// Packs examples into rows of at most `max_len` tokens by best-fit decreasing (TRL's default
+/// "bfd" strategy): longest example first, each into the fullest row it still fits, else a new
+/// row; within a row the examples keep the order they were placed in. Examples are never split
+/// (they are already cut to max_len by the encoder); a longer one is an error. Empty examples
+/// are left out.
+pub fn pack(examples: &[Example], max_len: usize) -> Result<Vec<PackedRow>> {
+    let mut order: Vec<usize> = (0..examples.len()).filter(|&i| !examples[i].ids.is_empty()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(examples[i].ids.len()));
+    let mut rows: Vec<PackedRow> = Vec::new();
+    // (space left, row index) of every row with space left.
+    let mut free: std::collections::BTreeSet<(usize, usize)> = std::collections::BTreeSet::new();
+    for i in order {
+        let e = &examples[i];
+        let n = e.ids.len();
+        if n > max_len || e.labels.len() != n {
+            return Err(Error::Invalid(format!(
+                "example {i} has {n} ids and {} labels, not at most the packing length {max_len} of each",
+                e.labels.len()
+            )));
+        }
+        let r = match free.range((n, 0)..).next().copied() {
+            Some(key) => {
+                free.remove(&key);
+                key.1
+            }
+            None => {
+                rows.push(PackedRow { ids: Vec::new(), labels: Vec::new(), starts: Vec::new() });
+                rows.len() - 1
+            }
+        };
+        let row = &mut rows[r];
+        row.starts.push(row.ids.len());
+        row.ids.extend_from_slice(&e.ids);
+        row.labels.extend_from_slice(&e.labels);
+        if row.ids.len() < max_len {
+            free.insert((max_len - row.ids.len(), r));
+        }
+    }
+    Ok(rows)
+}
+
+/// A packed batch: the [`Batch`] (targets shifted within each example, -100 at each example's
+/// last token, so every example counts exactly the tokens it counts unpacked) and the segment
+/// starts `seg` (B*T): for each position, the row offset of its example's first token (padding
+/// forms a segment of its own). Positions restart per example: position id = t − seg.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackedBatch {
+    /// Ids and targets (B, T), T = the longest row.
+    pub batch: Batch,
+    /// Segment starts (B*T).
+    pub seg: Vec<u32>,
+}
+
+/// Stacks packed rows into a [`PackedBatch`] (right padding with `pad_id`).
+pub fn collate_packed(rows: &[&PackedRow], pad_id: u32) -> Result<PackedBatch> {
+    if rows.is_empty() || rows.iter().any(|r| r.ids.is_empty() || r.ids.len() != r.labels.len() || r.starts.first() != Some(&0)) {
+        return Err(Error::Invalid("a packed batch needs at least one row, each non-empty with as many labels as ids".into()));
+    }
+    let bsz = rows.len();
+    let seq = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
+    let mut ids = vec![pad_id; bsz * seq];
+    let mut targets = vec![IGNORE; bsz * seq];
+    let mut seg = vec![0u32; bsz * seq];
+    for (b, r) in rows.iter().enumerate() {
+        let row = b * seq;
+        ids[row..row + r.ids.len()].copy_from_slice(&r.ids);
+        let mut bounds = r.starts.clone();
+        bounds.push(r.ids.len());
+        for w in bounds.windows(2) {
+            let (s, e) = (w[0], w[1]);
+            if s >= e {
+                return Err(Error::Invalid(format!("packed row {b}: example starts {:?} are not ascending", r.starts)));
+            }
+            targets[row + s..row + e - 1].copy_from_slice(&r.labels[s + 1..e]);
+            seg[row + s..row + e].iter_mut().for_each(|x| *x = s as u32);
+        }
+        // Padding: a segment of its own.
+        seg[row + r.ids.len()..row + seq].iter_mut().for_each(|x| *x = r.ids.len() as u32);
+    }
+    let n_tokens = targets.iter().filter(|&&t| t != IGNORE).count();
+    Ok(PackedBatch { batch: Batch { ids, targets, batch: bsz, seq, n_tokens }, seg })
+}
+
 /// Where a [`BatchSampler`] stands: enough to continue the exact same sequence of batches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SamplerState {

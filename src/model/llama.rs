@@ -235,8 +235,21 @@ pub struct ForwardOpts {
     pub seed: u32,
 }
 
+/// Sequence packing inputs of one batch: segment starts `seg` (B, T) u32 (each position's example
+/// start in its row, see `ops::attention::forward_packed`) and RoPE tables of the B*T position
+/// ids (restarting at each example), row b*T + t for position (b, t).
+#[derive(Clone)]
+pub struct Packing {
+    /// Segment starts (B, T).
+    pub seg: Tensor,
+    /// cos/sin (B*T, HS/2) of each position's id.
+    pub rope: Rc<RopeTables>,
+}
+
 struct Layer {
     ctx: Rc<GpuContext>,
+    /// Sequence packing (None: one example per row).
+    packing: Option<Packing>,
     /// Inference: LoRA dropout off.
     inference: bool,
     cfg: LlamaConfig,
@@ -283,9 +296,16 @@ impl Layer {
         let q = self.linear(tape, &h, 0)?.reshape(&[b, t, c.heads, hs]);
         let k = self.linear(tape, &h, 1)?.reshape(&[b, t, c.kv_heads, hs]);
         let v = self.linear(tape, &h, 2)?.reshape(&[b, t, c.kv_heads, hs]);
-        let q = rope::rope(tape, ctx, &q, &self.rope)?;
-        let k = rope::rope(tape, ctx, &k, &self.rope)?;
-        let a = attention::attention(tape, ctx, &q, &k, &v)?.reshape(&[b * t, c.heads * hs]);
+        let (q, k, seg) = match &self.packing {
+            // Packed: (B, T) seen as one row of B*T positions, each with its own table row.
+            Some(p) => {
+                let q = rope::rope(tape, ctx, &q.reshape(&[1, b * t, c.heads, hs]), &p.rope)?.reshape(&[b, t, c.heads, hs]);
+                let k = rope::rope(tape, ctx, &k.reshape(&[1, b * t, c.kv_heads, hs]), &p.rope)?.reshape(&[b, t, c.kv_heads, hs]);
+                (q, k, Some(&p.seg))
+            }
+            None => (rope::rope(tape, ctx, &q, &self.rope)?, rope::rope(tape, ctx, &k, &self.rope)?, None),
+        };
+        let a = attention::attention_packed(tape, ctx, &q, &k, &v, seg)?.reshape(&[b * t, c.heads * hs]);
         self.finish(tape, x, &a)
     }
 
@@ -340,6 +360,24 @@ pub fn forward_hidden(
     rope: &Rc<RopeTables>,
     opts: ForwardOpts,
 ) -> Result<Var> {
+    forward_hidden_packed(tape, ctx, cfg, w, lora, ids, batch, rope, None, opts)
+}
+
+/// [`forward_hidden`] of a packed batch (`packing`: segment starts and per-position RoPE tables;
+/// None: one example per row).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_hidden_packed(
+    tape: &mut Tape,
+    ctx: &Rc<GpuContext>,
+    cfg: &LlamaConfig,
+    w: &LlamaWeights,
+    lora: &LoraSet,
+    ids: &[u32],
+    batch: usize,
+    rope: &Rc<RopeTables>,
+    packing: Option<&Packing>,
+    opts: ForwardOpts,
+) -> Result<Var> {
     if batch == 0 || ids.len() % batch != 0 {
         return Err(Error::shape("llama", format!("{} ids do not split into {batch} sequences", ids.len())));
     }
@@ -349,6 +387,7 @@ pub fn forward_hidden(
     for (i, lw) in w.layers.iter().enumerate() {
         let layer = Layer {
             ctx: ctx.clone(),
+            packing: packing.cloned(),
             inference: !tape.is_recording(),
             cfg: cfg.clone(),
             w: lw.clone(),
@@ -412,7 +451,25 @@ pub fn forward_loss(
     rope: &Rc<RopeTables>,
     opts: ForwardOpts,
 ) -> Result<Var> {
-    let h = forward_hidden(tape, ctx, cfg, w, lora, ids, batch, rope, opts)?;
+    forward_loss_packed(tape, ctx, cfg, w, lora, ids, targets, batch, rope, None, opts)
+}
+
+/// [`forward_loss`] of a packed batch (see [`forward_hidden_packed`]).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_loss_packed(
+    tape: &mut Tape,
+    ctx: &Rc<GpuContext>,
+    cfg: &LlamaConfig,
+    w: &LlamaWeights,
+    lora: &LoraSet,
+    ids: &[u32],
+    targets: &[i32],
+    batch: usize,
+    rope: &Rc<RopeTables>,
+    packing: Option<&Packing>,
+    opts: ForwardOpts,
+) -> Result<Var> {
+    let h = forward_hidden_packed(tape, ctx, cfg, w, lora, ids, batch, rope, packing, opts)?;
     head::loss(tape, ctx, &h, w.head()?, targets)
 }
 
@@ -474,6 +531,7 @@ pub fn forward_cached(
     for (i, lw) in w.layers.iter().enumerate() {
         let layer = Layer {
             ctx: ctx.clone(),
+            packing: None,
             inference: true,
             cfg: cfg.clone(),
             w: lw.clone(),

@@ -21,6 +21,9 @@ pub struct Model {
     pub weights: LlamaWeights,
     /// cos/sin for positions 0..max_len.
     pub rope: Rc<RopeTables>,
+    /// The RoPE inverse frequencies (HS/2) the tables were built from (packed batches build
+    /// tables for their own position ids).
+    pub inv_freq: Vec<f32>,
 }
 
 impl Model {
@@ -35,7 +38,7 @@ impl Model {
         let inv = rope::inv_freq(cfg.rope_theta, cfg.head_dim, scaling);
         let pos: Vec<u32> = (0..max_len as u32).collect();
         let rope = Rc::new(RopeTables::new(ctx, &inv, &pos)?);
-        Ok(Model { cfg, weights, rope })
+        Ok(Model { cfg, weights, rope, inv_freq: inv })
     }
 
     /// Logits (B*T, V) of `ids` (B sequences) on `tape`.
@@ -57,6 +60,43 @@ impl Model {
         }
         llama::forward_loss(tape, ctx, &self.cfg, &self.weights, lora, ids, targets, batch, &self.rope, opts)
     }
+
+    /// [`Model::loss`] of a packed batch (sequence packing) when `seg` (B*T segment starts, see
+    /// `data::dataset::PackedBatch`) is given: position ids restart at each example (RoPE tables
+    /// built for them) and attention stays within each example. None: `loss`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn loss_packed(
+        &self,
+        tape: &mut Tape,
+        ctx: &Rc<GpuContext>,
+        lora: &LoraSet,
+        ids: &[u32],
+        targets: &[i32],
+        batch: usize,
+        seg: Option<&[u32]>,
+        opts: ForwardOpts,
+    ) -> Result<Var> {
+        let Some(seg) = seg else { return self.loss(tape, ctx, lora, ids, targets, batch, opts) };
+        let seq = ids.len() / batch.max(1);
+        if seg.len() != ids.len() || batch == 0 || ids.len() % batch != 0 {
+            return Err(Error::shape("packed batch", format!("{} segment starts for {} ids in {batch} rows", seg.len(), ids.len())));
+        }
+        let mut pos = Vec::with_capacity(seg.len());
+        for (i, &s) in seg.iter().enumerate() {
+            let t = i % seq;
+            if s as usize > t {
+                return Err(Error::shape("packed batch", format!("segment start {s} after position {t}")));
+            }
+            pos.push((t - s as usize) as u32);
+        }
+        if let Some(&p) = pos.iter().max() {
+            if p as usize >= self.rope.rows() {
+                return Err(Error::Invalid(format!("an example of {} tokens is longer than the {} positions prepared", p + 1, self.rope.rows())));
+            }
+        }
+        let packing = llama::Packing { seg: ctx.upload_u32(seg, &[batch, seq])?, rope: Rc::new(RopeTables::new(ctx, &self.inv_freq, &pos)?) };
+        llama::forward_loss_packed(tape, ctx, &self.cfg, &self.weights, lora, ids, targets, batch, &self.rope, Some(&packing), opts)
+    }
 }
 
 /// A micro-batch of token ids with next-token targets already shifted (target[b, t] is the label
@@ -69,6 +109,9 @@ pub struct TokenBatch {
     pub targets: Vec<i32>,
     /// B.
     pub batch: usize,
+    /// Sequence packing: segment starts (B*T), each position's example start in its row
+    /// (`data::dataset::PackedBatch::seg`); None for one example per row.
+    pub seg: Option<Vec<u32>>,
 }
 
 impl TokenBatch {
@@ -106,7 +149,12 @@ impl TokenBatch {
         let mut out = Vec::new();
         for s0 in (0..b).step_by(fit) {
             let s1 = (s0 + fit).min(b);
-            let part = TokenBatch { ids: self.ids[s0 * t..s1 * t].to_vec(), targets: self.targets[s0 * t..s1 * t].to_vec(), batch: s1 - s0 };
+            let part = TokenBatch {
+                ids: self.ids[s0 * t..s1 * t].to_vec(),
+                targets: self.targets[s0 * t..s1 * t].to_vec(),
+                batch: s1 - s0,
+                seg: self.seg.as_ref().map(|g| g[s0 * t..s1 * t].to_vec()),
+            };
             if part.n_tokens() > 0 {
                 out.push(part);
             }
@@ -199,7 +247,7 @@ impl Trainer {
             &tokens,
             |tape, i| {
                 let b = &micro[i];
-                model.loss(tape, ctx, set, &b.ids, &b.targets, b.batch, opts)
+                model.loss_packed(tape, ctx, set, &b.ids, &b.targets, b.batch, b.seg.as_deref(), opts)
             },
             lr,
             self.state.max_grad_norm,
@@ -236,7 +284,7 @@ pub async fn eval_loss(ctx: &Rc<GpuContext>, model: &Model, set: &LoraSet, batch
             continue;
         }
         let mut tape = Tape::new(false);
-        let loss = model.loss(&mut tape, ctx, set, &b.ids, &b.targets, b.batch, ForwardOpts::default())?;
+        let loss = model.loss_packed(&mut tape, ctx, set, &b.ids, &b.targets, b.batch, b.seg.as_deref(), ForwardOpts::default())?;
         let loss = loss.value();
         sum += ctx.read_f32(loss).await?[0] as f64 * k as f64;
         n += k;

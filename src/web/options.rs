@@ -29,7 +29,7 @@ pub const TRAIN_KEYS: [&str; 24] = [
     "trainOnPrompt", "appendEos", "gradCheckpoint",
 ];
 /// Keys of `TrainOptions` besides [`TRAIN_KEYS`]: `validation` (a fraction in (0, 1) or a count).
-const TRAIN_EXTRA_KEYS: [&str; 1] = ["validation"];
+const TRAIN_EXTRA_KEYS: [&str; 2] = ["validation", "packing"];
 /// The keys of `ModelOptions`.
 pub const MODEL_KEYS: [&str; 4] = ["quant", "maxPositions", "blocksize", "name"];
 /// The keys of `GenerateOptions`.
@@ -221,6 +221,9 @@ pub fn train_config(v: &Value) -> Result<TrainConfig> {
     }
     if let Some(b) = o.bool("gradCheckpoint")? {
         c.grad_checkpoint = b;
+    }
+    if let Some(b) = o.bool("packing")? {
+        c.packing = b;
     }
     if let Some(x) = o.f64("validation")? {
         c.validation = if x == 0.0 {

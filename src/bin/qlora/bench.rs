@@ -149,7 +149,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let mut rng = SplitMix64::new(7);
         let ids: Vec<u32> = (0..b * t).map(|_| rng.below(cfg.vocab as u64) as u32).collect();
         let targets: Vec<i32> = (0..b * t).map(|i| if i % t + 1 < t { ids[i + 1] as i32 } else { -100 }).collect();
-        let batch = [TokenBatch { ids, targets, batch: b }];
+        let batch = [TokenBatch { ids, targets, batch: b, seg: None }];
         let mut times = Vec::new();
         for k in 0..=a.steps {
             let t0 = Instant::now();

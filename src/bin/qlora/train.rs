@@ -151,6 +151,11 @@ pub struct TrainArgs {
     /// Do not append eos to text and prompt-completion examples.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub no_append_eos: Option<bool>,
+    /// Sequence packing (TRL's padding-free packing): training examples packed into rows of
+    /// --max-len tokens, positions restarting and attention kept within each example; a batch
+    /// is then --batch-size packed rows.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub packing: Option<bool>,
     /// Recompute each layer's activations in the backward pass (less memory, ~30% more time).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub grad_checkpoint: Option<bool>,
@@ -175,10 +180,11 @@ pub struct TrainArgs {
 }
 
 /// The settings that must not change between a run and its resumption.
-const RESUME_KEYS: [&str; 23] = [
+const RESUME_KEYS: [&str; 24] = [
     "model", "data", "format", "val_data", "val_fraction", "r", "lora_alpha", "lora_dropout", "target_modules",
     "use_rslora", "use_dora", "init_lora_weights", "init_adapter", "qlora", "bnb_4bit_use_double_quant", "bnb_4bit_blocksize",
     "batch_size", "grad_accum", "max_len", "lr", "lr_scheduler", "seed", "no_shuffle",
+    "packing",
 ];
 
 fn to_map(a: &TrainArgs) -> serde_json::Map<String, Value> {
@@ -260,6 +266,10 @@ impl TrainArgs {
         c.train_on_prompt = self.train_on_prompt.unwrap_or(false);
         c.append_eos = !self.no_append_eos.unwrap_or(false);
         c.grad_checkpoint = self.grad_checkpoint.unwrap_or(false);
+        c.packing = self.packing.unwrap_or(false);
+        if c.packing && self.epochs.is_some() {
+            bail!("--epochs with --packing: give --steps (the number of packed rows is known only after tokenizing; the log's packing line states it)");
+        }
         c.validation = match self.val_fraction {
             Some(f) if self.val_data.is_some() => bail!("--val-fraction {f} and --val-data: give one of them"),
             Some(f) => Some(Split::Fraction(f)),
@@ -516,6 +526,9 @@ pub fn run(args: TrainArgs) -> Result<i32> {
     };
     let st = sess.data_stats();
     let (n_train, n_val) = sess.split_sizes();
+    if let Some(rows) = sess.packed_rows() {
+        eprintln!("packing  {n_train} training examples in {rows} rows of at most {} tokens", cfg.max_len);
+    }
     eprintln!(
         "data     {}: {} examples ({} training, {} validation{}), {} tokens, {} counted by the loss, longest {}{}",
         data_path.display(),

@@ -578,7 +578,7 @@ pub fn run(args: TrainArgs) -> Result<i32> {
     // message says what the files on disk hold; files are written atomically, so they are whole.
     let failed = |e: &dyn std::fmt::Display, saved_step: Option<u64>| {
         let saved = match saved_step {
-            Some(s) => format!("the checkpoint {} and the adapter in {} hold step {s} (continue with the same command and --resume)", ck_dir.display(), out.display()),
+            Some(s) => format!("the checkpoint {} and the adapter in {} hold step {s}", ck_dir.display(), out.display()),
             None => format!("nothing was saved yet (the first checkpoint comes at step {save_every})"),
         };
         anyhow::anyhow!("{e}; {saved}")
@@ -626,7 +626,7 @@ pub fn run(args: TrainArgs) -> Result<i32> {
             run.save_checkpoint(&sess).map_err(|e| failed(&e, saved_step))?;
             run.save_adapter(&sess).map_err(|e| {
                 let adapter = saved_step.map_or("no adapter".to_string(), |s| format!("the adapter in {} holds step {s}", out.display()));
-                anyhow::anyhow!("{e}; the checkpoint {} holds step {} and {adapter} (continue with the same command and --resume)", ck_dir.display(), info.step)
+                anyhow::anyhow!("{e}; the checkpoint {} holds step {} and {adapter}", ck_dir.display(), info.step)
             })?;
             run.plot()?;
             saved_step = Some(info.step);

@@ -4,7 +4,7 @@
 # process (an allocation beyond 64 MiB + 64x its size, or an execution over 10 s) is moved into
 # tests/fixtures/fuzz/<parser>/ and the campaign goes on with the next parser; panics are saved
 # there by the fuzzer itself. Exit status 1 when anything failed.
-#   scripts/fuzz.sh [SECONDS] [SEED] [PARSER...]
+#   [PROFILE=dev] scripts/fuzz.sh [SECONDS] [SEED] [PARSER...]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-60}
@@ -12,8 +12,9 @@ SEED=${2:-1}
 shift $(( $# > 2 ? 2 : $# ))
 PARSERS=("$@")
 [ ${#PARSERS[@]} -eq 0 ] && PARSERS=(safetensors config.json gguf tokenizer chat_template jsonl toml peft_adapter bnb_4bit checkpoint)
-cargo build --release --example fuzz || exit 2
-BIN=target/release/examples/fuzz
+# PROFILE=dev uses the dev profile (optimized too; no release build of the dependencies needed).
+if [ "${PROFILE:-release}" = dev ]; then cargo build --example fuzz || exit 2; BIN=target/debug/examples/fuzz
+else cargo build --release --example fuzz || exit 2; BIN=target/release/examples/fuzz; fi
 status=0
 for p in "${PARSERS[@]}"; do
   if ! "$BIN" "$p" "$SECS" "$SEED" | grep -v '^parser\|^total'; then

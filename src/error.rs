@@ -23,6 +23,13 @@ pub enum Error {
     /// An argument outside its valid range.
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// The GPU device was lost (driver reset or crash, GPU removed, browser tab backgrounded, or
+    /// `destroy`ed): everything on it is gone and no further GPU work is possible on it.
+    #[error("the GPU device was lost ({0}); everything on it is gone and nothing more was written. Try: start again on a new device (a training run continues from its last checkpoint with --resume); if it recurs, update the GPU driver or close other programs using the GPU")]
+    DeviceLost(String),
+    /// A device allocation failed: the GPU's memory, or the budget set for it, is exhausted.
+    #[error("the GPU ran out of memory ({0}). Try: a smaller batch size (--batch-size) or maximum length (--max-len), gradient checkpointing (--grad-checkpoint), a lower LoRA rank or fewer target modules, or close other programs using the GPU")]
+    OutOfMemory(String),
 }
 
 /// Result alias of the library.

@@ -156,6 +156,8 @@ mod api {
             E::Limit { .. } => "limit",
             E::Format { .. } => "format",
             E::Invalid(_) => "invalid",
+            E::DeviceLost(_) => "device-lost",
+            E::OutOfMemory(_) => "out-of-memory",
         }
     }
 

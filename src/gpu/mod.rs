@@ -21,6 +21,7 @@ use pool::BufferPool;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::{Arc, Mutex};
 
 /// Bytes of one uniform-parameter slot (WebGPU's minimum uniform offset alignment is at most 256).
 const PARAM_SLOT: u64 = 256;
@@ -127,6 +128,35 @@ pub struct GpuContext {
     /// GPU timing from timestamp queries written at each compute pass's start and end
     /// ([`GpuContext::set_gpu_timing`]); native only.
     timing: RefCell<Option<Timing>>,
+    /// Faults the device reported (device lost, out of memory, other errors), recorded by its
+    /// callbacks and turned into errors at the next allocation, dispatch, submit or readback.
+    faults: Arc<Mutex<Faults>>,
+    /// A budget for the pool's device memory, bytes ([`GpuContext::set_memory_budget`]).
+    memory_budget: Cell<Option<u64>>,
+    /// Test hook: the device is destroyed when this many more dispatches have been recorded
+    /// ([`GpuContext::lose_device_after`]).
+    lose_after: Cell<Option<u64>>,
+}
+
+/// What the device's callbacks reported; the first of each kind is kept.
+#[derive(Default)]
+struct Faults {
+    lost: Option<String>,
+    out_of_memory: Option<String>,
+    other: Option<String>,
+}
+
+impl Faults {
+    /// The error to report: a lost device first (later errors follow from it), then memory.
+    fn error(&self) -> Option<Error> {
+        if let Some(m) = &self.lost {
+            Some(Error::DeviceLost(m.clone()))
+        } else if let Some(m) = &self.out_of_memory {
+            Some(Error::OutOfMemory(m.clone()))
+        } else {
+            self.other.as_ref().map(|m| Error::Device(m.clone()))
+        }
+    }
 }
 
 /// Kernel times measured on the GPU: every dispatch of the pending encoder writes two timestamps
@@ -158,6 +188,13 @@ pub struct GpuTimes {
 /// and users can exercise the sharded paths (row-sharded embedding and lm_head, chunked output
 /// layer) on any adapter.
 pub const MAX_BINDING_ENV: &str = "QLORA_MAX_BINDING";
+
+/// Environment variable that caps the device memory the buffer pool may allocate (bytes, or with
+/// a K, M or G suffix): an allocation past it fails as out of memory, as on a smaller GPU.
+pub const MEMORY_BUDGET_ENV: &str = "QLORA_GPU_MEMORY_BUDGET";
+
+/// Test hook (native): destroy the device after this many dispatches, as a driver reset would.
+pub const LOSE_DEVICE_ENV: &str = "QLORA_TEST_LOSE_DEVICE_AFTER";
 
 /// Parses a byte count with an optional K/M/G (binary) suffix.
 pub fn parse_bytes(s: &str) -> Option<u64> {
@@ -261,6 +298,45 @@ impl GpuContext {
             })?),
             None => None,
         };
+        let env = |name: &str| if cfg!(target_arch = "wasm32") { None } else { std::env::var(name).ok() };
+        let memory_budget = match env(MEMORY_BUDGET_ENV) {
+            Some(v) => Some(parse_bytes(&v).ok_or_else(|| {
+                Error::Invalid(format!("{MEMORY_BUDGET_ENV}={}: expected a byte count (e.g. 512M)", crate::error::quote(&v)))
+            })?),
+            None => None,
+        };
+        let lose_after = match env(LOSE_DEVICE_ENV) {
+            Some(v) => Some(v.trim().parse::<u64>().map_err(|_| {
+                Error::Invalid(format!("{LOSE_DEVICE_ENV}={}: expected a dispatch count", crate::error::quote(&v)))
+            })?),
+            None => None,
+        };
+        let faults = Arc::new(Mutex::new(Faults::default()));
+        {
+            let f = faults.clone();
+            device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+                let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
+                let slot = match e {
+                    wgpu::Error::OutOfMemory { .. } => &mut f.out_of_memory,
+                    _ => &mut f.other,
+                };
+                if slot.is_none() {
+                    *slot = Some(crate::error::quote(&e.to_string()));
+                }
+            }));
+            let f = faults.clone();
+            device.set_device_lost_callback(move |reason, msg| {
+                let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
+                if f.lost.is_none() {
+                    let why = match reason {
+                        wgpu::DeviceLostReason::Destroyed => "destroyed".to_string(),
+                        r => format!("{r:?}"),
+                    };
+                    let msg = msg.trim();
+                    f.lost = Some(if msg.is_empty() { why } else { format!("{why}: {}", crate::error::quote(msg)) });
+                }
+            });
+        }
         Ok(Rc::new(GpuContext {
             max_binding: Cell::new(forced.map_or(adapter_max, |f| f.min(adapter_max))),
             binding_forced: Cell::new(forced.is_some_and(|f| f < adapter_max)),
@@ -276,7 +352,47 @@ impl GpuContext {
             param_arena,
             pending: RefCell::new(None),
             profile: RefCell::new(None),
+            faults,
+            memory_budget: Cell::new(memory_budget),
+            lose_after: Cell::new(lose_after),
         }))
+    }
+
+    /// The fault the device reported, if any, as an error: the device lost
+    /// ([`Error::DeviceLost`]), out of memory ([`Error::OutOfMemory`]) or another device error.
+    /// Checked by every allocation, dispatch and readback, so a step fails at its next GPU call.
+    pub fn check(&self) -> Result<()> {
+        match self.faults.lock().unwrap_or_else(|p| p.into_inner()).error() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Caps the device memory the buffer pool may hold, bytes (`None`: the device's own memory
+    /// is the limit); also set by `QLORA_GPU_MEMORY_BUDGET`. An allocation past it fails with
+    /// [`Error::OutOfMemory`] as it would on a GPU with that much memory; buffers already held
+    /// stay.
+    pub fn set_memory_budget(&self, bytes: Option<u64>) {
+        self.memory_budget.set(bytes);
+    }
+
+    /// Destroys the device now, as a driver reset or a lost browser GPU would: every later GPU
+    /// call of this context fails with [`Error::DeviceLost`]. For tests of fault handling.
+    pub fn destroy_device(&self) {
+        self.device.destroy();
+        // Natively the lost callback runs from a poll; make sure it has run.
+        #[cfg(not(target_arch = "wasm32"))]
+        let _ = self.device.poll(wgpu::PollType::Poll);
+        let mut f = self.faults.lock().unwrap_or_else(|p| p.into_inner());
+        if f.lost.is_none() {
+            f.lost = Some("destroyed".into());
+        }
+    }
+
+    /// Test hook: destroys the device once `dispatches` more dispatches have been recorded (mid
+    /// step when the count falls inside one); also set by `QLORA_TEST_LOSE_DEVICE_AFTER`.
+    pub fn lose_device_after(&self, dispatches: Option<u64>) {
+        self.lose_after.set(dispatches);
     }
 
     /// What the adapter is and offers.
@@ -341,6 +457,16 @@ impl GpuContext {
         let n: usize = shape.iter().product();
         let bytes = dtype.bytes(n) as u64;
         self.check_binding("alloc", bytes)?;
+        self.check()?;
+        if let Some(budget) = self.memory_budget.get() {
+            if !self.pool.borrow().can_serve(bytes, budget) {
+                let s = self.pool.borrow().stats();
+                return Err(Error::OutOfMemory(format!(
+                    "a buffer of {bytes} bytes does not fit: {} bytes of the budget of {budget} bytes ({MEMORY_BUDGET_ENV}) are allocated, {} in use",
+                    s.allocated, s.in_use
+                )));
+            }
+        }
         let buf = BufferPool::get(&self.pool, &self.device, bytes);
         Ok(Tensor::new(buf, shape.to_vec(), dtype))
     }
@@ -573,6 +699,15 @@ impl GpuContext {
         if groups.contains(&0) {
             return Ok(());
         }
+        if let Some(n) = self.lose_after.get() {
+            if n == 0 {
+                self.lose_after.set(None);
+                self.destroy_device();
+            } else {
+                self.lose_after.set(Some(n - 1));
+            }
+        }
+        self.check()?;
         let bytes = bytemuck::bytes_of(params);
         assert!(bytes.len() as u64 <= PARAM_SLOT, "params of {} exceed a slot", kernel.entry);
         let pipeline = self.pipeline(kernel, constants);
@@ -675,19 +810,23 @@ impl GpuContext {
             let _ = tx.send(());
         });
         self.poll_wait()?;
-        rx.await.map_err(|_| Error::Device("device lost while waiting".into()))
+        rx.await.map_err(|_| Error::DeviceLost("while waiting for the queue".into()))?;
+        self.check()
     }
 
     fn poll_wait(&self) -> Result<()> {
+        self.check()?;
         #[cfg(not(target_arch = "wasm32"))]
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::Device(format!("poll: {e}")))?;
-        Ok(())
+        if let Err(e) = self.device.poll(wgpu::PollType::wait_indefinitely()) {
+            self.check()?;
+            return Err(Error::Device(format!("poll: {e}")));
+        }
+        self.check()
     }
 
     /// Reads a tensor back as raw bytes (exactly `t.byte_len()` of them).
     pub async fn read_bytes(&self, t: &Tensor) -> Result<Vec<u8>> {
+        self.check()?;
         let len = t.byte_len() as u64;
         if len == 0 {
             return Ok(Vec::new());
@@ -706,9 +845,9 @@ impl GpuContext {
             let _ = tx.send(r);
         });
         self.poll_wait()?;
-        rx.await
-            .map_err(|_| Error::Device("device lost during readback".into()))?
-            .map_err(|e| Error::Device(format!("readback map failed: {e}")))?;
+        let mapped = rx.await.map_err(|_| Error::DeviceLost("during a readback".into()))?;
+        self.check()?;
+        mapped.map_err(|e| Error::Device(format!("readback map failed: {e}")))?;
         let out = {
             let view = staging
                 .get_mapped_range(..)

@@ -80,6 +80,13 @@ impl BufferPool {
         PooledBuffer { buffer: Some(buffer), class, pool: pool.clone() }
     }
 
+    /// Whether a request of `bytes` can be served within `budget` bytes of allocated memory:
+    /// by a recycled buffer, or by a new one that keeps the total within the budget.
+    pub(crate) fn can_serve(&self, bytes: u64, budget: u64) -> bool {
+        let class = size_class(bytes);
+        self.free.get(&class).is_some_and(|v| !v.is_empty()) || self.stats.allocated.saturating_add(class) <= budget
+    }
+
     pub(crate) fn stats(&self) -> PoolStats {
         self.stats
     }

@@ -595,15 +595,18 @@ pub fn run(args: TrainArgs) -> Result<i32> {
     let mut interrupted = false;
     // The step of the last checkpoint and adapter on disk (for the message of a failed step).
     let mut saved_step = if args.resume { Some(sess.step_count()) } else { None };
+    // A failed step, evaluation or save (a NaN loss, a lost device, out of GPU memory): the
+    // message says what the files on disk hold; files are written atomically, so they are whole.
+    let failed = |e: &dyn std::fmt::Display, saved_step: Option<u64>| {
+        let saved = match saved_step {
+            Some(s) => format!("the checkpoint {} and the adapter in {} hold step {s}", ck_dir.display(), out.display()),
+            None => format!("nothing was saved yet (the first checkpoint comes at step {save_every})"),
+        };
+        anyhow::anyhow!("{e}; {saved}")
+    };
     while !sess.done() {
         let ts = Instant::now();
-        let info = block_on(sess.step()).map_err(|e| {
-            let saved = match saved_step {
-                Some(s) => format!("the checkpoint {} and the adapter in {} hold step {s}", ck_dir.display(), out.display()),
-                None => format!("nothing was saved yet (the first checkpoint comes at step {save_every})"),
-            };
-            anyhow::anyhow!("{e}; {saved}")
-        })?;
+        let info = block_on(sess.step()).map_err(|e| failed(&e, saved_step))?;
         let dt = ts.elapsed().as_secs_f64();
         tokens_total += info.input_tokens;
         let tps = tokens_total as f64 / t0.elapsed().as_secs_f64();
@@ -617,7 +620,7 @@ pub fn run(args: TrainArgs) -> Result<i32> {
         run.train_points.push((info.step, info.loss));
         let mut val_msg = String::new();
         if has_val && (info.step % eval_every == 0 || info.step == cfg.steps) {
-            if let Some(v) = val_loss(&sess)? {
+            if let Some(v) = val_loss(&sess).map_err(|e| failed(&e, saved_step))? {
                 line["val_loss"] = json!(v);
                 line["val_ppl"] = json!(v.exp());
                 run.val_points.push((info.step, v));
@@ -639,8 +642,13 @@ pub fn run(args: TrainArgs) -> Result<i32> {
         }
         let stop = STOP.load(Ordering::SeqCst);
         if info.step % save_every == 0 || stop || sess.done() {
-            run.save_checkpoint(&sess)?;
-            run.save_adapter(&sess)?;
+            // The checkpoint is written before the adapter: a failure between them leaves a
+            // checkpoint one save ahead of the adapter, both whole.
+            run.save_checkpoint(&sess).map_err(|e| failed(&e, saved_step))?;
+            run.save_adapter(&sess).map_err(|e| {
+                let adapter = saved_step.map_or("no adapter".to_string(), |s| format!("the adapter in {} holds step {s}", out.display()));
+                anyhow::anyhow!("{e}; the checkpoint {} holds step {} and {adapter}", ck_dir.display(), info.step)
+            })?;
             run.plot()?;
             saved_step = Some(info.step);
         }

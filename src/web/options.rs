@@ -386,7 +386,7 @@ mod tests {
         let e = train_config(&json!({"lr": "fast"})).unwrap_err().to_string();
         assert!(e.contains("TrainOptions.lr: expected a number, got a string"), "{e}");
         let e = train_config(&json!({"steps": 0})).unwrap_err().to_string();
-        assert!(e.contains("steps must be at least 1"), "{e}");
+        assert!(e.contains("steps 0 must be in 1..=100000000"), "{e}");
         let e = train_config(&json!([1])).unwrap_err().to_string();
         assert!(e.contains("expected an object, got an array"), "{e}");
     }

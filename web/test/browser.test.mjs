@@ -196,7 +196,8 @@ function compareWithNative(label, web, native, bound) {
     `worst max|diff|/max|native| ${cmp.worstMax.toExponential(2)} (${cmp.worstMaxKey})`);
   lossErr.forEach((e, i) => assert.ok(e <= bound.loss, `${label}: step ${i + 1} loss: browser ${web.losses[i]} vs native ${native.losses[i]}`));
   assert.deepEqual(cmp.failures, [], `${label}: adapter values within ${bound.adapter} relative`);
-  assert.equal(cmp.keys, 28, 'A and B of the 7 projections of both layers');
+  // A and B of the 7 projections of both layers, and with DoRA a magnitude vector each.
+  assert.equal(cmp.keys, webCfg.use_dora ? 42 : 28, 'A and B (and DoRA magnitudes) of the 7 projections of both layers');
   return webCfg;
 }
 
@@ -206,18 +207,6 @@ test('the demo trains the tiny model in Chromium (SwiftShader) and exports the a
   const page = await openDemo(lines);
   await page.setInputFiles('#model-files', MODEL_FILES.map((f) => path.join(MODEL_DIR, f)));
 
-  // A batch whose MLP activations (8192 x 256 rows x 160 x 4 bytes = 1.25 GiB) exceed the adapter's
-  // largest storage binding (SwiftShader: 1 GiB): a clear message before any step. (The output
-  // layer never holds all logits, so the vocabulary does not limit the batch.)
-  await page.fill('#batch', '8192');
-  await page.fill('#max-len', '256');
-  await page.click('#train');
-  await page.waitForFunction(() => window.demo.error, null, { timeout: 120e3 });
-  const limit = await page.evaluate(() => ({ chain: window.demo.error, text: document.getElementById('error').textContent, phase: window.demo.phase }));
-  assert.equal(limit.chain.at(-1).kind, 'limit', JSON.stringify(limit.chain));
-  assert.match(limit.text, /starting training\n  caused by: device limit exceeded in training: a batch of 8192 examples of up to 256 tokens needs activations of 1280\.0 MiB/);
-  assert.match(limit.text, /larger than what this GPU adapter allows/);
-  assert.equal(limit.phase, 'ready');
   const form = { '#rank': '8', '#alpha': '16', '#steps': String(STEPS), '#lr': '0.005', '#batch': '2', '#max-len': '96', '#seed': '3' };
   const s = await trainInDemo(page, lines, { quant: 'f32', form, steps: STEPS });
   const late = mean(s.losses.slice(Math.floor(STEPS / 2)));

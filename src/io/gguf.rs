@@ -669,6 +669,12 @@ pub fn dequantize(ty: GgmlType, data: &[u8]) -> Option<Vec<f32>> {
 /// transformers' `reverse_permute_weights`). Applies to biases too (cols = 1).
 /// `None` when rows is not a multiple of 2 * n_head or the length is not rows * cols.
 pub fn unpermute_rows(w: &[f32], rows: usize, n_head: usize) -> Option<Vec<f32>> {
+    move_head_rows(w, rows, n_head, false)
+}
+
+/// The q/k row permutation (`to_gguf`: Hugging Face -> GGUF order) or its inverse: for head h,
+/// GGUF row h*head_dim + 2j + s is Hugging Face row h*head_dim + s*half + j.
+pub(crate) fn move_head_rows(w: &[f32], rows: usize, n_head: usize, to_gguf: bool) -> Option<Vec<f32>> {
     if n_head == 0 || rows == 0 || !rows.is_multiple_of(2 * n_head) || !w.len().is_multiple_of(rows) {
         return None;
     }
@@ -679,8 +685,8 @@ pub fn unpermute_rows(w: &[f32], rows: usize, n_head: usize) -> Option<Vec<f32>>
     for h in 0..n_head {
         for s in 0..2 {
             for j in 0..half {
-                let dst = h * hd + s * half + j;
-                let src = h * hd + 2 * j + s;
+                let (gguf, hf) = (h * hd + 2 * j + s, h * hd + s * half + j);
+                let (dst, src) = if to_gguf { (gguf, hf) } else { (hf, gguf) };
                 out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
             }
         }

@@ -157,21 +157,5 @@ impl GgufWriter {
 /// h*head_dim + s*half + j (half = head_dim / 2). Inverse of [`super::gguf::unpermute_rows`].
 /// `None` when rows is not a multiple of 2 * n_head or the length is not rows * cols.
 pub fn permute_rows(w: &[f32], rows: usize, n_head: usize) -> Option<Vec<f32>> {
-    if n_head == 0 || rows == 0 || !rows.is_multiple_of(2 * n_head) || !w.len().is_multiple_of(rows) {
-        return None;
-    }
-    let cols = w.len() / rows;
-    let hd = rows / n_head;
-    let half = hd / 2;
-    let mut out = vec![0.0f32; w.len()];
-    for h in 0..n_head {
-        for s in 0..2 {
-            for j in 0..half {
-                let dst = h * hd + 2 * j + s;
-                let src = h * hd + s * half + j;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    Some(out)
+    super::gguf::move_head_rows(w, rows, n_head, true)
 }

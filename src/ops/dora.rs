@@ -213,19 +213,7 @@ pub fn backward(
         return Ok([None, None, None, dm]);
     }
     let gs = scale(ctx, mag, norm, &g2, 0.0, None)?;
-    let db = match (want[2], h) {
-        (true, Some(h)) => Some(matmul::matmul(ctx, &gs, h, Trans::TN, run.scale)?),
-        _ => None,
-    };
-    let dh = if want[0] || want[1] { Some(matmul::matmul(ctx, &gs, b, Trans::NN, run.scale)?) } else { None };
-    let da = match (want[1], x, &dh) {
-        (true, Some(x), Some(dh)) => {
-            let x2 = x.reshape(&[rows, k]);
-            let xd = if run.dropout > 0.0 { dropout_forward(ctx, &x2, run)? } else { x2 };
-            Some(matmul::matmul(ctx, dh, &xd, Trans::TN, 1.0)?)
-        }
-        _ => None,
-    };
+    let (dh, da, db) = crate::ops::lora::adapter_grads(ctx, &gs, x, h, b, run, k, [want[0], want[1], want[2]])?;
     let dx = match (want[0], &dh) {
         (true, Some(dh)) => {
             let dx = if run.dropout > 0.0 {

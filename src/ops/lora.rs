@@ -214,6 +214,37 @@ pub fn forward_with_bias(
     Ok((y.reshape(&yshape), h))
 }
 
+/// The low-rank branch's gradients from g2 (rows, out), the gradient reaching s·h·B^T: (dh =
+/// s·g2·B, dA = dh^T·dropout(x), dB = s·g2^T·h), each only when `want` (dx, dA, dB) needs it
+/// (dh for dx or dA). Shared by the LoRA and DoRA linears.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn adapter_grads(
+    ctx: &GpuContext,
+    g2: &Tensor,
+    x: Option<&Tensor>,
+    h: Option<&Tensor>,
+    b: &Tensor,
+    run: &LoraRun,
+    k: usize,
+    want: [bool; 3],
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let rows = g2.shape()[0];
+    let db = match (want[2], h) {
+        (true, Some(h)) => Some(matmul::matmul(ctx, g2, h, Trans::TN, run.scale)?),
+        _ => None,
+    };
+    let dh = if want[0] || want[1] { Some(matmul::matmul(ctx, g2, b, Trans::NN, run.scale)?) } else { None };
+    let da = match (want[1], x, &dh) {
+        (true, Some(x), Some(dh)) => {
+            let x2 = x.reshape(&[rows, k]);
+            let xd = if run.dropout > 0.0 { dropout_forward(ctx, &x2, run)? } else { x2 };
+            Some(matmul::matmul(ctx, dh, &xd, Trans::TN, 1.0)?)
+        }
+        _ => None,
+    };
+    Ok((dh, da, db))
+}
+
 /// Gradients of the LoRA linear from g = dL/dy: (dx, dA, dB), each computed only when asked.
 /// dB = s·g^T·h, dh = s·g·B, dA = dh^T·dropout(x), dx = g·W0 + dropout^T(dh·A).
 #[allow(clippy::too_many_arguments)]
@@ -231,19 +262,7 @@ pub fn backward(
     let (rows, n) = rows_cols(g.shape());
     let k = w0.shape()[1];
     let g2 = g.reshape(&[rows, n]);
-    let db = match (want[2], h) {
-        (true, Some(h)) => Some(matmul::matmul(ctx, &g2, h, Trans::TN, run.scale)?),
-        _ => None,
-    };
-    let dh = if want[0] || want[1] { Some(matmul::matmul(ctx, &g2, b, Trans::NN, run.scale)?) } else { None };
-    let da = match (want[1], x, &dh) {
-        (true, Some(x), Some(dh)) => {
-            let x2 = x.reshape(&[rows, k]);
-            let xd = if run.dropout > 0.0 { dropout_forward(ctx, &x2, run)? } else { x2 };
-            Some(matmul::matmul(ctx, dh, &xd, Trans::TN, 1.0)?)
-        }
-        _ => None,
-    };
+    let (dh, da, db) = adapter_grads(ctx, &g2, x, h, b, run, k, want)?;
     let dx = match (want[0], &dh) {
         (true, Some(dh)) => {
             let dx = w0.backward_input(ctx, &g2)?;

@@ -97,7 +97,7 @@ struct Rng(u64);
 impl Rng {
     fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        qlora_webgpu::train::mix64(self.0)
+        qlora_webgpu::rng::mix64(self.0)
     }
     fn below(&mut self, n: usize) -> usize {
         if n == 0 { 0 } else { (self.next() % n as u64) as usize }
@@ -246,7 +246,7 @@ fn main() {
                 std::process::exit(2);
             }
         }
-        let mut rng = Rng(seed ^ qlora_webgpu::train::mix64(t.name.len() as u64 * 977 + t.name.as_bytes()[0] as u64));
+        let mut rng = Rng(seed ^ qlora_webgpu::rng::mix64(t.name.len() as u64 * 977 + t.name.as_bytes()[0] as u64));
         let (mut n, mut ok, mut panics) = (0u64, 0u64, 0u64);
         let mut slowest = Duration::ZERO;
         ALLOC_MAX.store(0, Ordering::Relaxed);

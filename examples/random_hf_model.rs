@@ -12,8 +12,8 @@
 
 use safetensors::Dtype;
 use qlora_webgpu::model::arch;
-use qlora_webgpu::quant::{serialize_tensors, RawTensor};
-use qlora_webgpu::train::SplitMix64;
+use qlora_webgpu::io::safetensors_write::{serialize_tensors, RawTensor};
+use qlora_webgpu::rng::SplitMix64;
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -4,17 +4,26 @@
 # must be intact (the checkpoint folder's files match the SHA-256 in its manifest; the adapter in
 # OUT loads), and the run continues with --resume. At the end the adapter must be byte-identical
 # to an uninterrupted run's. Not part of CI (minutes on lavapipe). Needs a GPU adapter.
-#   [PROFILE=dev] scripts/kill-saves.sh [KILLS] [STEPS]
+#   [PROFILE=dev] [WHEN=saves|anytime] scripts/kill-saves.sh [KILLS] [STEPS]
+# WHEN=saves (default) aims every kill at a save: a watcher polls the output folder every ~0.1 ms
+# and kills the run a random 0-3 ms after the k-th save (k random in 1..3) starts, that is after
+# a temporary (adapter_model.safetensors.tmp, checkpoint.tmp, checkpoint.old, ...) appears; the
+# temporaries' fsync and the renames take milliseconds, so most kills land inside a write or
+# between the renames. WHEN=anytime kills after a random 0.3-2.5 s (mostly while loading or
+# training).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KILLS=${1:-100}
 STEPS=${2:-40}
+WHEN=${WHEN:-saves}
 # PROFILE=dev uses the dev profile (no release build needed; slower steps, same checks).
 PROFILE=${PROFILE:-release}
 if [ "$PROFILE" = dev ]; then cargo build --bin qlora >/dev/null; Q=$PWD/target/debug/qlora
 else cargo build --release --bin qlora >/dev/null; Q=$PWD/target/release/qlora; fi
 W=$(mktemp -d)
 trap 'rm -rf "$W"' EXIT
+# A copy of the binary: a rebuild while this runs (minutes) does not change what is tested.
+cp "$Q" "$W/qlora"; Q=$W/qlora
 cp tests/fixtures/data/chat.jsonl "$W/"
 cd "$W"
 ARGS=(train "$OLDPWD/tests/fixtures/tiny-llama/model" --data chat.jsonl -r 2 --batch-size 2 --max-len 48 --lr 1e-3 --save-every 1 --steps "$STEPS" --seed 3)
@@ -50,11 +59,44 @@ kills=0; corrupt=0; refused=0; resumes=0; midwrite=0
 while [ $kills -lt "$KILLS" ]; do
   if [ -f run/checkpoint/manifest.json ] || [ -d run/checkpoint.old ]; then EXTRA=(--resume); resumes=$((resumes+1)); else EXTRA=(); fi
   before=$(temps)
-  "$Q" "${ARGS[@]}" --out run "${EXTRA[@]}" 2>err.txt &
-  pid=$!
-  sleep "$(python3 -c 'import random; print(round(random.uniform(0.3, 2.5), 3))')"
-  if kill -9 $pid 2>/dev/null; then kills=$((kills+1)); fi
-  wait $pid 2>/dev/null && { echo "the run finished before kill $((kills+1)); starting over"; rm -rf run; continue; } || true
+  if [ "$WHEN" = saves ]; then
+    r=$(python3 - "$Q" "${ARGS[@]}" --out run "${EXTRA[@]}" <<'PY'
+import glob, os, random, signal, subprocess, sys, time
+# Start the run, wait for the k-th save to begin (a temporary appears in the output folder),
+# kill -9 a random 0-3 ms later; prints "killed" or "finished".
+pats = ["run/*.tmp", "run/checkpoint.tmp", "run/checkpoint.old"]
+def temps():
+    return sorted(p for q in pats for p in glob.glob(q))
+before = temps()
+k, delay = random.randint(1, 3), random.uniform(0, 0.003)
+with open("err.txt", "w") as err:
+    p = subprocess.Popen(sys.argv[1:], stderr=err, stdout=subprocess.DEVNULL)
+    seen, saves = False, 0
+    while p.poll() is None:
+        now = temps()
+        busy = bool(now) and now != before
+        if busy and not seen:
+            saves += 1
+            if saves == k:
+                time.sleep(delay)
+                p.send_signal(signal.SIGKILL)
+                p.wait()
+                print("killed")
+                sys.exit(0)
+        seen = busy
+        time.sleep(0.0001)
+print("finished")
+PY
+)
+    if [ "$r" = finished ]; then echo "the run finished before kill $((kills+1)); starting over"; rm -rf run; continue; fi
+    kills=$((kills+1))
+  else
+    "$Q" "${ARGS[@]}" --out run "${EXTRA[@]}" 2>err.txt &
+    pid=$!
+    sleep "$(python3 -c 'import random; print(round(random.uniform(0.3, 2.5), 3))')"
+    if kill -9 $pid 2>/dev/null; then kills=$((kills+1)); fi
+    wait $pid 2>/dev/null && { echo "the run finished before kill $((kills+1)); starting over"; rm -rf run; continue; } || true
+  fi
   # A kill during a write leaves its temporary (checkpoint.tmp, *.tmp) or checkpoint.old behind:
   # counted when they differ from what was there before this run (stale ones from an earlier kill
   # are not counted again).

@@ -13,6 +13,7 @@ pub mod lora;
 pub mod model;
 pub mod ops;
 pub mod quant;
+pub mod rng;
 pub mod session;
 pub mod train;
 pub mod web;

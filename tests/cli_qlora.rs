@@ -255,7 +255,7 @@ const MERGED_LOSS_BOUND: f64 = 1.000001e-6;
 /// `.dequantized` entries) and the embedding and norms of the bf16 model, and the tokenizer
 /// files.
 fn bnb_nf4_folder(dir: &Path) -> PathBuf {
-    use qlora_webgpu::quant::{serialize_tensors, RawTensor};
+    use qlora_webgpu::io::safetensors_write::{serialize_tensors, RawTensor};
     std::fs::create_dir_all(dir).unwrap();
     let raw = |path: &Path, keep: &dyn Fn(&str) -> bool| -> Vec<RawTensor> {
         let bytes = std::fs::read(path).unwrap();

@@ -14,7 +14,7 @@ use qlora_webgpu::model::llama::{self, ForwardOpts, LayerWeights, LlamaConfig, L
 use qlora_webgpu::ops::cross_entropy;
 use qlora_webgpu::ops::lora::{Frozen, LoraRun};
 use qlora_webgpu::ops::rope::{self, RopeTables};
-use qlora_webgpu::quant::{serialize_tensors, RawTensor};
+use qlora_webgpu::io::safetensors_write::{serialize_tensors, RawTensor};
 use qlora_webgpu::train::trainer::Model;
 use std::collections::HashMap;
 use std::rc::Rc;

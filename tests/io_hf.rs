@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use qlora_webgpu::io::{hf, load_hf, HostModel, HostWeight, SafeTensorsFile, TensorRef};
 use qlora_webgpu::model::config::{Architecture, ModelConfig, RopeScaling};
-use qlora_webgpu::quant::{serialize_tensors, RawTensor};
+use qlora_webgpu::io::safetensors_write::{serialize_tensors, RawTensor};
 use qlora_webgpu::Error;
 use safetensors::Dtype;
 
@@ -493,7 +493,7 @@ fn bad_safetensors_files_are_errors_naming_file_and_tensor() {
 
 #[test]
 fn bf16_f16_conversion_is_exact() {
-    use qlora_webgpu::io::safetensors::{bf16_to_f32, f16_to_f32};
+    use qlora_webgpu::io::half::{bf16_to_f32, f16_to_f32};
     for h in 0..=u16::MAX {
         let e = (h >> 10) & 31;
         if e != 31 {

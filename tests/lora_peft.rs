@@ -15,13 +15,15 @@ use common::*;
 use qlora_webgpu::gpu::block_on;
 use qlora_webgpu::lora::config::{kaiming_bound, regex_matches};
 use qlora_webgpu::lora::merge::{
-    bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits, hf_weight_name, merge_adapter, merge_weight, merged_folder,
+    hf_weight_name, merge_adapter, merge_weight, merged_folder,
     to_safetensors, BaseTensor, HostTensor, OutDtype,
 };
 use qlora_webgpu::lora::peft::{self, config_from_json, config_to_json, host_adapter_from_bytes, host_adapter_to_bytes};
 use qlora_webgpu::lora::{self, init_host_adapter, module_name, peft_key, HostAdapter, HostLora, InitLoraWeights, LoraConfig, TargetModules};
 use qlora_webgpu::model::llama::{LlamaConfig, TARGETS};
-use qlora_webgpu::quant::{read_bnb_nf4, serialize_tensors, RawTensor};
+use qlora_webgpu::io::half::{bf16_to_f32, f16_to_f32, f32_to_bf16_bits, f32_to_f16_bits};
+use qlora_webgpu::io::safetensors_write::{serialize_tensors, RawTensor};
+use qlora_webgpu::io::bnb::read_bnb_nf4;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 use std::collections::{BTreeSet, HashMap};
@@ -207,8 +209,8 @@ fn adapter_final_loads_and_half_precision_adapters_convert() {
     assert_ne!(fin.layers, load_reference().layers, "20 AdamW steps changed the adapter");
     // The same adapter stored as bf16 and as f16: read back as the exact f32 of each half value.
     for (dt, to, back) in [
-        (Dtype::BF16, f32_to_bf16_bits as fn(f32) -> u16, bf16_bits_to_f32 as fn(u16) -> f32),
-        (Dtype::F16, f32_to_f16_bits, f16_bits_to_f32),
+        (Dtype::BF16, f32_to_bf16_bits as fn(f32) -> u16, bf16_to_f32 as fn(u16) -> f32),
+        (Dtype::F16, f32_to_f16_bits, f16_to_f32),
     ] {
         let raw: Vec<RawTensor> = reference_raw()
             .into_iter()
@@ -599,8 +601,8 @@ fn merge_into_the_nf4_base_dequantizes_first() {
 #[test]
 fn half_precision_conversion_rounds_to_nearest_even() {
     for (name, to, back, max_finite) in [
-        ("f16", f32_to_f16_bits as fn(f32) -> u16, f16_bits_to_f32 as fn(u16) -> f32, 0x7BFFu16),
-        ("bf16", f32_to_bf16_bits, bf16_bits_to_f32, 0x7F7F),
+        ("f16", f32_to_f16_bits as fn(f32) -> u16, f16_to_f32 as fn(u16) -> f32, 0x7BFFu16),
+        ("bf16", f32_to_bf16_bits, bf16_to_f32, 0x7F7F),
     ] {
         // Every half value converts back to itself (NaNs stay NaN).
         for h in 0..=u16::MAX {
@@ -670,7 +672,7 @@ fn merged_folder_files() {
     let st = SafeTensors::deserialize(&files[0].1).unwrap();
     let q = st.tensor("model.layers.0.self_attn.q_proj.weight").unwrap();
     assert_eq!((q.dtype(), q.shape()), (Dtype::BF16, &[2usize, 2][..]));
-    let vals: Vec<f32> = q.data().chunks_exact(2).map(|c| bf16_bits_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect();
+    let vals: Vec<f32> = q.data().chunks_exact(2).map(|c| bf16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect();
     assert_eq!(vals, [1.0, -2.5, 0.333_984_38, 65536.0]);
     let f32_file = to_safetensors(&tensors, OutDtype::F32).unwrap();
     let st = SafeTensors::deserialize(&f32_file).unwrap();

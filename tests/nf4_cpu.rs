@@ -6,10 +6,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use qlora_webgpu::quant::bnb::{
+use qlora_webgpu::io::bnb::{
     bnb_weight_names, python_float_repr, read_all_bnb_nf4, read_bnb_nf4, read_bnb_nf4_file,
-    serialize_tensors, write_bnb_nf4, RawTensor, NF4_QUANT_STATE_SUFFIX,
+    write_bnb_nf4, NF4_QUANT_STATE_SUFFIX,
 };
+use qlora_webgpu::io::safetensors_write::{serialize_tensors, RawTensor};
 use qlora_webgpu::quant::nf4::{
     dynamic_map, nf4_midpoints, quantize_nf4, torch_mean_f32, Nf4Stats, Nf4Tensor, NF4_CODE,
 };

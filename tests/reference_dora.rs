@@ -314,7 +314,7 @@ fn dora_merge_gives_the_adapted_model() {
 fn dora_on_nf4_base_matches_f64_finite_differences() {
     use qlora_webgpu::io::HostWeight;
     use qlora_webgpu::model::config::names;
-    use qlora_webgpu::quant::bnb::read_bnb_nf4_file;
+    use qlora_webgpu::io::bnb::read_bnb_nf4_file;
     let c = case();
     let ctx = &c.ctx;
     let mut host = load_hf_dir(fixtures().join("model")).unwrap();

@@ -35,7 +35,7 @@ use qlora_webgpu::lora::peft::load_adapter;
 use qlora_webgpu::lora::{param_of, peft_key, HostAdapter};
 use qlora_webgpu::model::config::names;
 use qlora_webgpu::ops::lora::Frozen;
-use qlora_webgpu::quant::bnb::read_bnb_nf4_file;
+use qlora_webgpu::io::bnb::read_bnb_nf4_file;
 use qlora_webgpu::model::llama::{self, ForwardOpts, LlamaConfig, LlamaWeights, LoraSet};
 use qlora_webgpu::ops::adamw::AdamW;
 use qlora_webgpu::ops::cross_entropy;

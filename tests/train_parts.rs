@@ -19,10 +19,11 @@ use qlora_webgpu::model::llama::{LlamaConfig, LoraModule, LoraSet, TARGETS};
 use qlora_webgpu::ops::adamw::{self, AdamW};
 use qlora_webgpu::ops::cross_entropy;
 use qlora_webgpu::ops::lora::LoraRun;
+use qlora_webgpu::rng::SplitMix64;
 use qlora_webgpu::train::checkpoint::{load_checkpoint, save_checkpoint};
 use qlora_webgpu::train::{
     check_loss, clip_grad_norm, global_grad_norm, train_step, Accumulator, Checkpoint, DataPosition, LoraOptimizer, Schedule,
-    ScheduleKind, SplitMix64, TrainState,
+    ScheduleKind, TrainState,
 };
 use safetensors::SafeTensors;
 use std::collections::HashMap;

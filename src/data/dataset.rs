@@ -64,7 +64,7 @@
 
 use crate::data::chat::{ChatContext, ChatTemplate, Message};
 use crate::data::tokenizer::Tokenizer;
-use crate::train::SplitMix64;
+use crate::rng::SplitMix64;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -900,6 +900,16 @@ pub fn collate_packed(rows: &[&PackedRow], pad_id: u32) -> Result<PackedBatch> {
     Ok(PackedBatch { batch: Batch { ids, targets, batch: bsz, seq, n_tokens }, seg })
 }
 
+/// Where the data stream is: the epoch and the index of the next example (or micro-batch) in
+/// that epoch's order (the order itself is derived from the run's seed and the epoch).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DataPosition {
+    /// Epoch, from 0.
+    pub epoch: u64,
+    /// Next position within the epoch.
+    pub index: u64,
+}
+
 /// Where a [`BatchSampler`] stands: enough to continue the exact same sequence of batches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SamplerState {
@@ -918,8 +928,8 @@ pub struct SamplerState {
 
 impl SamplerState {
     /// The position as the checkpoint stores it.
-    pub fn data_position(&self) -> crate::train::DataPosition {
-        crate::train::DataPosition { epoch: self.epoch, index: self.position }
+    pub fn data_position(&self) -> DataPosition {
+        DataPosition { epoch: self.epoch, index: self.position }
     }
 }
 

@@ -39,7 +39,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use super::safetensors::{bf16_to_f32, f16_to_f32};
+use super::half::{bf16_to_f32, f16_to_f32};
 use super::{HostModel, HostTensor, HostWeight, TensorSource};
 use crate::model::config::{names, Architecture, ModelConfig, RopeScaling};
 use crate::{Error, Result};

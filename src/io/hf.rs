@@ -13,7 +13,7 @@ use serde_json::Value;
 use super::safetensors::SafeTensorsFile;
 use super::{HostModel, HostTensor, HostWeight, TensorSource};
 use crate::model::config::ModelConfig;
-use crate::quant::{read_bnb_nf4, NF4_QUANT_STATE_SUFFIX};
+use crate::io::bnb::{read_bnb_nf4, NF4_QUANT_STATE_SUFFIX};
 use crate::{Error, Result};
 
 /// The config file of a folder.

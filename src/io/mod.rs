@@ -4,12 +4,15 @@
 //! pre-quantized bitsandbytes projections) under its Hugging Face name and PyTorch shape, from
 //! which [`HostModel::upload`] makes the decoder's [`LlamaWeights`].
 
+pub mod bnb;
 pub mod files;
 pub mod gguf;
 pub mod gguf_write;
+pub mod half;
 pub mod hf;
 pub mod quantized;
 pub mod safetensors;
+pub mod safetensors_write;
 pub mod sha256;
 
 use crate::gpu::{GpuContext, HostRows, RowShards};

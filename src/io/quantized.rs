@@ -5,7 +5,8 @@
 
 use crate::io::{HostModel, HostWeight};
 use crate::model::config::names;
-use crate::quant::bnb::{serialize_tensors, write_bnb_nf4, RawTensor};
+use crate::io::safetensors_write::{serialize_tensors, RawTensor};
+use crate::io::bnb::write_bnb_nf4;
 use crate::quant::nf4::quantize_nf4;
 use crate::{Error, Result};
 use safetensors::Dtype;

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde_json::Value;
 
+use crate::io::half::{bf16_to_f32, f16_to_f32};
 use crate::{Error, Result};
 
 /// Element types of the safetensors format (the names in the header).
@@ -306,27 +307,7 @@ impl<'a> SafeTensorsFile<'a> {
     }
 }
 
-/// The f32 value of IEEE half-precision bits `h` (exact, subnormals, infinities and NaN kept).
-pub fn f16_to_f32(h: u16) -> f32 {
-    let sign = u32::from(h >> 15) << 31;
-    let exp = u32::from((h >> 10) & 0x1f);
-    let man = u32::from(h & 0x3ff);
-    let bits = match exp {
-        0 => {
-            // zero or subnormal: man * 2^-24 (exact in f32)
-            let v = man as f32 * (1.0 / 16_777_216.0);
-            return if sign != 0 { -v } else { v };
-        }
-        31 => sign | 0x7f80_0000 | (man << 13),
-        _ => sign | ((exp + 112) << 23) | (man << 13),
-    };
-    f32::from_bits(bits)
-}
 
-/// The f32 value of bfloat16 bits `b` (the top half of an f32).
-pub fn bf16_to_f32(b: u16) -> f32 {
-    f32::from_bits(u32::from(b) << 16)
-}
 
 /// Little-endian `data` of `dtype` (F32, F16, BF16) as f32 values; another dtype, or a length
 /// that is not a whole number of elements, is an error naming `file` and `tensor`.

@@ -23,7 +23,7 @@
 use super::{module_name, HostAdapter, HostLora};
 use crate::gpu::GpuContext;
 use crate::model::llama::{LlamaConfig, LoraSet, TARGETS};
-use crate::train::SplitMix64;
+use crate::rng::SplitMix64;
 use crate::{Error, Result};
 
 /// Which modules carry an adapter (`target_modules`; also the form of `exclude_modules`).

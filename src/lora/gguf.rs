@@ -25,7 +25,7 @@ use crate::data::tokenizer::Tokenizer;
 use crate::io::gguf::{gguf_name, GgmlType, GgufValue};
 use crate::io::gguf_write::{permute_rows, GgufWriter};
 use crate::io::HostTensor;
-use crate::lora::merge::f32_to_f16_bits;
+use crate::io::half::f32_to_f16_bits;
 use crate::lora::{module_name, HostAdapter};
 use crate::model::config::{Architecture, ModelConfig, RopeScaling};
 use crate::model::llama::TARGETS;

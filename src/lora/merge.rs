@@ -15,78 +15,15 @@
 
 use super::{module_name, HostAdapter, HostLora};
 use crate::model::llama::LlamaConfig;
-use crate::quant::{serialize_tensors, Nf4Tensor, RawTensor};
+use crate::io::half::{f32_to_bf16_bits, f32_to_f16_bits};
+use crate::io::safetensors_write::{serialize_tensors, RawTensor};
+use crate::quant::Nf4Tensor;
 use crate::{Error, Result};
 use std::collections::HashMap;
 
-/// bf16 bits -> f32 (exact: bf16 is the high half of an f32).
-pub fn bf16_bits_to_f32(h: u16) -> f32 {
-    f32::from_bits((h as u32) << 16)
-}
 
-/// f32 -> bf16 bits, rounding to nearest with ties to even; NaN stays a (quiet) NaN of the same
-/// sign, overflow rounds to ±inf as IEEE rounding does.
-pub fn f32_to_bf16_bits(x: f32) -> u16 {
-    let b = x.to_bits();
-    if x.is_nan() {
-        return ((b >> 16) as u16) | 0x0040;
-    }
-    let lsb = (b >> 16) & 1;
-    (b.wrapping_add(0x7FFF + lsb) >> 16) as u16
-}
 
-/// f16 (IEEE binary16) bits -> f32 (exact).
-pub fn f16_bits_to_f32(h: u16) -> f32 {
-    let sign = ((h as u32) & 0x8000) << 16;
-    let exp = ((h >> 10) & 0x1F) as u32;
-    let man = (h & 0x3FF) as u32;
-    match exp {
-        0 => {
-            // Subnormal (or zero): man · 2^-24, exact in f32.
-            let v = man as f32 * (1.0 / 16_777_216.0);
-            f32::from_bits(v.to_bits() | sign)
-        }
-        31 => f32::from_bits(sign | 0x7F80_0000 | (man << 13)),
-        _ => f32::from_bits(sign | ((exp + 112) << 23) | (man << 13)),
-    }
-}
 
-/// f32 -> f16 bits, rounding to nearest with ties to even (subnormals included); beyond the f16
-/// range (|x| ≥ 65520) the result is ±inf, NaN stays a quiet NaN of the same sign.
-pub fn f32_to_f16_bits(x: f32) -> u16 {
-    let b = x.to_bits();
-    let sign = ((b >> 16) & 0x8000) as u16;
-    let exp = ((b >> 23) & 0xFF) as i32;
-    let man = b & 0x7F_FFFF;
-    if exp == 0xFF {
-        return sign | 0x7C00 | if man != 0 { 0x200 } else { 0 };
-    }
-    if exp == 0 {
-        return sign; // f32 subnormals are far below half the smallest f16 subnormal.
-    }
-    let e = exp - 127 + 15;
-    if e >= 0x1F {
-        return sign | 0x7C00;
-    }
-    // The value is M · 2^(exp−127−23) with M the 24-bit significand; in units of the f16 result's
-    // last place it is M >> shift, rounded on the bits shifted out.
-    let (m, shift, base) = if e >= 1 {
-        (man, 13u32, (e as u32) << 10)
-    } else {
-        (man | 0x80_0000, (14 - e) as u32, 0)
-    };
-    if shift > 24 {
-        return sign;
-    }
-    let q = m >> shift;
-    let rem = m & ((1 << shift) - 1);
-    let half = 1 << (shift - 1);
-    let mut h = base + q;
-    if rem > half || (rem == half && (q & 1) == 1) {
-        h += 1; // a carry into the exponent is the correct next value (up to inf)
-    }
-    sign | h as u16
-}
 
 /// A tensor on the host, f32, row-major (the loaders' type).
 pub use crate::io::HostTensor;
@@ -278,7 +215,7 @@ pub fn merged_folder(
 pub fn write_folder(dir: &std::path::Path, files: &[(String, Vec<u8>)]) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::format(dir.display().to_string(), format!("create folder: {e}")))?;
     for (name, bytes) in files {
-        super::write_atomic(&dir.join(name), bytes)?;
+        crate::io::files::write_atomic(&dir.join(name), bytes)?;
     }
     Ok(())
 }

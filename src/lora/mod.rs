@@ -20,16 +20,14 @@ pub use named::AdapterSet;
 
 use crate::autograd::{Param, ParamId};
 use crate::gpu::GpuContext;
-use crate::model::llama::{LlamaConfig, LlamaWeights, LoraModule, LoraSet, TARGETS};
+use crate::model::llama::{LlamaConfig, LlamaWeights, LoraModule, LoraSet};
 use crate::ops::lora::LoraRun;
 use crate::{Error, Result};
 
 /// PEFT's module name of projection `m` (index into TARGETS) of layer `layer`:
-/// `model.layers.{layer}.self_attn.{q,k,v,o}_proj` or `model.layers.{layer}.mlp.{gate,up,down}_proj`.
-pub fn module_name(layer: usize, m: usize) -> String {
-    let parent = if m < 4 { "self_attn" } else { "mlp" };
-    format!("model.layers.{layer}.{parent}.{}", TARGETS[m])
-}
+/// `model.layers.{layer}.self_attn.{q,k,v,o}_proj` or `model.layers.{layer}.mlp.{gate,up,down}_proj`
+/// (the model's own name, `model::config::names::proj_module`).
+pub use crate::model::config::names::proj_module as module_name;
 
 /// The key PEFT saves the A (`b` false) or B (`b` true) weight of a module under:
 /// `base_model.model.{module_name}.lora_{A,B}.weight`.
@@ -244,20 +242,3 @@ pub fn init_dora_magnitudes(ctx: &GpuContext, cfg: &LoraConfig, set: &mut LoraSe
     Ok(())
 }
 
-/// Writes `bytes` to `path` so that a crash never leaves a half-written file there: the bytes go
-/// to `path.tmp` (synced to disk), which is then renamed over `path` (atomic on POSIX and on
-/// NTFS within one directory).
-#[cfg(not(target_arch = "wasm32"))]
-pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let io = |what: &str, e: std::io::Error| Error::format(path.display().to_string(), format!("{what}: {e}"));
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| io("create temporary file", e))?;
-        f.write_all(bytes).map_err(|e| io("write", e))?;
-        f.sync_all().map_err(|e| io("sync", e))?;
-    }
-    std::fs::rename(&tmp, path).map_err(|e| io("rename into place", e))
-}

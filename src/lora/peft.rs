@@ -16,11 +16,11 @@
 //! as a Python set, is written in the order given (PEFT's order is a set's and has no meaning).
 
 use super::config::{InitLoraWeights, LoraConfig, TargetModules};
-use super::merge::{bf16_bits_to_f32, f16_bits_to_f32};
+use crate::io::half::{bf16_to_f32, f16_to_f32};
 use super::{magnitude_key, module_name, peft_key, HostAdapter, HostLora};
 use crate::gpu::GpuContext;
 use crate::model::llama::{LlamaConfig, LoraSet, TARGETS};
-use crate::quant::{serialize_tensors, RawTensor};
+use crate::io::safetensors_write::{serialize_tensors, RawTensor};
 use crate::{Error, Result};
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashMap};
@@ -493,8 +493,8 @@ pub fn host_adapter_from_bytes(config_json: &str, st: &[u8], model: &LlamaConfig
         }
         let data = match view.dtype() {
             safetensors::Dtype::F32 => le_f32(view.data()),
-            safetensors::Dtype::F16 => le_u16(view.data()).map(f16_bits_to_f32).collect(),
-            safetensors::Dtype::BF16 => le_u16(view.data()).map(bf16_bits_to_f32).collect(),
+            safetensors::Dtype::F16 => le_u16(view.data()).map(f16_to_f32).collect(),
+            safetensors::Dtype::BF16 => le_u16(view.data()).map(bf16_to_f32).collect(),
             d => return Err(Error::format(&wfile, format!("tensor {k}: dtype {d:?}; want F32, F16 or BF16"))),
         };
         let slot = layers[l][m].get_or_insert_with(|| HostLora {
@@ -612,8 +612,8 @@ pub fn load_adapter(ctx: &GpuContext, dir: &std::path::Path, model: &LlamaConfig
 pub fn write_host_adapter(dir: &std::path::Path, h: &HostAdapter, model: &LlamaConfig) -> Result<()> {
     let (json, st) = host_adapter_to_bytes(h, model)?;
     std::fs::create_dir_all(dir).map_err(|e| Error::format(dir.display().to_string(), format!("create folder: {e}")))?;
-    super::write_atomic(&dir.join(WEIGHTS_FILE), &st)?;
-    super::write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())
+    crate::io::files::write_atomic(&dir.join(WEIGHTS_FILE), &st)?;
+    crate::io::files::write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())
 }
 
 /// Saves the device adapter `set` under `cfg` into the folder `dir` (native shell; blocks).

@@ -182,6 +182,55 @@ impl Fields<'_> {
 }
 
 impl ModelConfig {
+    /// config.json for a model that came without one (GGUF), as transformers writes a
+    /// Llama-family config (`qlora merge` of a GGUF base writes it next to the merged weights).
+    pub fn to_hf_json(&self) -> Result<Vec<u8>> {
+        if self.rope_freq_factors.is_some() && self.rope_scaling.is_none() {
+            return Err(Error::Invalid("this GGUF stores its rope scaling as per-frequency factors (rope_freqs.weight), which config.json cannot express; merge from the Hugging Face folder instead".into()));
+        }
+        let rope_scaling = match &self.rope_scaling {
+            None => serde_json::Value::Null,
+            Some(RopeScaling::Linear { factor }) => serde_json::json!({"rope_type": "linear", "factor": factor}),
+            Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => serde_json::json!({
+                "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor, "original_max_position_embeddings": original_max_position_embeddings}),
+            Some(RopeScaling::FreqFactors { .. }) => return Err(Error::Invalid("per-frequency rope factors cannot be written to config.json".into())),
+        };
+        let mut v = serde_json::json!({
+            "architectures": [self.architecture.hf_name()],
+            "model_type": self.architecture.model_type(),
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
+            "torch_dtype": "float32",
+        });
+        let o = v.as_object_mut().expect("an object");
+        if let Some(m) = self.max_position_embeddings {
+            o.insert("max_position_embeddings".into(), m.into());
+        }
+        if let Some(b) = self.bos_token_id {
+            o.insert("bos_token_id".into(), b.into());
+        }
+        if !self.eos_token_ids.is_empty() {
+            o.insert("eos_token_id".into(), if self.eos_token_ids.len() == 1 { self.eos_token_ids[0].into() } else { self.eos_token_ids.clone().into() });
+        }
+        if let Some(p) = self.pad_token_id {
+            o.insert("pad_token_id".into(), p.into());
+        }
+        serde_json::to_vec_pretty(&v).map_err(|e| Error::Invalid(format!("config.json: {e}")))
+    }
+
     /// Parses config.json `bytes` (`file` names it in errors: "config.json" or a path). Checks
     /// the architecture (Llama/SmolLM, Mistral, Qwen2), hidden_act "silu", the rope type
     /// (default, llama3, linear) and that the sizes fit together (NH % NKV == 0, head_dim even,

@@ -18,14 +18,15 @@
 
 use super::optim::{LoraOptimizer, Moments};
 use super::schedule::{Schedule, ScheduleKind};
-use super::SplitMix64;
+use crate::data::dataset::DataPosition;
+use crate::rng::SplitMix64;
 use crate::autograd::ParamId;
 use crate::gpu::GpuContext;
 use crate::lora::peft::{host_adapter_from_bytes, host_adapter_to_bytes, CONFIG_FILE, WEIGHTS_FILE};
 use crate::lora::{magnitude_id, param_id, param_key, param_role, HostAdapter, LoraConfig, ParamRole};
 use crate::model::llama::{LlamaConfig, LoraSet};
 use crate::ops::adamw::AdamW;
-use crate::quant::{serialize_tensors, RawTensor};
+use crate::io::safetensors_write::{serialize_tensors, RawTensor};
 use crate::{Error, Result};
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashMap};
@@ -85,16 +86,6 @@ pub fn verify_manifest(files: &[(String, Vec<u8>)], manifest: &[u8], source: &st
         return Err(Error::format(&mfile, format!("lists {} files, the checkpoint holds {}", digests.len(), files.len())));
     }
     Ok(v.get("settings").cloned().unwrap_or(Value::Null))
-}
-
-/// Where the data stream is: the epoch and the index of the next example (or micro-batch) in
-/// that epoch's order (the order itself is derived from the run's seed and the epoch).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DataPosition {
-    /// Epoch, from 0.
-    pub epoch: u64,
-    /// Next position within the epoch.
-    pub index: u64,
 }
 
 /// The trainer's own state.

@@ -9,7 +9,8 @@ use crate::model::llama::{self, ForwardOpts, LlamaConfig, LlamaWeights, LoraSet}
 use crate::ops::adamw::AdamW;
 use crate::ops::cross_entropy::IGNORE_INDEX;
 use crate::ops::rope::{self, RopeTables};
-use crate::train::{train_step, Checkpoint, DataPosition, LoraOptimizer, Schedule, SplitMix64, StepReport, TrainState};
+use crate::rng::SplitMix64;
+use crate::train::{train_step, Checkpoint, DataPosition, LoraOptimizer, Schedule, StepReport, TrainState};
 use crate::{Error, Result};
 use std::rc::Rc;
 

@@ -174,12 +174,7 @@ pub fn train_config(v: &Value) -> Result<TrainConfig> {
         c.lr = lr;
     }
     if let Some(s) = o.str("schedule")? {
-        c.schedule = match s {
-            "constant" | "constant_with_warmup" => ScheduleKind::Constant,
-            "linear" => ScheduleKind::Linear,
-            "cosine" => ScheduleKind::Cosine,
-            other => return Err(bad(&o.name("schedule"), format!("`{other}` is not one of constant, linear, cosine"))),
-        };
+        c.schedule = ScheduleKind::parse(s).map_err(|e| bad(&o.name("schedule"), e))?;
     }
     if let Some(w) = o.uint("warmupSteps")? {
         c.warmup_steps = Some(w);

@@ -25,16 +25,16 @@ fn values(n: usize, k: usize) -> Vec<f32> {
 fn mini_safetensors() -> Vec<u8> {
     use qlora_webgpu::model::config::ModelConfig;
     let cfg = ModelConfig::from_json("config.json", MINI_CONFIG.as_bytes()).expect("the mini config");
-    let raw: Vec<qlora_webgpu::quant::RawTensor> = cfg
+    let raw: Vec<qlora_webgpu::io::safetensors_write::RawTensor> = cfg
         .tensor_shapes()
         .into_iter()
         .enumerate()
         .map(|(k, (name, shape))| {
             let n: usize = shape.iter().product();
-            qlora_webgpu::quant::RawTensor { name, dtype: safetensors::Dtype::F32, shape, data: values(n, k).iter().flat_map(|v| v.to_le_bytes()).collect() }
+            qlora_webgpu::io::safetensors_write::RawTensor { name, dtype: safetensors::Dtype::F32, shape, data: values(n, k).iter().flat_map(|v| v.to_le_bytes()).collect() }
         })
         .collect();
-    qlora_webgpu::quant::serialize_tensors(&raw, None).unwrap()
+    qlora_webgpu::io::safetensors_write::serialize_tensors(&raw, None).unwrap()
 }
 
 fn mini_gguf() -> Vec<u8> {
@@ -103,7 +103,8 @@ fn mini_adapter() -> qlora_webgpu::lora::HostAdapter {
 }
 
 fn mini_checkpoint_files() -> Vec<(String, Vec<u8>)> {
-    use qlora_webgpu::train::checkpoint::{Checkpoint, DataPosition, HostOptimizer, TrainState};
+    use qlora_webgpu::train::checkpoint::{Checkpoint, HostOptimizer, TrainState};
+    use qlora_webgpu::train::DataPosition;
     let adapter = mini_adapter();
     let mut moments = std::collections::BTreeMap::new();
     for (mi, h) in adapter.layers[0].iter().enumerate() {
@@ -116,7 +117,7 @@ fn mini_checkpoint_files() -> Vec<(String, Vec<u8>)> {
     let ck = Checkpoint {
         adapter,
         optimizer: HostOptimizer { hp, steps: 3, moments },
-        state: TrainState { step: 3, rng: qlora_webgpu::train::SplitMix64::new(7), data: DataPosition { epoch: 1, index: 2 }, schedule, max_grad_norm: Some(1.0) },
+        state: TrainState { step: 3, rng: qlora_webgpu::rng::SplitMix64::new(7), data: DataPosition { epoch: 1, index: 2 }, schedule, max_grad_norm: Some(1.0) },
     };
     ck.to_files(&mini_llama()).unwrap()
 }
@@ -125,8 +126,8 @@ fn mini_bnb() -> Vec<u8> {
     let w = values(16 * 8, 5);
     let t = qlora_webgpu::quant::nf4::quantize_nf4(&w, &[16, 8], 64, true).unwrap();
     let mut raw = Vec::new();
-    qlora_webgpu::quant::write_bnb_nf4("model.layers.0.mlp.up_proj.weight", &t, &mut raw).unwrap();
-    qlora_webgpu::quant::serialize_tensors(&raw, None).unwrap()
+    qlora_webgpu::io::bnb::write_bnb_nf4("model.layers.0.mlp.up_proj.weight", &t, &mut raw).unwrap();
+    qlora_webgpu::io::safetensors_write::serialize_tensors(&raw, None).unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -267,7 +268,7 @@ pub fn targets() -> Vec<Target> {
         text: false,
         run: Box::new(|b, _| {
             let Ok(s) = safetensors::SafeTensors::deserialize(b) else { return false };
-            qlora_webgpu::quant::read_all_bnb_nf4("q.safetensors", &s).is_ok()
+            qlora_webgpu::io::bnb::read_all_bnb_nf4("q.safetensors", &s).is_ok()
         }),
     });
     let ck2 = ck.clone();

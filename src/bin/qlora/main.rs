@@ -275,55 +275,6 @@ fn eval(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-/// config.json for a model that came without one (GGUF), as transformers writes a Llama-family
-/// config.
-fn hf_config(c: &qlora_webgpu::model::config::ModelConfig) -> Result<Vec<u8>> {
-    use qlora_webgpu::model::config::RopeScaling;
-    if c.rope_freq_factors.is_some() && c.rope_scaling.is_none() {
-        bail!("this GGUF stores its rope scaling as per-frequency factors (rope_freqs.weight), which config.json cannot express; merge from the Hugging Face folder instead");
-    }
-    let rope_scaling = match &c.rope_scaling {
-        None => serde_json::Value::Null,
-        Some(RopeScaling::Linear { factor }) => serde_json::json!({"rope_type": "linear", "factor": factor}),
-        Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => serde_json::json!({
-            "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
-            "high_freq_factor": high_freq_factor, "original_max_position_embeddings": original_max_position_embeddings}),
-        Some(RopeScaling::FreqFactors { .. }) => bail!("per-frequency rope factors cannot be written to config.json"),
-    };
-    let mut v = serde_json::json!({
-        "architectures": [c.architecture.hf_name()],
-        "model_type": c.architecture.model_type(),
-        "hidden_size": c.hidden_size,
-        "intermediate_size": c.intermediate_size,
-        "num_hidden_layers": c.num_hidden_layers,
-        "num_attention_heads": c.num_attention_heads,
-        "num_key_value_heads": c.num_key_value_heads,
-        "head_dim": c.head_dim,
-        "vocab_size": c.vocab_size,
-        "rms_norm_eps": c.rms_norm_eps,
-        "rope_theta": c.rope_theta,
-        "rope_scaling": rope_scaling,
-        "tie_word_embeddings": c.tie_word_embeddings,
-        "hidden_act": "silu",
-        "attention_bias": c.attention_bias,
-        "mlp_bias": c.mlp_bias,
-        "torch_dtype": "float32",
-    });
-    let o = v.as_object_mut().expect("an object");
-    if let Some(m) = c.max_position_embeddings {
-        o.insert("max_position_embeddings".into(), m.into());
-    }
-    if let Some(b) = c.bos_token_id {
-        o.insert("bos_token_id".into(), b.into());
-    }
-    if !c.eos_token_ids.is_empty() {
-        o.insert("eos_token_id".into(), if c.eos_token_ids.len() == 1 { c.eos_token_ids[0].into() } else { c.eos_token_ids.clone().into() });
-    }
-    if let Some(p) = c.pad_token_id {
-        o.insert("pad_token_id".into(), p.into());
-    }
-    Ok(serde_json::to_vec_pretty(&v)?)
-}
 
 fn merge(a: MergeArgs) -> Result<()> {
     let src = common::open_model(&a.model)?;
@@ -380,7 +331,7 @@ fn merge(a: MergeArgs) -> Result<()> {
             if let Some(t) = &src.template {
                 tc["chat_template"] = t.source().into();
             }
-            (hf_config(&src.host.config)?, vec![("tokenizer.json".to_string(), tok.into_bytes()), ("tokenizer_config.json".to_string(), serde_json::to_vec_pretty(&tc)?)])
+            (src.host.config.to_hf_json()?, vec![("tokenizer.json".to_string(), tok.into_bytes()), ("tokenizer_config.json".to_string(), serde_json::to_vec_pretty(&tc)?)])
         }
     };
     let files = merged_folder(&merged, dtype, &config_json, &side)?;

@@ -13,7 +13,7 @@ use qlora_webgpu::generate::SamplingConfig;
 use qlora_webgpu::gpu::{block_on, lossless_compact, DType, GpuContext};
 use qlora_webgpu::lora::config::{InitLoraWeights, LoraConfig, TargetModules};
 use qlora_webgpu::lora::peft::{CONFIG_FILE, WEIGHTS_FILE};
-use qlora_webgpu::lora::write_atomic;
+use qlora_webgpu::io::files::write_atomic;
 use qlora_webgpu::session::{self, BaseQuant, LoadedModel, Prompt, TrainConfig, TrainSession};
 use qlora_webgpu::train::checkpoint::{load_checkpoint_with, save_checkpoint_with};
 use qlora_webgpu::train::memory::{self, RunShape};

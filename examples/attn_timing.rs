@@ -69,7 +69,8 @@ struct Other {
 }
 
 fn other(path: &str, tag: &str, rows: Option<usize>) -> Other {
-    let src = leak(std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}")));
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let src = leak(format!("{text}\n{}", qlora_webgpu::gpu::shaders::COMMON));
     let file = leak(format!("{tag}:{path}"));
     // The rows per workgroup of a flash-style file: its `const WG: u32 = N`.
     let rows = rows.unwrap_or_else(|| {
@@ -77,9 +78,9 @@ fn other(path: &str, tag: &str, rows: Option<usize>) -> Other {
         line.trim_start_matches("const WG: u32 =").trim().trim_end_matches(';').trim_end_matches('u').parse().unwrap()
     });
     Other {
-        fwd: Kernel { file, source: src, entry: "attention_forward" },
-        dq: Kernel { file, source: src, entry: "attention_backward_dq" },
-        dkv: Kernel { file, source: src, entry: "attention_backward_dkv" },
+        fwd: Kernel { file, source: src, entry: "attention_forward", bindings: &["q", "k", "v", "out", "lse"] },
+        dq: Kernel { file, source: src, entry: "attention_backward_dq", bindings: &["q", "k", "v", "dout", "out", "lse", "delta", "dq"] },
+        dkv: Kernel { file, source: src, entry: "attention_backward_dkv", bindings: &["q", "k", "v", "dout", "lse", "delta", "dk", "dv"] },
         rows,
     }
 }
@@ -192,15 +193,13 @@ fn main() {
                 let gq = groups_2d((b * nh * t.div_ceil(o.rows)) as u32);
                 let gk = groups_2d((b * nkv * t.div_ceil(o.rows)) as u32);
                 tf.push(time(&ctx, || {
-                    ctx.dispatch(&o.fwd, &[], &p, &[(1, &q), (2, &k), (3, &v), (5, &o2), (6, &l2)], gq).unwrap();
+                    ctx.dispatch(&o.fwd, &p, &[&q, &k, &v, &o2, &l2], gq).unwrap();
                 }));
                 tb.push(time(&ctx, || {
-                    let bind = [(1, &q), (2, &k), (3, &v), (4, &g), (5, &out), (6, &lse), (7, &d2), (8, &dq2)];
-                    ctx.dispatch(&o.dq, &[], &p, &bind, gq).unwrap();
+                    ctx.dispatch(&o.dq, &p, &[&q, &k, &v, &g, &out, &lse, &d2, &dq2], gq).unwrap();
                 }));
                 tkv.push(time(&ctx, || {
-                    let bind = [(1, &q), (2, &k), (3, &v), (4, &g), (6, &lse), (7, &d2), (9, &dk2), (10, &dv2)];
-                    ctx.dispatch(&o.dkv, &[], &p, &bind, gk).unwrap();
+                    ctx.dispatch(&o.dkv, &p, &[&q, &k, &v, &g, &lse, &d2, &dk2, &dv2], gk).unwrap();
                 }));
             }
             if rep > 0 {
@@ -241,8 +240,7 @@ fn main() {
             })];
             for (_, o) in &others {
                 tf.push(time(&ctx, || {
-                    let bind = [(1, &q), (2, &k), (3, &v), (5, &o2), (6, &l2)];
-                    ctx.dispatch(&o.fwd, &[], &p, &bind, groups_2d((nh * decode_tq.div_ceil(o.rows)) as u32)).unwrap();
+                    ctx.dispatch(&o.fwd, &p, &[&q, &k, &v, &o2, &l2], groups_2d((nh * decode_tq.div_ceil(o.rows)) as u32)).unwrap();
                 }));
             }
             if rep > 0 {

@@ -51,7 +51,7 @@ struct Params {
 
 @compute @workgroup_size(WG)
 fn adamw_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.x + wid.y * 65535u) * WG + lid;
+    let i = flat_group(wid) * WG + lid;
     if (i >= params.n) { return; }
     let g = grad[i];
     let p = param[i] * params.decay;
@@ -76,22 +76,11 @@ struct ReduceParams {
 @group(0) @binding(7) var<storage, read_write> norm: array<f32>;       // (1) the global norm
 @group(0) @binding(8) var<storage, read_write> y: array<f32>;          // (n) scaled in place
 
-var<workgroup> red: array<f32, WG>;
-
-// Sums red[0..WG) into red[0]; every invocation of the workgroup must call it.
-fn tree_sum(lid: u32) {
-    workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
-        if (lid < stride) {
-            red[lid] = red[lid] + red[lid + stride];
-        }
-        workgroupBarrier();
-    }
-}
+// The workgroup reduction is `workgroup_sum` (shaders/common.wgsl).
 
 @compute @workgroup_size(WG)
 fn sumsq_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let g = wid.x + wid.y * 65535u;
+    let g = flat_group(wid);
     let base = g * WG * PER;
     var s = 0.0;
     for (var k = 0u; k < PER; k = k + 1u) {
@@ -101,10 +90,9 @@ fn sumsq_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
             s = s + v * v;
         }
     }
-    red[lid] = s;
-    tree_sum(lid);
+    let total = workgroup_sum(lid, s);
     if (lid == 0u && base < rparams.n) {
-        partials[rparams.offset + g] = red[0];
+        partials[rparams.offset + g] = total;
     }
 }
 
@@ -114,16 +102,15 @@ fn sumsq_final(@builtin(local_invocation_index) lid: u32) {
     for (var i = lid; i < rparams.n; i = i + WG) {
         s = s + partials[i];
     }
-    red[lid] = s;
-    tree_sum(lid);
+    let total = workgroup_sum(lid, s);
     if (lid == 0u) {
-        norm[0] = sqrt(red[0]);
+        norm[0] = sqrt(total);
     }
 }
 
 @compute @workgroup_size(WG)
 fn clip_scale(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.x + wid.y * 65535u) * WG + lid;
+    let i = flat_group(wid) * WG + lid;
     if (i >= rparams.n) { return; }
     let coef = rparams.max_norm / (norm[0] + 1e-6);
     if (coef < 1.0) {

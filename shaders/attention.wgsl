@@ -163,7 +163,7 @@ fn load_kv_tile(lid: u32, b: u32, g: u32, j0: u32, n: u32, hs4: u32) {
 
 @compute @workgroup_size(WG)
 fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let flat = wid.x + wid.y * 65535u;
+    let flat = flat_group(wid);
     let nblk = (params.tq + WG - 1u) / WG;
     if (flat >= params.b * params.nh * nblk) { return; }
     let hs = params.hs;
@@ -255,7 +255,7 @@ fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
 // keys, and the same order of every sum; only the work is spread over the lanes.
 @compute @workgroup_size(WG)
 fn attention_decode(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let flat = wid.x + wid.y * 65535u;
+    let flat = flat_group(wid);
     if (flat >= params.b * params.nh * params.tq) { return; }
     let hs = params.hs;
     let hs4 = (hs + 3u) / 4u;
@@ -336,7 +336,7 @@ fn attention_decode(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
 
 @compute @workgroup_size(WG)
 fn attention_backward_dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let flat = wid.x + wid.y * 65535u;
+    let flat = flat_group(wid);
     let nblk = (params.tq + WG - 1u) / WG;
     if (flat >= params.b * params.nh * nblk) { return; }
     let hs = params.hs;
@@ -406,7 +406,7 @@ fn attention_backward_dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_i
 
 @compute @workgroup_size(WG)
 fn attention_backward_delta(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.x + wid.y * 65535u) * WG + lid;
+    let i = flat_group(wid) * WG + lid;
     if (i >= params.b * params.nh * params.tq) { return; }
     let t = i % params.tq;
     let h = (i / params.tq) % params.nh;
@@ -422,7 +422,7 @@ fn attention_backward_delta(@builtin(workgroup_id) wid: vec3<u32>, @builtin(loca
 
 @compute @workgroup_size(WG)
 fn attention_backward_dkv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let flat = wid.x + wid.y * 65535u;
+    let flat = flat_group(wid);
     let nblk = (params.tk + WG - 1u) / WG;
     if (flat >= params.b * params.nkv * nblk) { return; }
     let hs = params.hs;

@@ -94,7 +94,7 @@ fn row_max_sumexp(base: u32, lid: u32) {
 
 @compute @workgroup_size(WG)
 fn ce_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let row = wid.x + wid.y * 65535u;
+    let row = flat_group(wid);
     if (row >= params.n_rows) { return; }
     let base = row * params.v;
     row_max_sumexp(base, lid);
@@ -138,7 +138,7 @@ fn ce_sum(@builtin(local_invocation_index) lid: u32) {
 
 @compute @workgroup_size(WG)
 fn ce_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.x + wid.y * 65535u) * WG + lid;
+    let i = flat_group(wid) * WG + lid;
     if (i >= params.n_rows * params.v) { return; }
     let row = i / params.v;
     let col = i - row * params.v;
@@ -157,7 +157,7 @@ fn ce_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
 
 @compute @workgroup_size(WG)
 fn ce_chunk_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let row = wid.x + wid.y * 65535u;
+    let row = flat_group(wid);
     if (row >= params.n_rows) { return; }
     let base = row * params.v;
     row_max_sumexp(base, lid);
@@ -183,7 +183,7 @@ fn ce_chunk_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
 
 @compute @workgroup_size(WG)
 fn ce_chunk_finish(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.x + wid.y * 65535u) * WG + lid;
+    let i = flat_group(wid) * WG + lid;
     if (i >= params.n_rows) { return; }
     let l = run_m[i] + log(run_s[i]);
     lse[i] = l;
@@ -192,7 +192,7 @@ fn ce_chunk_finish(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
 
 @compute @workgroup_size(WG)
 fn ce_chunk_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.x + wid.y * 65535u) * WG + lid;
+    let i = flat_group(wid) * WG + lid;
     if (i >= params.n_rows * params.v) { return; }
     let row = i / params.v;
     let col = i - row * params.v;

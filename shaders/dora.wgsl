@@ -48,28 +48,11 @@ struct Params {
 @group(0) @binding(3) var<storage, read> in2: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
-var<workgroup> partial: array<f32, WG>;
-
-fn reduce_sum(lid: u32, v: f32) -> f32 {
-    partial[lid] = v;
-    workgroupBarrier();
-    var stride = WG / 2u;
-    loop {
-        if (stride == 0u) { break; }
-        if (lid < stride) {
-            partial[lid] = partial[lid] + partial[lid + stride];
-        }
-        workgroupBarrier();
-        stride = stride / 2u;
-    }
-    let total = partial[0];
-    workgroupBarrier();
-    return total;
-}
+var<workgroup> partial: array<f32, WG>;   // dora_magnitude_grad's lanes; the row reduction is `workgroup_sum` (shaders/common.wgsl)
 
 @compute @workgroup_size(WG)
 fn dora_weight_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let i = wid.x + wid.y * 65535u;
+    let i = flat_group(wid);
     if (i >= params.rows) { return; }
     let row = params.row0 + i;
     var ss = 0.0;
@@ -81,7 +64,7 @@ fn dora_weight_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
         let v = in0[i * params.k + c] + params.s * d;
         ss = ss + v * v;
     }
-    let total = reduce_sum(lid, ss);
+    let total = workgroup_sum(lid, ss);
     if (lid == 0u) {
         out[row] = sqrt(total);
     }
@@ -89,7 +72,7 @@ fn dora_weight_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
 
 @compute @workgroup_size(WG)
 fn dora_scale(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.x + wid.y * 65535u) * WG + lid;
+    let i = flat_group(wid) * WG + lid;
     if (i >= params.n) { return; }
     let c = i % params.cols;
     let f = in0[c] / in1[c] - params.offset;
@@ -102,7 +85,7 @@ fn dora_scale(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
 
 @compute @workgroup_size(WG)
 fn dora_magnitude_grad(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let col0 = (wid.x + wid.y * 65535u) * COLS;
+    let col0 = flat_group(wid) * COLS;
     let c = col0 + lid % COLS;
     let lane = lid / COLS;
     var acc = 0.0;

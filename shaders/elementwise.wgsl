@@ -33,7 +33,7 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> out: array<f32>; // (N)
 
 fn flat_index(wid: vec3<u32>, lid: u32) -> u32 {
-    return (wid.x + wid.y * 65535u) * WG + lid;
+    return flat_group(wid) * WG + lid;
 }
 
 @compute @workgroup_size(WG)

@@ -85,7 +85,7 @@ fn half_to_f32(h: u32) -> f32 {
 
 @compute @workgroup_size(WG)
 fn embedding_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.x + wid.y * 65535u) * WG + lid;
+    let i = flat_group(wid) * WG + lid;
     if (i >= params.n * params.c) { return; }
     let row = i / params.c;
     let col = i - row * params.c;
@@ -96,7 +96,7 @@ fn embedding_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
 
 @compute @workgroup_size(WG)
 fn embedding_forward16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.x + wid.y * 65535u) * WG + lid;
+    let i = flat_group(wid) * WG + lid;
     if (i >= params.n * params.c) { return; }
     let row = i / params.c;
     let col = i - row * params.c;
@@ -107,14 +107,14 @@ fn embedding_forward16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_inv
 
 @compute @workgroup_size(WG)
 fn embedding_widen16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.x + wid.y * 65535u) * WG + lid;
+    let i = flat_group(wid) * WG + lid;
     if (i >= params.n * params.c) { return; }
     out[i] = load16(params.row0 * params.c + i);
 }
 
 @compute @workgroup_size(WG)
 fn embedding_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let u = wid.x + wid.y * 65535u;
+    let u = flat_group(wid);
     if (u >= params.n) { return; }
     let id = ids[u];
     if (id >= params.v) { return; }

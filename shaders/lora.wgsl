@@ -38,7 +38,7 @@ fn keep(i: u32) -> bool {
 }
 
 fn flat_index(wid: vec3<u32>, lid: u32) -> u32 {
-    return (wid.x + wid.y * 65535u) * WG + lid;
+    return flat_group(wid) * WG + lid;
 }
 
 @compute @workgroup_size(WG)

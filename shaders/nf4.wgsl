@@ -108,7 +108,7 @@ fn decode4(word: u32, shifts: vec4<u32>, scale: f32) -> vec4<f32> {
 
 @compute @workgroup_size(WG * WG)
 fn nf4_dequantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let e = (wid.x + wid.y * 65535u) * (WG * WG) + lid;
+    let e = flat_group(wid) * (WG * WG) + lid;
     if (e * 8u >= params.numel) { return; }
     let word = packed[params.word0 + e];
     let s = block_scale(((params.word0 + e) * 8u) >> params.block_shift);
@@ -120,7 +120,7 @@ fn nf4_dequantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
 
 @compute @workgroup_size(WG * WG)
 fn nf4_linear_forward_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let n = (wid.x + wid.y * 65535u) * (WG * WG) + lid;
+    let n = flat_group(wid) * (WG * WG) + lid;
     if (n >= params.n) { return; }
     let kv = params.k / 4u;
     let kw = params.k / 8u;

@@ -28,28 +28,11 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> rstd: array<f32>;    // (N)  forward writes, backward reads
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;     // (N, C) out / dinp / dweight
 
-var<workgroup> partial: array<f32, WG>;
-
-fn reduce_sum(lid: u32, v: f32) -> f32 {
-    partial[lid] = v;
-    workgroupBarrier();
-    var stride = WG / 2u;
-    loop {
-        if (stride == 0u) { break; }
-        if (lid < stride) {
-            partial[lid] = partial[lid] + partial[lid + stride];
-        }
-        workgroupBarrier();
-        stride = stride / 2u;
-    }
-    let total = partial[0];
-    workgroupBarrier();
-    return total;
-}
+// The workgroup reduction is `workgroup_sum` (shaders/common.wgsl).
 
 @compute @workgroup_size(WG)
 fn rmsnorm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let row = wid.x + wid.y * 65535u;
+    let row = flat_group(wid);
     if (row >= params.n_rows) { return; }
     let base = row * params.c;
     var ss = 0.0;
@@ -57,7 +40,7 @@ fn rmsnorm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
         let x = inp[base + c];
         ss = ss + x * x;
     }
-    let total = reduce_sum(lid, ss);
+    let total = workgroup_sum(lid, ss);
     let r = inverseSqrt(total / f32(params.c) + params.eps);
     if (lid == 0u) {
         rstd[row] = r;
@@ -69,7 +52,7 @@ fn rmsnorm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
 
 @compute @workgroup_size(WG)
 fn rmsnorm_backward_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let row = wid.x + wid.y * 65535u;
+    let row = flat_group(wid);
     if (row >= params.n_rows) { return; }
     let base = row * params.c;
     let r = rstd[row];
@@ -77,7 +60,7 @@ fn rmsnorm_backward_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_
     for (var c = lid; c < params.c; c = c + WG) {
         dot = dot + weight[c] * dout[base + c] * inp[base + c];
     }
-    let total = reduce_sum(lid, dot);
+    let total = workgroup_sum(lid, dot);
     let k = r * r * r * total / f32(params.c);
     for (var c = lid; c < params.c; c = c + WG) {
         out[base + c] = r * weight[c] * dout[base + c] - inp[base + c] * k;

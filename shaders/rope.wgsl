@@ -52,14 +52,14 @@ fn rotate(p: u32, sign: f32) {
 
 @compute @workgroup_size(WG)
 fn rope_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let p = (wid.x + wid.y * 65535u) * WG + lid;
+    let p = flat_group(wid) * WG + lid;
     if (p >= params.n_pairs) { return; }
     rotate(p, 1.0);
 }
 
 @compute @workgroup_size(WG)
 fn rope_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let p = (wid.x + wid.y * 65535u) * WG + lid;
+    let p = flat_group(wid) * WG + lid;
     if (p >= params.n_pairs) { return; }
     rotate(p, -1.0);
 }

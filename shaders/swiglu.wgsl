@@ -31,7 +31,7 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> dup: array<f32>;     // (NE)
 
 fn flat_index(wid: vec3<u32>, lid: u32) -> u32 {
-    return (wid.x + wid.y * 65535u) * WG + lid;
+    return flat_group(wid) * WG + lid;
 }
 
 fn sigmoid(g: f32) -> f32 {

@@ -118,3 +118,74 @@ fn a_wgsl_mistake_names_file_and_line() {
     let msg = err.downcast_ref::<String>().unwrap();
     assert!(msg.contains("shaders/broken.wgsl:2:"), "{msg}");
 }
+
+/// The module of `file` (by name in `shaders::ALL`) and naga's analysis of it.
+fn module_info(file: &str) -> (naga::Module, naga::valid::ModuleInfo) {
+    let (f, src) = shaders::ALL.iter().find(|(f, _)| *f == file).unwrap_or_else(|| panic!("{file} is not in shaders::ALL"));
+    let m = parse(f, src);
+    let mut v = if shaders::NEEDS_SUBGROUPS.contains(f) {
+        subgroup_validator()
+    } else {
+        Validator::new(ValidationFlags::all(), Capabilities::empty())
+    };
+    let info = v.validate(&m).unwrap_or_else(|e| panic!("{}", e.emit_to_string_with_path(src, &format!("shaders/{f}"))));
+    (m, info)
+}
+
+/// Every kernel the ops launch names exactly the storage variables its entry point uses (so a
+/// binding list that misses a buffer, names one the entry point does not read or write, or
+/// names a variable of another kernel fails here, not as a validation error on some device),
+/// and each name is declared once.
+#[test]
+fn every_kernel_binds_the_storage_its_entry_point_uses() {
+    let kernels = qlora_webgpu::ops::kernels();
+    for k in &kernels {
+        let (m, info) = module_info(k.file);
+        let (i, _) = m
+            .entry_points
+            .iter()
+            .enumerate()
+            .find(|(_, e)| e.name == k.entry)
+            .unwrap_or_else(|| panic!("shaders/{}: no entry point {}", k.file, k.entry));
+        let ep = info.get_entry_point(i);
+        let mut used: Vec<String> = m
+            .global_variables
+            .iter()
+            .filter(|(h, g)| matches!(g.space, naga::AddressSpace::Storage { .. }) && !ep[*h].is_empty())
+            .map(|(_, g)| g.name.clone().expect("named"))
+            .collect();
+        used.sort();
+        let mut declared: Vec<String> = k.bindings.iter().map(|s| s.to_string()).collect();
+        declared.sort();
+        let before = declared.len();
+        declared.dedup();
+        assert_eq!(before, declared.len(), "kernel {} names a binding twice: {:?}", k.entry, k.bindings);
+        assert_eq!(declared, used, "kernel {} ({}): declared bindings vs the storage its entry point uses", k.entry, k.file);
+    }
+    // Every kernel declared under src/ is in the list (a kernel missing from its module's KERNELS
+    // would not be checked).
+    let mut declared_in_src = 0;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/ops");
+    for e in std::fs::read_dir(dir).unwrap() {
+        let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
+        declared_in_src += text.matches("shaders::kernel(").count();
+    }
+    assert_eq!(kernels.len(), declared_in_src, "kernels in ops::kernels() vs `shaders::kernel(` declarations in src/ops");
+}
+
+/// The binding numbers the runtime reads from the WGSL text (`shaders::binding_number`, which
+/// turns a kernel's names into numbers) equal naga's, for every variable of every file.
+#[test]
+fn binding_numbers_read_from_the_text_equal_naga() {
+    let mut n = 0;
+    for (file, src) in shaders::ALL {
+        let (m, _) = module_info(file);
+        for (_, g) in m.global_variables.iter() {
+            let (Some(name), Some(b)) = (&g.name, &g.binding) else { continue };
+            assert_eq!(shaders::binding_number(shaders::for_target(src), name), Some(b.binding), "shaders/{file}: `{name}`");
+            n += 1;
+        }
+        assert_eq!(shaders::binding_number(src, "no_such_variable"), None);
+    }
+    assert!(n > 80, "only {n} bindings found");
+}

@@ -87,7 +87,11 @@ fn yes(b: bool) -> &'static str {
     }
 }
 
-/// A compute kernel: one entry point of one WGSL file, with optional `override` constants.
+/// A compute kernel: one entry point of one WGSL file and the storage buffers it binds, by the
+/// names of their `var` declarations in the WGSL (binding 0 is always the `params` uniform). A
+/// dispatch passes one tensor per name, in this order; the binding numbers come from the WGSL
+/// itself ([`shaders::binding_number`]), and tests/shaders.rs checks every kernel's names against
+/// the storage variables naga says its entry point uses.
 #[derive(Clone, Copy, Debug)]
 pub struct Kernel {
     /// File name under shaders/, for error messages and the cache key.
@@ -96,6 +100,8 @@ pub struct Kernel {
     pub source: &'static str,
     /// Entry point name.
     pub entry: &'static str,
+    /// The storage variables the entry point binds, in the order a dispatch passes tensors.
+    pub bindings: &'static [&'static str],
 }
 
 struct Pending {
@@ -112,7 +118,8 @@ pub struct GpuContext {
     info: GpuInfo,
     limits: wgpu::Limits,
     modules: RefCell<HashMap<&'static str, Rc<wgpu::ShaderModule>>>,
-    pipelines: RefCell<HashMap<String, Rc<wgpu::ComputePipeline>>>,
+    /// Per kernel (file:entry): the pipeline and the binding number of each of its names.
+    pipelines: RefCell<HashMap<String, (Rc<wgpu::ComputePipeline>, Rc<[u32]>)>>,
     pool: Rc<RefCell<BufferPool>>,
     param_arena: wgpu::Buffer,
     pending: RefCell<Option<Pending>>,
@@ -644,14 +651,23 @@ impl GpuContext {
         GpuTimes { kernels, busy: t.busy }
     }
 
-    fn pipeline(&self, k: &Kernel, constants: &[(&str, f64)]) -> Rc<wgpu::ComputePipeline> {
-        let mut key = format!("{}:{}", k.file, k.entry);
-        for (n, v) in constants {
-            key.push_str(&format!(":{n}={v}"));
-        }
+    /// The pipeline of `k` and the binding number of each of its `bindings` names (an error
+    /// naming the kernel when a name is not a binding of its file).
+    fn pipeline(&self, k: &Kernel) -> Result<(Rc<wgpu::ComputePipeline>, Rc<[u32]>)> {
+        let key = format!("{}:{}", k.file, k.entry);
         if let Some(p) = self.pipelines.borrow().get(&key) {
-            return p.clone();
+            return Ok(p.clone());
         }
+        let numbers: Rc<[u32]> = k
+            .bindings
+            .iter()
+            .map(|name| {
+                shaders::binding_number(k.source, name).ok_or_else(|| {
+                    Error::Invalid(format!("kernel {} ({}): no binding named `{name}` in the file", k.entry, k.file))
+                })
+            })
+            .collect::<Result<Vec<u32>>>()?
+            .into();
         let module = self
             .modules
             .borrow_mut()
@@ -669,26 +685,28 @@ impl GpuContext {
             module: &module,
             entry_point: Some(k.entry),
             compilation_options: wgpu::PipelineCompilationOptions {
-                constants,
+                constants: &[],
                 zero_initialize_workgroup_memory: false,
             },
             cache: None,
         }));
-        self.pipelines.borrow_mut().insert(key, pipeline.clone());
-        pipeline
+        self.pipelines.borrow_mut().insert(key, (pipeline.clone(), numbers.clone()));
+        Ok((pipeline, numbers))
     }
 
-    /// Records one dispatch of `kernel`: binding 0 is `params` (a uniform), the other bindings are
-    /// given by number with the tensor bound there (the numbers the entry point uses, since the
-    /// layout is derived from the entry point). `groups` is the workgroup count (x, y, z).
-    pub fn dispatch<P: bytemuck::Pod>(
-        &self,
-        kernel: &Kernel,
-        constants: &[(&str, f64)],
-        params: &P,
-        bindings: &[(u32, &Tensor)],
-        groups: [u32; 3],
-    ) -> Result<()> {
+    /// Records one dispatch of `kernel`: binding 0 is `params` (a uniform); `tensors` are bound
+    /// to the kernel's `bindings`, one per name in that order (the layout is derived from the
+    /// entry point). `groups` is the workgroup count (x, y, z).
+    pub fn dispatch<P: bytemuck::Pod>(&self, kernel: &Kernel, params: &P, tensors: &[&Tensor], groups: [u32; 3]) -> Result<()> {
+        if tensors.len() != kernel.bindings.len() {
+            return Err(Error::Invalid(format!(
+                "kernel {}: {} tensors for its {} bindings ({})",
+                kernel.entry,
+                tensors.len(),
+                kernel.bindings.len(),
+                kernel.bindings.join(", ")
+            )));
+        }
         let max = self.limits.max_compute_workgroups_per_dimension;
         if groups.iter().any(|&g| g > max) {
             return Err(Error::Limit {
@@ -710,7 +728,7 @@ impl GpuContext {
         self.check()?;
         let bytes = bytemuck::bytes_of(params);
         assert!(bytes.len() as u64 <= PARAM_SLOT, "params of {} exceed a slot", kernel.entry);
-        let pipeline = self.pipeline(kernel, constants);
+        let (pipeline, numbers) = self.pipeline(kernel)?;
         let slot = {
             let full = self
                 .pending
@@ -738,7 +756,7 @@ impl GpuContext {
                 size: wgpu::BufferSize::new(bytes.len().div_ceil(16) as u64 * 16),
             }),
         }];
-        for (b, t) in bindings {
+        for (b, t) in numbers.iter().zip(tensors) {
             entries.push(wgpu::BindGroupEntry {
                 binding: *b,
                 resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {

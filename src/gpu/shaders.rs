@@ -1,14 +1,21 @@
 //! The WGSL sources, one file per kernel family, compiled into the library with `include_str!`.
+//! Each is followed by shaders/common.wgsl, the helpers the files share (`flat_group`,
+//! `workgroup_sum`): appended after the file's own text, so the line numbers of an error in a file
+//! are that file's.
 //! `ALL` lists every file so the naga test validates each one; `NEEDS_SUBGROUPS` names those that
 //! use the optional `subgroups` feature (validated with naga's subgroup capabilities, and only
 //! dispatched on a device created with it).
 
 macro_rules! shader {
     ($name:ident, $file:literal) => {
-        #[doc = concat!("shaders/", $file)]
-        pub const $name: (&str, &str) = ($file, include_str!(concat!("../../shaders/", $file)));
+        #[doc = concat!("shaders/", $file, ", followed by shaders/common.wgsl")]
+        pub const $name: (&str, &str) = ($file, concat!(include_str!(concat!("../../shaders/", $file)), "\n", include_str!("../../shaders/common.wgsl")));
     };
 }
+
+/// shaders/common.wgsl alone (what a shader file read at run time, e.g. by examples/attn_timing.rs,
+/// must be followed by).
+pub const COMMON: &str = include_str!("../../shaders/common.wgsl");
 
 shader!(MATMUL, "matmul.wgsl");
 shader!(MATMUL_SUBGROUP, "matmul_subgroup.wgsl");
@@ -59,7 +66,25 @@ pub const fn for_target(src: &'static str) -> &'static str {
 }
 
 /// The kernel `entry` of shader file `file` (one of the constants above), its source as
-/// [`for_target`] gives it.
-pub const fn kernel(file: (&'static str, &'static str), entry: &'static str) -> super::Kernel {
-    super::Kernel { file: file.0, source: for_target(file.1), entry }
+/// [`for_target`] gives it, binding the storage variables named `bindings` (in the order a
+/// dispatch passes its tensors).
+pub const fn kernel(file: (&'static str, &'static str), entry: &'static str, bindings: &'static [&'static str]) -> super::Kernel {
+    super::Kernel { file: file.0, source: for_target(file.1), entry, bindings }
+}
+
+/// The binding number of the `var` named `name` in WGSL `source`: the N of a declaration
+/// `@group(0) @binding(N) var<...> name: ...` (how every file under shaders/ declares its
+/// resources; tests/shaders.rs checks this reading against naga's for every file).
+pub fn binding_number(source: &str, name: &str) -> Option<u32> {
+    source.lines().find_map(|line| {
+        let rest = line.trim_start().strip_prefix("@group(0)")?.trim_start().strip_prefix("@binding(")?;
+        let (n, rest) = rest.split_once(')')?;
+        let rest = rest.trim_start().strip_prefix("var")?;
+        let rest = match rest.trim_start().strip_prefix('<') {
+            Some(r) => r.split_once('>')?.1,
+            None => rest,
+        };
+        let (var, _) = rest.split_once(':')?;
+        (var.trim() == name).then(|| n.trim().parse().ok()).flatten()
+    })
 }

@@ -15,10 +15,12 @@
 use crate::gpu::{groups_2d, groups_for, shaders, DType, GpuContext, Kernel, Tensor};
 use crate::{Error, Result};
 
-const STEP: Kernel = shaders::kernel(shaders::ADAMW, "adamw_step");
-const SUMSQ_PARTIAL: Kernel = shaders::kernel(shaders::ADAMW, "sumsq_partial");
-const SUMSQ_FINAL: Kernel = shaders::kernel(shaders::ADAMW, "sumsq_final");
-const CLIP_SCALE: Kernel = shaders::kernel(shaders::ADAMW, "clip_scale");
+const STEP: Kernel = shaders::kernel(shaders::ADAMW, "adamw_step", &["grad", "param", "m", "v"]);
+const SUMSQ_PARTIAL: Kernel = shaders::kernel(shaders::ADAMW, "sumsq_partial", &["x", "partials"]);
+const SUMSQ_FINAL: Kernel = shaders::kernel(shaders::ADAMW, "sumsq_final", &["partials", "norm"]);
+const CLIP_SCALE: Kernel = shaders::kernel(shaders::ADAMW, "clip_scale", &["norm", "y"]);
+/// Every kernel this op launches (tests/shaders.rs checks their bindings against the WGSL).
+pub(crate) const KERNELS: &[Kernel] = &[STEP, SUMSQ_PARTIAL, SUMSQ_FINAL, CLIP_SCALE];
 /// Workgroup size of shaders/adamw.wgsl (`WG` there).
 pub const WG: u32 = 256;
 /// Elements each invocation of `sumsq_partial` squares (`PER` in shaders/adamw.wgsl).
@@ -122,7 +124,7 @@ impl AdamW {
             }
         }
         let p = self.params(n, t, lr);
-        ctx.dispatch(&STEP, &[], &p, &[(1, grad), (2, param), (3, m), (4, v)], groups_2d(groups_for(n, WG as usize)))
+        ctx.dispatch(&STEP, &p, &[grad, param, m, v], groups_2d(groups_for(n, WG as usize)))
     }
 }
 
@@ -159,11 +161,11 @@ pub fn global_norm(ctx: &GpuContext, xs: &[&Tensor]) -> Result<Tensor> {
             continue;
         }
         let p = ReduceParams { n: x.numel() as u32, offset: offset as u32, max_norm: 0.0, _pad: 0 };
-        ctx.dispatch(&SUMSQ_PARTIAL, &[], &p, &[(5, x), (6, &partials)], groups_2d(groups as u32))?;
+        ctx.dispatch(&SUMSQ_PARTIAL, &p, &[x, &partials], groups_2d(groups as u32))?;
         offset += groups;
     }
     let p = ReduceParams { n: total as u32, offset: 0, max_norm: 0.0, _pad: 0 };
-    ctx.dispatch(&SUMSQ_FINAL, &[], &p, &[(6, &partials), (7, &norm)], [1, 1, 1])?;
+    ctx.dispatch(&SUMSQ_FINAL, &p, &[&partials, &norm], [1, 1, 1])?;
     Ok(norm)
 }
 
@@ -188,7 +190,7 @@ pub fn clip_by_norm(ctx: &GpuContext, xs: &[&Tensor], norm: &Tensor, max_norm: f
     for x in xs {
         let n = x.numel();
         let p = ReduceParams { n: n as u32, offset: 0, max_norm, _pad: 0 };
-        ctx.dispatch(&CLIP_SCALE, &[], &p, &[(7, norm), (8, x)], groups_2d(groups_for(n, WG as usize)))?;
+        ctx.dispatch(&CLIP_SCALE, &p, &[norm, x], groups_2d(groups_for(n, WG as usize)))?;
     }
     Ok(())
 }

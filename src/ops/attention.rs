@@ -25,11 +25,13 @@ use crate::gpu::{groups_2d, shaders, DType, GpuContext, Kernel, Tensor};
 use crate::ops::expect_rank;
 use crate::{Error, Result};
 
-const FORWARD: Kernel = shaders::kernel(shaders::ATTENTION, "attention_forward");
-const DECODE: Kernel = shaders::kernel(shaders::ATTENTION, "attention_decode");
-const BACKWARD_DELTA: Kernel = shaders::kernel(shaders::ATTENTION, "attention_backward_delta");
-const BACKWARD_DQ: Kernel = shaders::kernel(shaders::ATTENTION, "attention_backward_dq");
-const BACKWARD_DKV: Kernel = shaders::kernel(shaders::ATTENTION, "attention_backward_dkv");
+const FORWARD: Kernel = shaders::kernel(shaders::ATTENTION, "attention_forward", &["q", "k", "v", "out", "lse", "seg"]);
+const DECODE: Kernel = shaders::kernel(shaders::ATTENTION, "attention_decode", &["q", "k", "v", "out", "lse"]);
+const BACKWARD_DELTA: Kernel = shaders::kernel(shaders::ATTENTION, "attention_backward_delta", &["dout", "out", "delta"]);
+const BACKWARD_DQ: Kernel = shaders::kernel(shaders::ATTENTION, "attention_backward_dq", &["q", "k", "v", "dout", "lse", "delta", "dq", "seg"]);
+const BACKWARD_DKV: Kernel = shaders::kernel(shaders::ATTENTION, "attention_backward_dkv", &["q", "k", "v", "dout", "lse", "delta", "dk", "dv", "seg"]);
+/// Every kernel this op launches (tests/shaders.rs checks their bindings against the WGSL).
+pub(crate) const KERNELS: &[Kernel] = &[FORWARD, DECODE, BACKWARD_DELTA, BACKWARD_DQ, BACKWARD_DKV];
 /// Workgroup size of shaders/attention.wgsl (`WG` there): query rows (or key rows, for dk/dv)
 /// per workgroup, one invocation each.
 pub const WG: u32 = 64;
@@ -129,16 +131,10 @@ fn launch_forward(ctx: &GpuContext, q: &Tensor, k: &Tensor, v: &Tensor, d: &Dims
     let out = ctx.empty(q.shape(), DType::F32)?;
     let lse = ctx.empty(&[d.b, d.nh, d.tq], DType::F32)?;
     if d.tq <= DECODE_MAX_TQ && seg.is_none() {
-        ctx.dispatch(&DECODE, &[], &d.params(), &[(1, q), (2, k), (3, v), (5, &out), (6, &lse)], groups_2d((d.b * d.nh * d.tq) as u32))?;
+        ctx.dispatch(&DECODE, &d.params(), &[q, k, v, &out, &lse], groups_2d((d.b * d.nh * d.tq) as u32))?;
     } else {
         let seg = segments(ctx, seg, d)?;
-        ctx.dispatch(
-            &FORWARD,
-            &[],
-            &d.params(),
-            &[(1, q), (2, k), (3, v), (5, &out), (6, &lse), (11, &seg)],
-            groups_2d((d.b * d.nh * d.tq.div_ceil(WG as usize)) as u32),
-        )?;
+        ctx.dispatch(&FORWARD, &d.params(), &[q, k, v, &out, &lse, &seg], groups_2d((d.b * d.nh * d.tq.div_ceil(WG as usize)) as u32))?;
     }
     Ok((out, lse))
 }
@@ -236,27 +232,15 @@ fn backward_parts(
     let p = d.params();
     let seg = segments(ctx, seg, &d)?;
     let delta = ctx.empty(&[d.b, d.nh, d.tq], DType::F32)?;
-    ctx.dispatch(&BACKWARD_DELTA, &[], &p, &[(4, dout), (5, out), (7, &delta)], groups_2d((d.b * d.nh * d.tq).div_ceil(WG as usize) as u32))?;
+    ctx.dispatch(&BACKWARD_DELTA, &p, &[dout, out, &delta], groups_2d((d.b * d.nh * d.tq).div_ceil(WG as usize) as u32))?;
     let dq = ctx.empty(q.shape(), DType::F32)?;
-    ctx.dispatch(
-        &BACKWARD_DQ,
-        &[],
-        &p,
-        &[(1, q), (2, k), (3, v), (4, dout), (6, lse), (7, &delta), (8, &dq), (11, &seg)],
-        groups_2d((d.b * d.nh * d.tq.div_ceil(WG as usize)) as u32),
-    )?;
+    ctx.dispatch(&BACKWARD_DQ, &p, &[q, k, v, dout, lse, &delta, &dq, &seg], groups_2d((d.b * d.nh * d.tq.div_ceil(WG as usize)) as u32))?;
     if !want_dkv {
         return Ok((dq, None));
     }
     let dk = ctx.empty(k.shape(), DType::F32)?;
     let dv = ctx.empty(v.shape(), DType::F32)?;
-    ctx.dispatch(
-        &BACKWARD_DKV,
-        &[],
-        &p,
-        &[(1, q), (2, k), (3, v), (4, dout), (6, lse), (7, &delta), (9, &dk), (10, &dv), (11, &seg)],
-        groups_2d((d.b * d.nkv * d.tk.div_ceil(WG as usize)) as u32),
-    )?;
+    ctx.dispatch(&BACKWARD_DKV, &p, &[q, k, v, dout, lse, &delta, &dk, &dv, &seg], groups_2d((d.b * d.nkv * d.tk.div_ceil(WG as usize)) as u32))?;
     Ok((dq, Some((dk, dv))))
 }
 

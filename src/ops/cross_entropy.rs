@@ -11,12 +11,14 @@ use crate::gpu::{groups_2d, groups_for, shaders, DType, GpuContext, Kernel, Tens
 use crate::ops::rows_cols;
 use crate::{Error, Result};
 
-const FORWARD: Kernel = shaders::kernel(shaders::CROSS_ENTROPY, "ce_forward");
-const SUM: Kernel = shaders::kernel(shaders::CROSS_ENTROPY, "ce_sum");
-const BACKWARD: Kernel = shaders::kernel(shaders::CROSS_ENTROPY, "ce_backward");
-const CHUNK_FORWARD: Kernel = shaders::kernel(shaders::CROSS_ENTROPY, "ce_chunk_forward");
-const CHUNK_FINISH: Kernel = shaders::kernel(shaders::CROSS_ENTROPY, "ce_chunk_finish");
-const CHUNK_BACKWARD: Kernel = shaders::kernel(shaders::CROSS_ENTROPY, "ce_chunk_backward");
+const FORWARD: Kernel = shaders::kernel(shaders::CROSS_ENTROPY, "ce_forward", &["logits", "targets", "lse", "row_loss"]);
+const SUM: Kernel = shaders::kernel(shaders::CROSS_ENTROPY, "ce_sum", &["row_loss", "out"]);
+const BACKWARD: Kernel = shaders::kernel(shaders::CROSS_ENTROPY, "ce_backward", &["logits", "targets", "dloss", "lse", "out"]);
+const CHUNK_FORWARD: Kernel = shaders::kernel(shaders::CROSS_ENTROPY, "ce_chunk_forward", &["logits", "targets", "run_m", "run_s", "tgt_logit"]);
+const CHUNK_FINISH: Kernel = shaders::kernel(shaders::CROSS_ENTROPY, "ce_chunk_finish", &["lse", "row_loss", "run_m", "run_s", "tgt_logit", "rows"]);
+const CHUNK_BACKWARD: Kernel = shaders::kernel(shaders::CROSS_ENTROPY, "ce_chunk_backward", &["targets", "dloss", "lse", "out"]);
+/// Every kernel this op launches (tests/shaders.rs checks their bindings against the WGSL).
+pub(crate) const KERNELS: &[Kernel] = &[FORWARD, SUM, BACKWARD, CHUNK_FORWARD, CHUNK_FINISH, CHUNK_BACKWARD];
 /// Workgroup size of shaders/cross_entropy.wgsl (`WG` there).
 pub const WG: u32 = 256;
 /// The target that marks a row as not scored (PyTorch's and transformers' default).
@@ -74,8 +76,8 @@ fn forward_on_device(ctx: &GpuContext, logits: &Tensor, targets: &Tensor, n: usi
     let loss = ctx.empty(&[1], DType::F32)?;
     let row_loss = ctx.empty(&[n], DType::F32)?;
     let lse = ctx.empty(&[n], DType::F32)?;
-    ctx.dispatch(&FORWARD, &[], &p, &[(1, logits), (2, targets), (4, &lse), (5, &row_loss)], groups_2d(n as u32))?;
-    ctx.dispatch(&SUM, &[], &p, &[(5, &row_loss), (6, &loss)], [1, 1, 1])?;
+    ctx.dispatch(&FORWARD, &p, &[logits, targets, &lse, &row_loss], groups_2d(n as u32))?;
+    ctx.dispatch(&SUM, &p, &[&row_loss, &loss], [1, 1, 1])?;
     Ok((loss, row_loss, lse))
 }
 
@@ -86,13 +88,7 @@ fn backward_on_device(ctx: &GpuContext, dloss: &Tensor, logits: &Tensor, targets
     }
     let p = Params { n_rows: n as u32, v: v as u32, count: count as f32, v0: 0 };
     let dlogits = ctx.empty(logits.shape(), DType::F32)?;
-    ctx.dispatch(
-        &BACKWARD,
-        &[],
-        &p,
-        &[(1, logits), (2, targets), (3, dloss), (4, lse), (6, &dlogits)],
-        groups_2d(groups_for(n * v, WG as usize)),
-    )?;
+    ctx.dispatch(&BACKWARD, &p, &[logits, targets, dloss, lse, &dlogits], groups_2d(groups_for(n * v, WG as usize)))?;
     Ok(dlogits)
 }
 
@@ -116,13 +112,7 @@ impl ChunkState {
 pub(crate) fn chunk_forward(ctx: &GpuContext, chunk: &Tensor, targets: &Tensor, state: &ChunkState, v0: usize) -> Result<()> {
     let (nc, vc) = rows_cols(chunk.shape());
     let p = Params { n_rows: nc as u32, v: vc as u32, count: 0.0, v0: v0 as u32 };
-    ctx.dispatch(
-        &CHUNK_FORWARD,
-        &[],
-        &p,
-        &[(1, chunk), (2, targets), (7, &state.run_m), (8, &state.run_s), (9, &state.tgt)],
-        groups_2d(nc as u32),
-    )
+    ctx.dispatch(&CHUNK_FORWARD, &p, &[chunk, targets, &state.run_m, &state.run_s, &state.tgt], groups_2d(nc as u32))
 }
 
 /// After the last chunk: lse (Nc) and the loss (1) = Σ row losses / count, the rows' losses laid
@@ -134,16 +124,10 @@ pub(crate) fn chunk_finish(ctx: &GpuContext, state: &ChunkState, rows: &Tensor, 
     let loss = ctx.empty(&[1], DType::F32)?;
     let p = Params { n_rows: nc as u32, v: 0, count: count as f32, v0: 0 };
     if nc > 0 {
-        ctx.dispatch(
-            &CHUNK_FINISH,
-            &[],
-            &p,
-            &[(4, &lse), (5, &row_loss), (7, &state.run_m), (8, &state.run_s), (9, &state.tgt), (10, rows)],
-            groups_2d(groups_for(nc, WG as usize)),
-        )?;
+        ctx.dispatch(&CHUNK_FINISH, &p, &[&lse, &row_loss, &state.run_m, &state.run_s, &state.tgt, rows], groups_2d(groups_for(nc, WG as usize)))?;
     }
     let p = Params { n_rows: n as u32, v: 0, count: count as f32, v0: 0 };
-    ctx.dispatch(&SUM, &[], &p, &[(5, &row_loss), (6, &loss)], [1, 1, 1])?;
+    ctx.dispatch(&SUM, &p, &[&row_loss, &loss], [1, 1, 1])?;
     Ok((loss, lse))
 }
 
@@ -155,13 +139,7 @@ pub(crate) fn chunk_backward(ctx: &GpuContext, chunk: &Tensor, targets: &Tensor,
         return Err(Error::shape("cross_entropy", format!("dloss {:?} is not a scalar", dloss.shape())));
     }
     let p = Params { n_rows: nc as u32, v: vc as u32, count: count as f32, v0: v0 as u32 };
-    ctx.dispatch(
-        &CHUNK_BACKWARD,
-        &[],
-        &p,
-        &[(2, targets), (3, dloss), (4, lse), (6, chunk)],
-        groups_2d(groups_for(nc * vc, WG as usize)),
-    )
+    ctx.dispatch(&CHUNK_BACKWARD, &p, &[targets, dloss, lse, chunk], groups_2d(groups_for(nc * vc, WG as usize)))
 }
 
 /// Forward: from logits (…, V) with N rows and targets (N) (-100 = ignored), returns

@@ -23,9 +23,11 @@ use crate::ops::nf4;
 use crate::ops::rows_cols;
 use crate::{Error, Result};
 
-const WEIGHT_NORM: Kernel = shaders::kernel(shaders::DORA, "dora_weight_norm");
-const SCALE: Kernel = shaders::kernel(shaders::DORA, "dora_scale");
-const MAGNITUDE_GRAD: Kernel = shaders::kernel(shaders::DORA, "dora_magnitude_grad");
+const WEIGHT_NORM: Kernel = shaders::kernel(shaders::DORA, "dora_weight_norm", &["in0", "in1", "in2", "out"]);
+const SCALE: Kernel = shaders::kernel(shaders::DORA, "dora_scale", &["in0", "in1", "in2", "out"]);
+const MAGNITUDE_GRAD: Kernel = shaders::kernel(shaders::DORA, "dora_magnitude_grad", &["in0", "in1", "in2", "out"]);
+/// Every kernel this op launches (tests/shaders.rs checks their bindings against the WGSL).
+pub(crate) const KERNELS: &[Kernel] = &[WEIGHT_NORM, SCALE, MAGNITUDE_GRAD];
 /// Workgroup size of shaders/dora.wgsl (`WG` there).
 pub const WG: u32 = 256;
 /// Columns per `dora_magnitude_grad` workgroup (`COLS` there).
@@ -53,7 +55,7 @@ struct Params {
 fn norm_block(ctx: &GpuContext, w0: &Tensor, a: &Tensor, b: &Tensor, norm: &Tensor, row0: usize, s: f32) -> Result<()> {
     let (rows, k) = (w0.shape()[0], w0.shape()[1]);
     let p = Params { rows: rows as u32, k: k as u32, r: a.shape()[0] as u32, row0: row0 as u32, s, ..Default::default() };
-    ctx.dispatch(&WEIGHT_NORM, &[], &p, &[(1, w0), (2, a), (3, b), (4, norm)], groups_2d(rows as u32))
+    ctx.dispatch(&WEIGHT_NORM, &p, &[w0, a, b, norm], groups_2d(rows as u32))
 }
 
 /// norm (out) = ||W0 + s·B·A||_2 per output row: W0 (out, in) f32 or NF4 (dequantized in row
@@ -103,7 +105,7 @@ pub fn scale(ctx: &GpuContext, mag: &Tensor, norm: &Tensor, z: &Tensor, offset: 
     };
     let total = rows * n;
     let p = Params { n: total as u32, cols: n as u32, accumulate: acc.is_some() as u32, offset, ..Default::default() };
-    ctx.dispatch(&SCALE, &[], &p, &[(1, mag), (2, norm), (3, z), (4, &out)], groups_2d(groups_for(total, WG as usize)))?;
+    ctx.dispatch(&SCALE, &p, &[mag, norm, z, &out], groups_2d(groups_for(total, WG as usize)))?;
     Ok(out)
 }
 
@@ -115,7 +117,7 @@ pub fn magnitude_grad(ctx: &GpuContext, g: &Tensor, z: &Tensor, norm: &Tensor) -
     }
     let out = ctx.empty(&[n], DType::F32)?;
     let p = Params { rows: rows as u32, cols: n as u32, ..Default::default() };
-    ctx.dispatch(&MAGNITUDE_GRAD, &[], &p, &[(1, g), (2, z), (3, norm), (4, &out)], groups_2d(groups_for(n, COLS)))?;
+    ctx.dispatch(&MAGNITUDE_GRAD, &p, &[g, z, norm, &out], groups_2d(groups_for(n, COLS)))?;
     Ok(out)
 }
 

@@ -5,11 +5,13 @@ use crate::gpu::{groups_2d, groups_for, shaders, DType, GpuContext, Kernel, Tens
 use crate::ops::rows_cols;
 use crate::{Error, Result};
 
-const ADD: Kernel = shaders::kernel(shaders::ELEMENTWISE, "add_forward");
-const SCALE: Kernel = shaders::kernel(shaders::ELEMENTWISE, "scale");
-const ADD_BIAS: Kernel = shaders::kernel(shaders::ELEMENTWISE, "add_bias_forward");
-const PUT_COLS: Kernel = shaders::kernel(shaders::ELEMENTWISE, "put_cols");
-const TAKE_COLS: Kernel = shaders::kernel(shaders::ELEMENTWISE, "take_cols");
+const ADD: Kernel = shaders::kernel(shaders::ELEMENTWISE, "add_forward", &["a", "b", "out"]);
+const SCALE: Kernel = shaders::kernel(shaders::ELEMENTWISE, "scale", &["a", "out"]);
+const ADD_BIAS: Kernel = shaders::kernel(shaders::ELEMENTWISE, "add_bias_forward", &["a", "b", "out"]);
+const PUT_COLS: Kernel = shaders::kernel(shaders::ELEMENTWISE, "put_cols", &["a", "out"]);
+const TAKE_COLS: Kernel = shaders::kernel(shaders::ELEMENTWISE, "take_cols", &["a", "out"]);
+/// Every kernel this op launches (tests/shaders.rs checks their bindings against the WGSL).
+pub(crate) const KERNELS: &[Kernel] = &[ADD, SCALE, ADD_BIAS, PUT_COLS, TAKE_COLS];
 /// Workgroup size of shaders/elementwise.wgsl (`WG` there).
 pub const WG: u32 = 256;
 
@@ -42,7 +44,7 @@ pub fn add(ctx: &GpuContext, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let out = ctx.empty(a.shape(), DType::F32)?;
     let n = a.numel();
     let p = Params::new(n as u32, 1.0, 0);
-    ctx.dispatch(&ADD, &[], &p, &[(1, a), (2, b), (3, &out)], groups_2d(groups_for(n, WG as usize)))?;
+    ctx.dispatch(&ADD, &p, &[a, b, &out], groups_2d(groups_for(n, WG as usize)))?;
     Ok(out)
 }
 
@@ -51,7 +53,7 @@ pub fn scale(ctx: &GpuContext, a: &Tensor, alpha: f32) -> Result<Tensor> {
     let out = ctx.empty(a.shape(), DType::F32)?;
     let n = a.numel();
     let p = Params::new(n as u32, alpha, 0);
-    ctx.dispatch(&SCALE, &[], &p, &[(1, a), (3, &out)], groups_2d(groups_for(n, WG as usize)))?;
+    ctx.dispatch(&SCALE, &p, &[a, &out], groups_2d(groups_for(n, WG as usize)))?;
     Ok(out)
 }
 
@@ -64,7 +66,7 @@ pub fn add_bias(ctx: &GpuContext, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let n = count("add_bias", x)?;
     let out = ctx.empty(x.shape(), DType::F32)?;
     let p = Params::new(n, 1.0, c as u32);
-    ctx.dispatch(&ADD_BIAS, &[], &p, &[(1, x), (2, bias), (3, &out)], groups_2d(groups_for(n as usize, WG as usize)))?;
+    ctx.dispatch(&ADD_BIAS, &p, &[x, bias, &out], groups_2d(groups_for(n as usize, WG as usize)))?;
     Ok(out)
 }
 
@@ -87,7 +89,7 @@ pub fn put_cols(ctx: &GpuContext, block: &Tensor, wide: &Tensor, c0: usize) -> R
     let mut p = Params::new((r * w) as u32, 1.0, w as u32);
     (p.ld, p.c0) = (ld as u32, c0 as u32);
     if r * w > 0 {
-        ctx.dispatch(&PUT_COLS, &[], &p, &[(1, block), (3, wide)], groups_2d(groups_for(r * w, WG as usize)))?;
+        ctx.dispatch(&PUT_COLS, &p, &[block, wide], groups_2d(groups_for(r * w, WG as usize)))?;
     }
     Ok(())
 }
@@ -100,7 +102,7 @@ pub fn take_cols(ctx: &GpuContext, wide: &Tensor, c0: usize, w: usize) -> Result
     let mut p = Params::new((r * w) as u32, 1.0, w as u32);
     (p.ld, p.c0) = (ld as u32, c0 as u32);
     if r * w > 0 {
-        ctx.dispatch(&TAKE_COLS, &[], &p, &[(1, wide), (3, &out)], groups_2d(groups_for(r * w, WG as usize)))?;
+        ctx.dispatch(&TAKE_COLS, &p, &[wide, &out], groups_2d(groups_for(r * w, WG as usize)))?;
     }
     Ok(out)
 }

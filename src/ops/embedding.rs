@@ -6,10 +6,12 @@ use crate::gpu::{groups_2d, groups_for, shaders, DType, GpuContext, HostRows, Ke
 use crate::ops::expect_rank;
 use crate::{Error, Result};
 
-const FORWARD: Kernel = shaders::kernel(shaders::EMBEDDING, "embedding_forward");
-const BACKWARD: Kernel = shaders::kernel(shaders::EMBEDDING, "embedding_backward");
-const FORWARD16: Kernel = shaders::kernel(shaders::EMBEDDING, "embedding_forward16");
-const WIDEN16: Kernel = shaders::kernel(shaders::EMBEDDING, "embedding_widen16");
+const FORWARD: Kernel = shaders::kernel(shaders::EMBEDDING, "embedding_forward", &["table", "ids", "out"]);
+const BACKWARD: Kernel = shaders::kernel(shaders::EMBEDDING, "embedding_backward", &["ids", "offsets", "pos", "dout", "out"]);
+const FORWARD16: Kernel = shaders::kernel(shaders::EMBEDDING, "embedding_forward16", &["ids", "out", "table16"]);
+const WIDEN16: Kernel = shaders::kernel(shaders::EMBEDDING, "embedding_widen16", &["out", "table16"]);
+/// Every kernel this op launches (tests/shaders.rs checks their bindings against the WGSL).
+pub(crate) const KERNELS: &[Kernel] = &[FORWARD, BACKWARD, FORWARD16, WIDEN16];
 /// Workgroup size of shaders/embedding.wgsl (`WG` there).
 pub const WG: u32 = 256;
 
@@ -119,7 +121,7 @@ pub(crate) fn gather_into(ctx: &GpuContext, table: &Tensor, ids_t: &Tensor, out:
     let (v, c) = table_dims(table.shape())?;
     let n = ids_t.numel();
     let p = Params::new(n, c, v);
-    ctx.dispatch(&FORWARD, &[], &p, &[(1, table), (2, ids_t), (6, out)], groups_2d(groups_for(n * c, WG as usize)))
+    ctx.dispatch(&FORWARD, &p, &[table, ids_t, out], groups_2d(groups_for(n * c, WG as usize)))
 }
 
 /// Forward from a row-sharded table of any storage (f32, bf16, f16): out (N, C) f32 =
@@ -144,10 +146,10 @@ pub fn forward_shards(ctx: &GpuContext, table: &RowShards, ids: &[u32]) -> Resul
         p.row0 = r.start as u32;
         let groups = groups_2d(groups_for(n * c, WG as usize));
         if table.dtype() == DType::F32 {
-            ctx.dispatch(&FORWARD, &[], &p, &[(1, part), (2, &ids_t), (6, &out)], groups)?;
+            ctx.dispatch(&FORWARD, &p, &[part, &ids_t, &out], groups)?;
         } else {
             p = p.compact(table.dtype(), r.len() * c)?;
-            ctx.dispatch(&FORWARD16, &[], &p, &[(2, &ids_t), (6, &out), (7, part)], groups)?;
+            ctx.dispatch(&FORWARD16, &p, &[&ids_t, &out, part], groups)?;
         }
     }
     Ok(out)
@@ -191,7 +193,7 @@ pub fn rows_f32(ctx: &GpuContext, part: &Tensor, rows: std::ops::Range<usize>) -
     let mut p = Params::new(n, c, r);
     p.row0 = rows.start as u32;
     p = p.compact(part.dtype(), r * c)?;
-    ctx.dispatch(&WIDEN16, &[], &p, &[(6, &out), (7, part)], groups_2d(groups_for(n * c, WG as usize)))?;
+    ctx.dispatch(&WIDEN16, &p, &[&out, part], groups_2d(groups_for(n * c, WG as usize)))?;
     Ok(out)
 }
 
@@ -231,13 +233,7 @@ pub fn backward_grouped(ctx: &GpuContext, dout: &Tensor, groups: &IdGroups, v: u
     let offsets = ctx.upload_u32(&groups.offsets, &[u + 1])?;
     let pos = ctx.upload_u32(&groups.pos, &[groups.pos.len()])?;
     let p = Params::new(u, c, v);
-    ctx.dispatch(
-        &BACKWARD,
-        &[],
-        &p,
-        &[(2, &uniq), (3, &offsets), (4, &pos), (5, dout), (6, &dtable)],
-        groups_2d(u as u32),
-    )?;
+    ctx.dispatch(&BACKWARD, &p, &[&uniq, &offsets, &pos, dout, &dtable], groups_2d(u as u32))?;
     Ok(dtable)
 }
 

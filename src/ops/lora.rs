@@ -12,8 +12,10 @@ use crate::ops::nf4::{self, Nf4Weight};
 use crate::ops::rows_cols;
 use crate::{Error, Result};
 
-const DROPOUT_FORWARD: Kernel = shaders::kernel(shaders::LORA, "lora_dropout_forward");
-const DROPOUT_BACKWARD: Kernel = shaders::kernel(shaders::LORA, "lora_dropout_backward");
+const DROPOUT_FORWARD: Kernel = shaders::kernel(shaders::LORA, "lora_dropout_forward", &["inp", "out"]);
+const DROPOUT_BACKWARD: Kernel = shaders::kernel(shaders::LORA, "lora_dropout_backward", &["inp", "out"]);
+/// Every kernel this op launches (tests/shaders.rs checks their bindings against the WGSL).
+pub(crate) const KERNELS: &[Kernel] = &[DROPOUT_FORWARD, DROPOUT_BACKWARD];
 /// Workgroup size of shaders/lora.wgsl (`WG` there).
 pub const WG: u32 = 256;
 
@@ -156,7 +158,7 @@ fn dropout_params(n: usize, run: &LoraRun) -> Params {
 pub fn dropout_forward(ctx: &GpuContext, x: &Tensor, run: &LoraRun) -> Result<Tensor> {
     let out = ctx.empty(x.shape(), DType::F32)?;
     let n = x.numel();
-    ctx.dispatch(&DROPOUT_FORWARD, &[], &dropout_params(n, run), &[(1, x), (2, &out)], groups_2d(groups_for(n, WG as usize)))?;
+    ctx.dispatch(&DROPOUT_FORWARD, &dropout_params(n, run), &[x, &out], groups_2d(groups_for(n, WG as usize)))?;
     Ok(out)
 }
 
@@ -164,7 +166,7 @@ pub fn dropout_forward(ctx: &GpuContext, x: &Tensor, run: &LoraRun) -> Result<Te
 /// caller owns alone (it is updated in place).
 pub fn dropout_backward_acc(ctx: &GpuContext, dout: &Tensor, dinp: &Tensor, run: &LoraRun) -> Result<()> {
     let n = dout.numel();
-    ctx.dispatch(&DROPOUT_BACKWARD, &[], &dropout_params(n, run), &[(1, dout), (2, dinp)], groups_2d(groups_for(n, WG as usize)))
+    ctx.dispatch(&DROPOUT_BACKWARD, &dropout_params(n, run), &[dout, dinp], groups_2d(groups_for(n, WG as usize)))
 }
 
 fn check(x: &Tensor, w0: &Frozen, a: &Tensor, b: &Tensor, run: &LoraRun) -> Result<(usize, usize, usize, usize)> {

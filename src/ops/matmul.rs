@@ -14,13 +14,15 @@ use crate::autograd::{Op, Tape, Var};
 use crate::gpu::{groups_for, shaders, DType, GpuContext, Kernel, Tensor};
 use crate::{Error, Result};
 
-const NT_VEC4: Kernel = shaders::kernel(shaders::MATMUL, "matmul_nt_vec4");
-const NN_VEC4: Kernel = shaders::kernel(shaders::MATMUL, "matmul_nn_vec4");
-const TN_VEC4: Kernel = shaders::kernel(shaders::MATMUL, "matmul_tn_vec4");
-const STRIDED: Kernel = shaders::kernel(shaders::MATMUL, "matmul_strided");
-const NT_SUBGROUP: Kernel = shaders::kernel(shaders::MATMUL_SUBGROUP, "matmul_nt_subgroup");
-const NN_SUBGROUP: Kernel = shaders::kernel(shaders::MATMUL_SUBGROUP, "matmul_nn_subgroup");
-const TN_SUBGROUP: Kernel = shaders::kernel(shaders::MATMUL_SUBGROUP, "matmul_tn_subgroup");
+const NT_VEC4: Kernel = shaders::kernel(shaders::MATMUL, "matmul_nt_vec4", &["a4", "b4", "c"]);
+const NN_VEC4: Kernel = shaders::kernel(shaders::MATMUL, "matmul_nn_vec4", &["a4", "b4", "c"]);
+const TN_VEC4: Kernel = shaders::kernel(shaders::MATMUL, "matmul_tn_vec4", &["a4", "b4", "c"]);
+const STRIDED: Kernel = shaders::kernel(shaders::MATMUL, "matmul_strided", &["a", "b", "c"]);
+const NT_SUBGROUP: Kernel = shaders::kernel(shaders::MATMUL_SUBGROUP, "matmul_nt_subgroup", &["a4", "b4", "c"]);
+const NN_SUBGROUP: Kernel = shaders::kernel(shaders::MATMUL_SUBGROUP, "matmul_nn_subgroup", &["a4", "b4", "c"]);
+const TN_SUBGROUP: Kernel = shaders::kernel(shaders::MATMUL_SUBGROUP, "matmul_tn_subgroup", &["a4", "b4", "c"]);
+/// Every kernel this op launches (tests/shaders.rs checks their bindings against the WGSL).
+pub(crate) const KERNELS: &[Kernel] = &[NT_VEC4, NN_VEC4, TN_VEC4, STRIDED, NT_SUBGROUP, NN_SUBGROUP, TN_SUBGROUP];
 
 /// Workgroup side of shaders/matmul.wgsl (`WG` there): every entry point runs WG x WG invocations.
 pub const WG: u32 = 8;
@@ -282,7 +284,7 @@ fn launch(
     match path {
         Path::Plain | Path::Auto => {
             let groups = [groups_for(d.n, WG as usize), groups_for(d.m, WG as usize), batch];
-            ctx.dispatch(&STRIDED, &[], &p, &[(1, a), (2, b), (5, out)], groups)
+            ctx.dispatch(&STRIDED, &p, &[a, b, out], groups)
         }
         Path::Vec4 => {
             let kernel = match trans {
@@ -295,7 +297,7 @@ fn launch(
                 groups_for(d.m, (WG * BM) as usize),
                 batch,
             ];
-            ctx.dispatch(kernel, &[], &p, &[(3, a), (4, b), (5, out)], groups)
+            ctx.dispatch(kernel, &p, &[a, b, out], groups)
         }
         Path::Subgroup | Path::SubgroupOwnLoads => {
             let kernel = match trans {
@@ -304,7 +306,7 @@ fn launch(
                 Trans::TN => &TN_SUBGROUP,
             };
             let groups = [groups_for(d.n, (SG_WG * SG_BN) as usize), groups_for(d.m, SG_BM as usize), batch];
-            ctx.dispatch(kernel, &[], &p, &[(1, a), (2, b), (3, out)], groups)
+            ctx.dispatch(kernel, &p, &[a, b, out], groups)
         }
     }
 }

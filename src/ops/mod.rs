@@ -16,7 +16,14 @@ pub mod rope;
 pub mod swiglu;
 pub mod adamw;
 
+use crate::gpu::Kernel;
 use crate::{Error, Result};
+
+/// Every kernel the ops launch, for the test that checks each kernel's binding names against the
+/// storage variables its WGSL entry point uses (tests/shaders.rs).
+pub fn kernels() -> Vec<Kernel> {
+    [adamw::KERNELS, attention::KERNELS, cross_entropy::KERNELS, dora::KERNELS, elementwise::KERNELS, embedding::KERNELS, lora::KERNELS, matmul::KERNELS, nf4::KERNELS, rmsnorm::KERNELS, rope::KERNELS, swiglu::KERNELS].concat()
+}
 
 /// Checks that `shape` has rank `rank` and returns it, or a shape error naming `op` and `what`.
 pub(crate) fn expect_rank<'a>(op: &'static str, what: &str, shape: &'a [usize], rank: usize) -> Result<&'a [usize]> {

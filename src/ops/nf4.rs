@@ -22,12 +22,14 @@ use crate::ops::{matmul, rows_cols};
 use crate::quant::nf4::{dynamic_map, Nf4Stats, Nf4Tensor, NF4_CODE};
 use crate::{Error, Result};
 
-const DEQUANTIZE: Kernel = shaders::kernel(shaders::NF4, "nf4_dequantize");
-const FORWARD_FUSED: Kernel = shaders::kernel(shaders::NF4, "nf4_linear_forward");
-const FORWARD_ROWS: Kernel = shaders::kernel(shaders::NF4, "nf4_linear_forward_rows");
+const DEQUANTIZE: Kernel = shaders::kernel(shaders::NF4, "nf4_dequantize", &["packed", "stats", "out4"]);
+const FORWARD_FUSED: Kernel = shaders::kernel(shaders::NF4, "nf4_linear_forward", &["packed", "stats", "x4", "out"]);
+const FORWARD_ROWS: Kernel = shaders::kernel(shaders::NF4, "nf4_linear_forward_rows", &["packed", "stats", "x4", "out"]);
 /// Most rows of x the row kernel takes (`MAX_ROWS` in shaders/nf4.wgsl).
 pub const MAX_ROWS: u32 = 8;
-const BACKWARD_INPUT_FUSED: Kernel = shaders::kernel(shaders::NF4, "nf4_linear_backward_input");
+const BACKWARD_INPUT_FUSED: Kernel = shaders::kernel(shaders::NF4, "nf4_linear_backward_input", &["packed", "stats", "x4", "out"]);
+/// Every kernel this op launches (tests/shaders.rs checks their bindings against the WGSL).
+pub(crate) const KERNELS: &[Kernel] = &[DEQUANTIZE, FORWARD_FUSED, FORWARD_ROWS, BACKWARD_INPUT_FUSED];
 
 /// Workgroup side of shaders/nf4.wgsl (`WG` there): the fused kernels run WG x WG invocations,
 /// `nf4_dequantize` WG * WG in one dimension.
@@ -195,7 +197,7 @@ pub fn dequantize(ctx: &GpuContext, w: &Nf4Weight) -> Result<Tensor> {
     let out = ctx.empty(&w.shape, DType::F32)?;
     let words = (w.shape[0] * w.shape[1]).div_ceil(8);
     let groups = groups_2d(groups_for(words, (WG * WG) as usize));
-    ctx.dispatch(&DEQUANTIZE, &[], &w.params(0), &[(1, &w.packed), (2, &w.stats), (5, &out)], groups)?;
+    ctx.dispatch(&DEQUANTIZE, &w.params(0), &[&w.packed, &w.stats, &out], groups)?;
     Ok(out)
 }
 
@@ -215,7 +217,7 @@ pub fn dequantize_rows(ctx: &GpuContext, w: &Nf4Weight, rows: std::ops::Range<us
     p.numel = numel as u32;
     p.word0 = (rows.start * k / 8) as u32;
     let groups = groups_2d(groups_for(numel.div_ceil(8), (WG * WG) as usize));
-    ctx.dispatch(&DEQUANTIZE, &[], &p, &[(1, &w.packed), (2, &w.stats), (5, &out)], groups)?;
+    ctx.dispatch(&DEQUANTIZE, &p, &[&w.packed, &w.stats, &out], groups)?;
     Ok(out)
 }
 
@@ -322,11 +324,11 @@ pub fn linear_forward_fused(ctx: &GpuContext, x: &Tensor, w: &Nf4Weight) -> Resu
     let y = ctx.empty(&shape, DType::F32)?;
     if m <= MAX_ROWS as usize {
         let groups = crate::gpu::groups_2d(n.div_ceil((WG * WG) as usize) as u32);
-        ctx.dispatch(&FORWARD_ROWS, &[], &w.params(m), &[(1, &w.packed), (2, &w.stats), (3, x), (4, &y)], groups)?;
+        ctx.dispatch(&FORWARD_ROWS, &w.params(m), &[&w.packed, &w.stats, x, &y], groups)?;
         return Ok(y);
     }
     let groups = [groups_for(n, (WG * BN) as usize), groups_for(m, (WG * BM) as usize), 1];
-    ctx.dispatch(&FORWARD_FUSED, &[], &w.params(m), &[(1, &w.packed), (2, &w.stats), (3, x), (4, &y)], groups)?;
+    ctx.dispatch(&FORWARD_FUSED, &w.params(m), &[&w.packed, &w.stats, x, &y], groups)?;
     Ok(y)
 }
 
@@ -343,7 +345,7 @@ pub fn linear_backward_input_fused(ctx: &GpuContext, dy: &Tensor, w: &Nf4Weight)
     }
     let dx = ctx.empty(&shape, DType::F32)?;
     let groups = [groups_for(k / 8, WG as usize), groups_for(m, (WG * BM) as usize), 1];
-    ctx.dispatch(&BACKWARD_INPUT_FUSED, &[], &w.params(m), &[(1, &w.packed), (2, &w.stats), (3, dy), (4, &dx)], groups)?;
+    ctx.dispatch(&BACKWARD_INPUT_FUSED, &w.params(m), &[&w.packed, &w.stats, dy, &dx], groups)?;
     Ok(dx)
 }
 

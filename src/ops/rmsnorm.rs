@@ -5,9 +5,11 @@ use crate::gpu::{groups_2d, groups_for, shaders, DType, GpuContext, Kernel, Tens
 use crate::ops::rows_cols;
 use crate::{Error, Result};
 
-const FORWARD: Kernel = shaders::kernel(shaders::RMSNORM, "rmsnorm_forward");
-const BACKWARD_INPUT: Kernel = shaders::kernel(shaders::RMSNORM, "rmsnorm_backward_input");
-const BACKWARD_WEIGHT: Kernel = shaders::kernel(shaders::RMSNORM, "rmsnorm_backward_weight");
+const FORWARD: Kernel = shaders::kernel(shaders::RMSNORM, "rmsnorm_forward", &["inp", "weight", "rstd", "out"]);
+const BACKWARD_INPUT: Kernel = shaders::kernel(shaders::RMSNORM, "rmsnorm_backward_input", &["inp", "weight", "dout", "rstd", "out"]);
+const BACKWARD_WEIGHT: Kernel = shaders::kernel(shaders::RMSNORM, "rmsnorm_backward_weight", &["inp", "dout", "rstd", "out"]);
+/// Every kernel this op launches (tests/shaders.rs checks their bindings against the WGSL).
+pub(crate) const KERNELS: &[Kernel] = &[FORWARD, BACKWARD_INPUT, BACKWARD_WEIGHT];
 /// Workgroup size of shaders/rmsnorm.wgsl (`WG` there).
 pub const WG: u32 = 256;
 
@@ -33,7 +35,7 @@ pub fn forward(ctx: &GpuContext, inp: &Tensor, weight: &Tensor, eps: f32) -> Res
     }
     let out = ctx.empty(inp.shape(), DType::F32)?;
     let rstd = ctx.empty(&[n], DType::F32)?;
-    ctx.dispatch(&FORWARD, &[], &params(inp, eps), &[(1, inp), (2, weight), (4, &rstd), (5, &out)], groups_2d(n as u32))?;
+    ctx.dispatch(&FORWARD, &params(inp, eps), &[inp, weight, &rstd, &out], groups_2d(n as u32))?;
     Ok((out, rstd))
 }
 
@@ -41,13 +43,7 @@ pub fn forward(ctx: &GpuContext, inp: &Tensor, weight: &Tensor, eps: f32) -> Res
 pub fn backward_input(ctx: &GpuContext, dout: &Tensor, inp: &Tensor, weight: &Tensor, rstd: &Tensor) -> Result<Tensor> {
     let (n, _) = rows_cols(inp.shape());
     let dinp = ctx.empty(inp.shape(), DType::F32)?;
-    ctx.dispatch(
-        &BACKWARD_INPUT,
-        &[],
-        &params(inp, 0.0),
-        &[(1, inp), (2, weight), (3, dout), (4, rstd), (5, &dinp)],
-        groups_2d(n as u32),
-    )?;
+    ctx.dispatch(&BACKWARD_INPUT, &params(inp, 0.0), &[inp, weight, dout, rstd, &dinp], groups_2d(n as u32))?;
     Ok(dinp)
 }
 
@@ -55,13 +51,7 @@ pub fn backward_input(ctx: &GpuContext, dout: &Tensor, inp: &Tensor, weight: &Te
 pub fn backward_weight(ctx: &GpuContext, dout: &Tensor, inp: &Tensor, rstd: &Tensor) -> Result<Tensor> {
     let (_, c) = rows_cols(inp.shape());
     let dw = ctx.empty(&[c], DType::F32)?;
-    ctx.dispatch(
-        &BACKWARD_WEIGHT,
-        &[],
-        &params(inp, 0.0),
-        &[(1, inp), (3, dout), (4, rstd), (5, &dw)],
-        [groups_for(c, WG as usize), 1, 1],
-    )?;
+    ctx.dispatch(&BACKWARD_WEIGHT, &params(inp, 0.0), &[inp, dout, rstd, &dw], [groups_for(c, WG as usize), 1, 1])?;
     Ok(dw)
 }
 

@@ -28,8 +28,10 @@ use crate::gpu::{groups_2d, groups_for, shaders, DType, GpuContext, Kernel, Tens
 use crate::ops::expect_rank;
 use crate::{Error, Result};
 
-const FORWARD: Kernel = shaders::kernel(shaders::ROPE, "rope_forward");
-const BACKWARD: Kernel = shaders::kernel(shaders::ROPE, "rope_backward");
+const FORWARD: Kernel = shaders::kernel(shaders::ROPE, "rope_forward", &["inp", "cos_t", "sin_t", "out"]);
+const BACKWARD: Kernel = shaders::kernel(shaders::ROPE, "rope_backward", &["inp", "cos_t", "sin_t", "out"]);
+/// Every kernel this op launches (tests/shaders.rs checks their bindings against the WGSL).
+pub(crate) const KERNELS: &[Kernel] = &[FORWARD, BACKWARD];
 /// Workgroup size of shaders/rope.wgsl (`WG` there).
 pub const WG: u32 = 256;
 
@@ -263,7 +265,7 @@ fn launch(kernel: &Kernel, ctx: &GpuContext, x: &Tensor, tables: &RopeTables, ro
     }
     let out = ctx.empty(s, DType::F32)?;
     let p = Params { n_pairs: n_pairs as u32, t: t as u32, h: h as u32, half: (hs / 2) as u32, row0: row0 as u32, _pad: [0; 3] };
-    ctx.dispatch(kernel, &[], &p, &[(1, x), (2, &tables.cos), (3, &tables.sin), (4, &out)], groups_2d(groups_for(n_pairs, WG as usize)))?;
+    ctx.dispatch(kernel, &p, &[x, &tables.cos, &tables.sin, &out], groups_2d(groups_for(n_pairs, WG as usize)))?;
     Ok(out)
 }
 

@@ -4,8 +4,10 @@ use crate::autograd::{Op, Tape, Var};
 use crate::gpu::{groups_2d, groups_for, shaders, DType, GpuContext, Kernel, Tensor};
 use crate::{Error, Result};
 
-const FORWARD: Kernel = shaders::kernel(shaders::SWIGLU, "swiglu_forward");
-const BACKWARD: Kernel = shaders::kernel(shaders::SWIGLU, "swiglu_backward");
+const FORWARD: Kernel = shaders::kernel(shaders::SWIGLU, "swiglu_forward", &["gate", "up", "out"]);
+const BACKWARD: Kernel = shaders::kernel(shaders::SWIGLU, "swiglu_backward", &["gate", "up", "dout", "out", "dup"]);
+/// Every kernel this op launches (tests/shaders.rs checks their bindings against the WGSL).
+pub(crate) const KERNELS: &[Kernel] = &[FORWARD, BACKWARD];
 /// Workgroup size of shaders/swiglu.wgsl (`WG` there).
 pub const WG: u32 = 256;
 
@@ -35,7 +37,7 @@ fn groups(n: u32) -> [u32; 3] {
 pub fn forward(ctx: &GpuContext, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let p = check(gate, up)?;
     let out = ctx.empty(gate.shape(), DType::F32)?;
-    ctx.dispatch(&FORWARD, &[], &p, &[(1, gate), (2, up), (4, &out)], groups(p.n))?;
+    ctx.dispatch(&FORWARD, &p, &[gate, up, &out], groups(p.n))?;
     Ok(out)
 }
 
@@ -48,7 +50,7 @@ pub fn backward(ctx: &GpuContext, dout: &Tensor, gate: &Tensor, up: &Tensor) -> 
     }
     let dgate = ctx.empty(gate.shape(), DType::F32)?;
     let dup = ctx.empty(gate.shape(), DType::F32)?;
-    ctx.dispatch(&BACKWARD, &[], &p, &[(1, gate), (2, up), (3, dout), (4, &dgate), (5, &dup)], groups(p.n))?;
+    ctx.dispatch(&BACKWARD, &p, &[gate, up, dout, &dgate, &dup], groups(p.n))?;
     Ok((dgate, dup))
 }
 

@@ -3,7 +3,7 @@
 //! (convert_hf_to_gguf.py with `--outtype bf16`): `llama.*` metadata, `tokenizer.ggml.*` from
 //! tokenizer.json, llama.cpp tensor names, matrices in BF16 and norms in F32, and the rows of
 //! `attn_q` / `attn_k` permuted as the converter's `permute` does. Written from the format's
-//! description, independently of src/io/gguf.rs. Include with
+//! description, independently of src/io/gguf/. Include with
 //! `#[path = "common/gguf.rs"] mod gguf;`.
 #![allow(dead_code)]
 

@@ -13,7 +13,7 @@ use crate::generate::{Generation, GenerationOutput, SamplingConfig};
 use crate::gpu::GpuContext;
 use crate::io::hf::ModelFiles;
 use crate::io::HostModel;
-use crate::lora::config::{init_lora_set, LoraConfig};
+use crate::lora::{init_lora_set, LoraConfig};
 use crate::lora::HostAdapter;
 use crate::model::config::ModelConfig;
 use crate::model::llama::{self, KvCache, LoraSet};

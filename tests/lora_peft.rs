@@ -13,7 +13,8 @@
 mod common;
 use common::*;
 use qlora_webgpu::gpu::block_on;
-use qlora_webgpu::lora::config::{kaiming_bound, regex_matches};
+use qlora_webgpu::lora::kaiming_bound;
+use qlora_webgpu::lora::regex::regex_matches;
 use qlora_webgpu::lora::merge::{
     hf_weight_name, merge_adapter, merge_weight, merged_folder,
     to_safetensors, BaseTensor, HostTensor, OutDtype,

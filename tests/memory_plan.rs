@@ -9,7 +9,7 @@ mod common;
 use common::*;
 use qlora_webgpu::gpu::{block_on, GpuContext};
 use qlora_webgpu::io::{HostLayer, HostModel, HostTensor, HostWeight};
-use qlora_webgpu::lora::config::{init_lora_set, LoraConfig};
+use qlora_webgpu::lora::{init_lora_set, LoraConfig};
 use qlora_webgpu::ops::adamw::AdamW;
 use qlora_webgpu::train::memory::{plan, RunShape};
 use qlora_webgpu::train::trainer::{Model, TokenBatch, TrainOpts, Trainer};

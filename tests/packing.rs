@@ -10,7 +10,7 @@ use common::*;
 use qlora_webgpu::autograd::Tape;
 use qlora_webgpu::data::dataset::{collate, collate_packed, pack, Example, PackedRow, IGNORE};
 use qlora_webgpu::gpu::{GpuContext, RowShards};
-use qlora_webgpu::lora::config::{init_lora_set, InitLoraWeights, LoraConfig};
+use qlora_webgpu::lora::{init_lora_set, InitLoraWeights, LoraConfig};
 use qlora_webgpu::model::llama::{ForwardOpts, InputEmbedding, LayerWeights, LlamaConfig, LlamaWeights, LoraSet};
 use qlora_webgpu::ops::lora::Frozen;
 use qlora_webgpu::train::trainer::Model;

@@ -100,7 +100,7 @@ fn data_at(pos: u64) -> Vec<TokenBatch> {
 
 fn new_trainer(ctx: &Rc<GpuContext>, model: &Rc<Model>, steps: u64) -> Trainer {
     let cfg = lora_cfg(0.1);
-    let set = qlora_webgpu::lora::config::init_lora_set(ctx, &model.cfg, &cfg, 7).unwrap();
+    let set = qlora_webgpu::lora::init_lora_set(ctx, &model.cfg, &cfg, 7).unwrap();
     Trainer::new(ctx.clone(), model.clone(), cfg, set, opts(steps, 5e-3))
 }
 

@@ -11,11 +11,14 @@
 
 pub mod config;
 pub mod gguf;
+pub mod init;
 pub mod merge;
 pub mod named;
 pub mod peft;
+pub mod regex;
 
-pub use config::{init_host_adapter, init_lora_set, InitLoraWeights, LoraConfig, TargetModules};
+pub use config::{InitLoraWeights, LoraConfig, TargetModules};
+pub use init::{init_host_adapter, init_lora_set, kaiming_bound};
 pub use named::AdapterSet;
 
 use crate::autograd::{Param, ParamId};

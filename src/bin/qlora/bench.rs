@@ -4,13 +4,13 @@
 //! projections, for each batch shape: mean and best step time, tokens/s, the peak GPU memory the
 //! pool held and the process's peak resident memory. Projections are generated and quantized one
 //! at a time (an 8B model never exists in f32 on the host); embeddings are bf16-valued, as the
-//! checkpoints are, so they are stored in bf16. Not a test: figures go in the README.
+//! checkpoints are, so they are stored in bf16. Not a test: figures go in docs/benchmarks.md.
 
 use anyhow::{bail, Result};
 use clap::Args;
 use qlora_webgpu::gpu::{block_on, GpuContext};
 use qlora_webgpu::io::{HostLayer, HostModel, HostTensor, HostWeight};
-use qlora_webgpu::lora::config::{init_lora_set, LoraConfig};
+use qlora_webgpu::lora::{init_lora_set, LoraConfig};
 use qlora_webgpu::ops::adamw::AdamW;
 use qlora_webgpu::train::trainer::{Model, TokenBatch, TrainOpts, Trainer};
 use qlora_webgpu::rng::SplitMix64;

@@ -1,6 +1,6 @@
 //! qlora-webgpu: LoRA and QLoRA fine-tuning of Llama-family models on WebGPU.
 //!
-//! Layers (see README.md): `gpu` (the only module that calls wgpu), `autograd` (the reverse-mode
+//! Layers (see docs/ARCHITECTURE.md; tests/layers.rs checks them): `gpu` (the only module that calls wgpu), `autograd` (the reverse-mode
 //! tape), `ops` (each op: WGSL launches, tape rule, f64 CPU reference), `quant` (NF4).
 
 pub mod autograd;

@@ -12,7 +12,10 @@
 //! - with the f32 projections' block limit lowered further (4 KiB), every projection of every
 //!   layer lives in row blocks too (2 to 16 each): loss, gradients, generation logits and 20
 //!   AdamW steps follow the single buffers and PEFT;
-//! - a projection that cannot fit the binding is refused, naming it, before anything is uploaded.
+//! - a projection that cannot fit the binding is refused, naming it, before anything is uploaded;
+//! - a batch over the binding runs as micro-batches, and one sequence whose MLP activation is
+//!   over it runs its MLP in row chunks: the loss bit for bit, gradients and 5 trainer steps
+//!   (also packed) as one block.
 
 mod common;
 use common::*;
@@ -277,7 +280,7 @@ fn a_model_that_cannot_fit_is_refused_before_anything_is_uploaded() {
 }
 
 /// (losses, final adapter tensors) of `steps` trainer steps on the reference batch.
-fn trainer_run(ctx: &Rc<GpuContext>, host: &HostModel, b: &Batch, steps: usize) -> (Vec<f64>, Vec<Vec<f32>>) {
+fn trainer_run(ctx: &Rc<GpuContext>, host: &HostModel, b: &Batch, steps: usize, seg: Option<Vec<u32>>) -> (Vec<f64>, Vec<Vec<f32>>) {
     use qlora_webgpu::train::trainer::{Model, TokenBatch, TrainOpts, Trainer};
     use qlora_webgpu::gpu::block_on;
     use qlora_webgpu::train::{DataPosition, Schedule, ScheduleKind};
@@ -293,42 +296,136 @@ fn trainer_run(ctx: &Rc<GpuContext>, host: &HostModel, b: &Batch, steps: usize) 
         seed: 0,
     };
     let mut trainer = Trainer::new(ctx.clone(), model, lora_cfg, set, opts);
-    let batch = [TokenBatch { ids: b.ids.clone(), targets: b.targets.clone(), batch: b.batch, seg: None }];
+    let batch = [TokenBatch { ids: b.ids.clone(), targets: b.targets.clone(), batch: b.batch, seg }];
     let losses = (0..steps).map(|i| block_on(trainer.step(&batch, DataPosition { epoch: 0, index: i as u64 + 1 })).unwrap().loss).collect();
     let params = trainer.set.params().iter().map(|p| read(ctx, &p.value)).collect();
     (losses, params)
 }
 
 #[test]
-fn a_batch_over_the_binding_runs_as_micro_batches() {
+fn a_batch_over_the_binding_runs_as_micro_batches_and_a_sequence_in_mlp_chunks() {
     let ctx = gpu();
     let host = load_hf_dir(fixtures().join("model")).unwrap();
     let b = reference_batch();
-    let (l1, p1) = trainer_run(&ctx, &host, &b, 5);
-    // 16 KiB: one sequence's MLP activation (24 x 160 x 4 = 15 KiB) fits, the batch of two does
-    // not, so each step runs the two sequences as two micro-batches (and the embedding lives in
-    // 384 shards, gate/up/down in 3 row blocks each).
-    let lowered = Lowered::new(&ctx, 16 << 10);
-    let (l2, p2) = trainer_run(&ctx, &host, &b, 5);
+    let (l1, p1) = trainer_run(&ctx, &host, &b, 5, None);
     let cfg = host.config.to_llama();
     let batch = qlora_webgpu::train::trainer::TokenBatch { ids: b.ids.clone(), targets: b.targets.clone(), batch: b.batch, seg: None };
-    assert_eq!(batch.split_to_fit(&cfg, ctx.max_binding()).unwrap().len(), 2);
-    // At 8 KiB one sequence alone does not fit: refused with the length that would.
+    let rows = b.batch * b.seq;
+    // 16 KiB: the batch's hidden-width rows (48 x 64 x 4 = 12 KiB) fit, its MLP activation
+    // (48 x 160 x 4 = 30 KiB) does not: one micro-batch whose MLP runs in two chunks of 24 rows
+    // (and the embedding lives in 384 shards, gate/up/down in 3 row blocks each).
+    let lowered = Lowered::new(&ctx, 16 << 10);
+    assert_eq!(batch.split_to_fit(&cfg, ctx.max_binding()).unwrap().len(), 1);
+    assert_eq!(llama::mlp_chunk_rows(&cfg, rows, ctx.activation_chunk_limit()), 24);
+    let (l2, p2) = trainer_run(&ctx, &host, &b, 5, None);
+    // 8 KiB: the batch's rows do not fit, one sequence's (6 KiB) do: two micro-batches of one
+    // sequence, each running its MLP (24 x 160 x 4 = 15 KiB) in two chunks of 12 rows.
     ctx.set_max_binding(8 << 10);
+    assert_eq!(batch.split_to_fit(&cfg, ctx.max_binding()).unwrap().len(), 2);
+    assert_eq!(llama::mlp_chunk_rows(&cfg, b.seq, ctx.activation_chunk_limit()), 12);
+    let (l3, p3) = trainer_run(&ctx, &host, &b, 5, None);
+    // At 4 KiB the hidden-width rows of one sequence do not fit: refused with the length that
+    // would.
+    ctx.set_max_binding(4 << 10);
     let e = batch.split_to_fit(&cfg, ctx.max_binding()).unwrap_err().to_string();
-    assert!(e.contains("a sequence of 24 tokens needs activations of 15360 bytes") && e.contains("at most 12 tokens"), "{e}");
+    assert!(e.contains("a sequence of 24 tokens needs activations of 6144 bytes") && e.contains("at most 16 tokens"), "{e}");
     drop(lowered);
-    let worst = l1.iter().zip(&l2).map(|(a, s)| ((a - s) / a).abs()).fold(0.0, f64::max);
-    let worst_p = p1
-        .iter()
-        .zip(&p2)
-        .map(|(a, s)| rel_err(s, &a.iter().map(|&x| x as f64).collect::<Vec<_>>()))
-        .fold(0.0, f64::max);
-    eprintln!("micro-batches at 16 KiB: losses {l2:?} vs {l1:?}, worst loss rel {worst:.1e}, worst adapter tensor rel {worst_p:.1e}");
-    // Two micro-batches weighted by their counted tokens = the step of the whole batch, up to
-    // f32 rounding of the two partial gradient sums and the sharded weights' own noise (the
-    // tests above), which AdamW's normalized updates amplify in the adapter. Measured over 5
-    // steps: losses 1.3e-7 relative, adapter tensors 1.7e-5 (bounds about 10x).
-    assert!(worst <= 1.5e-6, "losses differ by {worst:.2e}");
-    assert!(worst_p <= 1.7e-4, "adapters differ by {worst_p:.2e}");
+    // Measured over 5 steps: 16 KiB, losses 9.0e-8 relative, adapter tensors 1.7e-5; 8 KiB,
+    // 1.3e-7 and 2.1e-5 (bounds about 10x).
+    for (what, l, p, bound_l, bound_p) in [("16 KiB: MLP in 2 chunks", &l2, &p2, 9e-7, 1.7e-4), ("8 KiB: 2 micro-batches, MLP in 2 chunks each", &l3, &p3, 1.3e-6, 2e-4)] {
+        let worst = l1.iter().zip(l).map(|(a, s)| ((a - s) / a).abs()).fold(0.0, f64::max);
+        let worst_p = p1
+            .iter()
+            .zip(p)
+            .map(|(a, s)| rel_err(s, &a.iter().map(|&x| x as f64).collect::<Vec<_>>()))
+            .fold(0.0, f64::max);
+        eprintln!("{what}: losses {l:?} vs {l1:?}, worst loss rel {worst:.1e}, worst adapter tensor rel {worst_p:.1e}");
+        // Micro-batches weighted by their counted tokens = the step of the whole batch, and MLP
+        // chunks = the whole MLP, up to f32 rounding of the partial gradient sums and the
+        // sharded weights' own noise (the tests above), which AdamW's normalized updates
+        // amplify in the adapter.
+        assert!(worst <= bound_l, "{what}: losses differ by {worst:.2e}");
+        assert!(worst_p <= bound_p, "{what}: adapters differ by {worst_p:.2e}");
+    }
+}
+
+/// Lowers the MLP's row-chunk limit alone (`GpuContext::set_activation_chunk_limit`) while
+/// alive: everything else keeps its single buffer, so the chunking is all that differs.
+struct MlpChunks<'a>(&'a GpuContext);
+
+impl<'a> MlpChunks<'a> {
+    fn new(ctx: &'a GpuContext, bytes: u64) -> Self {
+        ctx.set_activation_chunk_limit(Some(bytes));
+        MlpChunks(ctx)
+    }
+}
+
+impl Drop for MlpChunks<'_> {
+    fn drop(&mut self) {
+        self.0.set_activation_chunk_limit(None);
+    }
+}
+
+#[test]
+fn the_mlp_in_row_chunks_matches_one_block() {
+    let ctx = gpu();
+    let host = load_hf_dir(fixtures().join("model")).unwrap();
+    let b = reference_batch();
+    let one = run(&ctx, &host, None, true, b.seq);
+    let (l1, g1, _) = loss_and_grads(&ctx, &one, &b);
+    // The batch's 48 rows of the 160-wide MLP take 30 KiB; at 4 KiB each layer's MLP runs in 8
+    // chunks of 6 rows (gate, up, SwiGLU, down and their gradients per chunk).
+    let rows = b.batch * b.seq;
+    let chunks = MlpChunks::new(&ctx, 4 << 10);
+    assert_eq!(llama::mlp_chunk_rows(&one.cfg, rows, ctx.activation_chunk_limit()), 6);
+    let (l2, g2, _) = loss_and_grads(&ctx, &one, &b);
+    // Per-layer recomputation (the chunked MLP inside a checkpointed block) gives the same.
+    let (l3, g3) = {
+        let mut tape = Tape::new(true);
+        let opts = ForwardOpts { checkpoint: true, seed: 0 };
+        let loss = llama::forward_loss(&mut tape, &ctx, &one.cfg, &one.w, &one.lora, &b.ids, &b.targets, b.batch, &one.tables, opts).unwrap();
+        let l = read(&ctx, loss.value())[0];
+        let grads = tape.backward(&ctx, &loss).unwrap();
+        (l, grads.iter().map(|(k, v)| (*k, read(&ctx, v))).collect::<HashMap<_, _>>())
+    };
+    drop(chunks);
+    let dg = worst_grad_diff(&g2, &g1);
+    let dg3 = worst_grad_diff(&g3, &g2);
+    // The gradients of the attention's adapters, upstream of the MLP, see the same input
+    // gradient bits (each row's dh is the same dot products; the chunks' zero-padded input
+    // gradients add exactly), so only the MLP adapters' A and B, whose gradients sum over rows
+    // chunk by chunk, can differ.
+    let attn_equal = one.lora.layers.iter().flat_map(|l| l[..4].iter().flatten()).all(|m| g1[&m.a.id] == g2[&m.a.id] && g1[&m.b.id] == g2[&m.b.id]);
+    eprintln!("MLP in 8 row chunks: loss {l2} vs {l1}, worst gradient rel {dg:.1e}, attention adapters' gradients equal: {attn_equal}; checkpointed: loss {l3}, gradients rel {dg3:.1e}");
+    // The forward computes every row with the same dot products: the loss bit for bit.
+    assert_eq!(l2.to_bits(), l1.to_bits(), "chunked loss {l2} vs {l1}");
+    assert_eq!(l3.to_bits(), l1.to_bits(), "chunked, checkpointed loss {l3} vs {l1}");
+    // Measured: 1.5e-7 (the MLP adapters' row sums in 8 partial sums; bound 10x); the
+    // checkpointed run recomputes the same chunks: 0.
+    assert!(dg <= 1.5e-6, "chunked gradients differ by {dg:.2e}");
+    assert!(dg3 == 0.0, "chunked, checkpointed gradients differ by {dg3:.2e}");
+    assert!(attn_equal, "the attention adapters' gradients differ");
+
+    // Five trainer steps, one example per row and packed (two examples of 12 tokens per row,
+    // `--packing`): the chunked MLP follows the single block.
+    let half = b.seq / 2;
+    let seg: Vec<u32> = (0..rows).map(|i| if i % b.seq < half { 0 } else { half as u32 }).collect();
+    for seg in [None, Some(seg)] {
+        let packed = seg.is_some();
+        let (s1, p1) = trainer_run(&ctx, &host, &b, 5, seg.clone());
+        let chunks = MlpChunks::new(&ctx, 4 << 10);
+        let (s2, p2) = trainer_run(&ctx, &host, &b, 5, seg);
+        drop(chunks);
+        let worst = s1.iter().zip(&s2).map(|(a, s)| ((a - s) / a).abs()).fold(0.0, f64::max);
+        let worst_p = p1
+            .iter()
+            .zip(&p2)
+            .map(|(a, s)| rel_err(s, &a.iter().map(|&x| x as f64).collect::<Vec<_>>()))
+            .fold(0.0, f64::max);
+        eprintln!("5 steps, packed {packed}, MLP in 8 chunks: losses {s2:?} vs {s1:?}, worst loss rel {worst:.1e}, adapter rel {worst_p:.1e}");
+        // Measured: losses 9.0e-8 relative (one step's last bit) unpacked, 0 packed; adapter
+        // tensors 5.1e-8 and 5.9e-8 (bounds 10x the worst).
+        assert!(worst <= 9e-7, "packed {packed}: losses differ by {worst:.2e}");
+        assert!(worst_p <= 6e-7, "packed {packed}: adapters differ by {worst_p:.2e}");
+    }
 }

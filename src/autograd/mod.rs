@@ -71,11 +71,19 @@ pub(crate) enum Op {
     Head(head::Saved),
     Add,
     AddBias,
+    Rows(RowsSaved),
+    ConcatRows(Vec<usize>),
     Checkpoint(CheckpointSaved),
 }
 
 /// A block function for gradient checkpointing: maps the block input to its output on `tape`.
 pub type BlockFn = Rc<dyn Fn(&mut Tape, &Var) -> Result<Var>>;
+
+/// What [`rows`] saves: the input's shape and where the rows start (elements).
+pub(crate) struct RowsSaved {
+    shape: Vec<usize>,
+    at: usize,
+}
 
 pub(crate) struct CheckpointSaved {
     f: BlockFn,
@@ -110,6 +118,33 @@ impl Op {
             Op::Add => Ok(needs.iter().map(|&n| n.then(|| g.clone())).collect()),
             // d(x + bias) / dx = g; the bias is frozen and not an input of the node.
             Op::AddBias => Ok(vec![needs[0].then(|| g.clone())]),
+            // The rows' gradient in place, zeros elsewhere (x + 0 = x: summing the chunks'
+            // gradients of one tensor is exact).
+            Op::Rows(s) => {
+                if !needs[0] {
+                    return Ok(vec![None]);
+                }
+                let dx = ctx.zeros(&s.shape, crate::gpu::DType::F32)?;
+                ctx.copy_region(g, 0, &dx, s.at, g.numel())?;
+                Ok(vec![Some(dx)])
+            }
+            // Each part's rows of g.
+            Op::ConcatRows(rows) => {
+                let cols = g.numel() / rows.iter().sum::<usize>().max(1);
+                let mut at = 0;
+                let mut out = Vec::with_capacity(rows.len());
+                for (&n, &need) in rows.iter().zip(needs) {
+                    out.push(if need {
+                        let part = ctx.empty(&[n, cols], crate::gpu::DType::F32)?;
+                        ctx.copy_region(g, at * cols, &part, 0, n * cols)?;
+                        Some(part)
+                    } else {
+                        None
+                    });
+                    at += n;
+                }
+                Ok(out)
+            }
             Op::Checkpoint(s) => {
                 let mut sub = Tape::new(true);
                 let x = sub.input(s.input);
@@ -289,4 +324,37 @@ pub fn add(tape: &mut Tape, ctx: &GpuContext, a: &Var, b: &Var) -> Result<Var> {
 pub fn add_bias(tape: &mut Tape, ctx: &GpuContext, x: &Var, bias: &Tensor) -> Result<Var> {
     let out = ops::elementwise::add_bias(ctx, x.value(), bias)?;
     Ok(tape.record(out, &[x], || Op::AddBias))
+}
+
+/// Rows `r` of x (rows, C) (f32) as a tensor (r.len(), C) of its own: with [`concat_rows`], lets a
+/// row-independent block (the MLP) run a chunk of rows at a time so that its widest tensors stay
+/// within one binding. Backward writes the chunk's gradient into zeros of x's shape.
+pub fn rows(tape: &mut Tape, ctx: &GpuContext, x: &Var, r: std::ops::Range<usize>) -> Result<Var> {
+    let shape = x.shape().to_vec();
+    if shape.len() != 2 || r.start >= r.end || r.end > shape[0] || x.value().dtype() != crate::gpu::DType::F32 {
+        return Err(crate::Error::shape("rows", format!("rows {r:?} of {:?} ({:?})", shape, x.value().dtype())));
+    }
+    let cols = shape[1];
+    let out = ctx.empty(&[r.len(), cols], crate::gpu::DType::F32)?;
+    ctx.copy_region(x.value(), r.start * cols, &out, 0, r.len() * cols)?;
+    Ok(tape.record(out, &[x], || Op::Rows(RowsSaved { shape, at: r.start * cols })))
+}
+
+/// The row blocks `parts` (n_i, C) (f32) stacked into one tensor (Σ n_i, C); backward hands each
+/// part its rows of the gradient.
+pub fn concat_rows(tape: &mut Tape, ctx: &GpuContext, parts: &[Var]) -> Result<Var> {
+    let cols = parts.first().map_or(0, |p| p.shape().last().copied().unwrap_or(0));
+    if parts.is_empty() || parts.iter().any(|p| p.shape().len() != 2 || p.shape()[1] != cols || p.value().dtype() != crate::gpu::DType::F32) {
+        let shapes: Vec<_> = parts.iter().map(|p| p.shape().to_vec()).collect();
+        return Err(crate::Error::shape("concat_rows", format!("parts {shapes:?}")));
+    }
+    let rows: Vec<usize> = parts.iter().map(|p| p.shape()[0]).collect();
+    let out = ctx.empty(&[rows.iter().sum(), cols], crate::gpu::DType::F32)?;
+    let mut at = 0;
+    for p in parts {
+        ctx.copy_region(p.value(), 0, &out, at, p.value().numel())?;
+        at += p.value().numel();
+    }
+    let refs: Vec<&Var> = parts.iter().collect();
+    Ok(tape.record(out, &refs, || Op::ConcatRows(rows)))
 }

@@ -132,6 +132,8 @@ pub struct GpuContext {
     binding_forced: Cell<bool>,
     /// A lower limit for f32 projection weights only ([`GpuContext::set_projection_shard_limit`]).
     projection_limit: Cell<Option<u64>>,
+    /// A lower limit for the MLP's row chunks only ([`GpuContext::set_activation_chunk_limit`]).
+    activation_limit: Cell<Option<u64>>,
     /// GPU timing from timestamp queries written at each compute pass's start and end
     /// ([`GpuContext::set_gpu_timing`]); native only.
     timing: RefCell<Option<Timing>>,
@@ -348,6 +350,7 @@ impl GpuContext {
             max_binding: Cell::new(forced.map_or(adapter_max, |f| f.min(adapter_max))),
             binding_forced: Cell::new(forced.is_some_and(|f| f < adapter_max)),
             projection_limit: Cell::new(None),
+            activation_limit: Cell::new(None),
             timing: RefCell::new(None),
             device,
             queue,
@@ -443,6 +446,20 @@ impl GpuContext {
     /// which are never sharded, keep one buffer each.
     pub fn set_projection_shard_limit(&self, bytes: Option<u64>) {
         self.projection_limit.set(bytes.map(|b| b.max(16)));
+    }
+
+    /// The largest chunk of a wide activation, bytes (the MLP's (rows, intermediate) tensors,
+    /// which a decoder layer computes a block of rows at a time when one sequence's would not
+    /// fit): the largest binding, or less where [`GpuContext::set_activation_chunk_limit`]
+    /// lowered it.
+    pub fn activation_chunk_limit(&self) -> u64 {
+        self.activation_limit.get().map_or(self.max_binding(), |p| p.min(self.max_binding()))
+    }
+
+    /// Lowers the chunk size of the MLP's activations alone (None restores the largest
+    /// binding), so tests can run the chunked MLP on a tiny model with everything else as it is.
+    pub fn set_activation_chunk_limit(&self, bytes: Option<u64>) {
+        self.activation_limit.set(bytes.map(|b| b.max(16)));
     }
 
     pub(crate) fn check_binding(&self, op: &'static str, bytes: u64) -> Result<()> {

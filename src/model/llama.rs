@@ -63,6 +63,14 @@ impl LlamaConfig {
         }
     }
 
+    /// Width of the widest activation a sequence's rows must hold in one binding: the hidden
+    /// size or the query width (the MLP's intermediate tensors run in row chunks when they would
+    /// not fit, [`mlp_chunk_rows`]; attention keeps no (T, T) scores; the output layer walks
+    /// the vocabulary in chunks). One sequence of T tokens needs T x this x 4 bytes in a binding.
+    pub fn activation_width(&self) -> usize {
+        self.hidden.max(self.heads * self.head_dim).max(1)
+    }
+
     /// (out, in) of projection `m` (index into TARGETS).
     pub fn proj_shape(&self, m: usize) -> (usize, usize) {
         let (c, i) = (self.hidden, self.intermediate);
@@ -246,6 +254,20 @@ pub struct Packing {
     pub rope: Rc<RopeTables>,
 }
 
+/// A projection's adapter leaves on the tape: A, B and DoRA's magnitude.
+type LoraVars = (Var, Var, Option<Var>);
+
+/// Rows of the MLP computed at once: all `rows` when (rows, intermediate) in f32 fits `limit`
+/// bytes (one binding), else the fewest chunks that fit, balanced. At least 1.
+pub fn mlp_chunk_rows(cfg: &LlamaConfig, rows: usize, limit: u64) -> usize {
+    let per_row = cfg.intermediate.max(1) as u64 * 4;
+    let fit = ((limit / per_row) as usize).max(1);
+    if rows <= fit {
+        return rows.max(1);
+    }
+    rows.div_ceil(rows.div_ceil(fit))
+}
+
 struct Layer {
     ctx: Rc<GpuContext>,
     /// Sequence packing (None: one example per row).
@@ -263,26 +285,39 @@ struct Layer {
 }
 
 impl Layer {
+    /// The adapter leaves of projection m on the tape (A, B, DoRA's magnitude); None without an
+    /// adapter. Made once per layer and shared by every row chunk of the MLP, so that each
+    /// parameter's gradient sums its chunks in a fixed order.
+    fn lora_vars(&self, tape: &mut Tape, m: usize) -> Option<LoraVars> {
+        self.lora[m].as_ref().map(|l| (tape.param(&l.a), tape.param(&l.b), l.magnitude.as_ref().map(|g| tape.param(g))))
+    }
+
     /// Projection m: x·W^T (+ bias) (+ the LoRA term).
     fn linear(&self, tape: &mut Tape, x: &Var, m: usize) -> Result<Var> {
+        let vars = self.lora_vars(tape, m);
+        self.linear_with(tape, x, m, vars.as_ref(), 0)
+    }
+
+    /// [`Layer::linear`] with the adapter's leaves `vars` (from [`Layer::lora_vars`]); `chunk`
+    /// (row chunk of the MLP, 0 for the first or only one) is mixed into the dropout seed, so
+    /// each chunk draws its own mask.
+    fn linear_with(&self, tape: &mut Tape, x: &Var, m: usize, vars: Option<&LoraVars>, chunk: u32) -> Result<Var> {
         let ctx = &*self.ctx;
         let (w0, bias) = (&self.w.proj[m], self.w.bias[m].as_ref());
-        match &self.lora[m] {
-            Some(l) => {
-                let a = tape.param(&l.a);
-                let b = tape.param(&l.b);
-                let seed = lora::hash32(self.seed ^ lora::hash32((self.index * 7 + m) as u32 ^ l.run.seed));
+        match (&self.lora[m], vars) {
+            (Some(l), Some((a, b, mag))) => {
+                let mut seed = lora::hash32(self.seed ^ lora::hash32((self.index * 7 + m) as u32 ^ l.run.seed));
+                if chunk > 0 {
+                    seed = lora::hash32(seed ^ lora::hash32(chunk.wrapping_mul(0x9e37_79b9)));
+                }
                 let dropout = if self.inference { 0.0 } else { l.run.dropout };
                 let run = LoraRun { seed, dropout, ..l.run };
-                match &l.magnitude {
-                    Some(mag) => {
-                        let mag = tape.param(mag);
-                        dora::dora_linear(tape, ctx, x, w0, bias, &a, &b, &mag, &run, l.dora_norm.as_ref())
-                    }
-                    None => lora::lora_linear_with_bias(tape, ctx, x, w0, bias, &a, &b, &run),
+                match mag {
+                    Some(mag) => dora::dora_linear(tape, ctx, x, w0, bias, a, b, mag, &run, l.dora_norm.as_ref()),
+                    None => lora::lora_linear_with_bias(tape, ctx, x, w0, bias, a, b, &run),
                 }
             }
-            None => lora::frozen_linear_with_bias(tape, ctx, x, w0, bias),
+            _ => lora::frozen_linear_with_bias(tape, ctx, x, w0, bias),
         }
     }
 
@@ -338,11 +373,32 @@ impl Layer {
         let x1 = autograd::add(tape, ctx, x, &o)?;
         let n2 = tape.constant(self.w.mlp_norm.clone());
         let h2 = rmsnorm::rmsnorm(tape, ctx, &x1, &n2, c.rms_eps)?;
-        let g = self.linear(tape, &h2, 4)?;
-        let u = self.linear(tape, &h2, 5)?;
-        let s = swiglu::swiglu(tape, ctx, &g, &u)?;
-        let d = self.linear(tape, &s, 6)?;
+        let vars = [4, 5, 6].map(|m| self.lora_vars(tape, m));
+        let rows = h2.shape()[0];
+        let chunk = mlp_chunk_rows(c, rows, self.ctx.activation_chunk_limit());
+        let d = if chunk >= rows {
+            self.mlp(tape, &h2, &vars, 0)?
+        } else {
+            // (rows, intermediate) would exceed one binding: the MLP is row-independent, so it
+            // runs on row chunks (the same dot products per row; parameter gradients summed
+            // chunk by chunk).
+            let mut parts = Vec::with_capacity(rows.div_ceil(chunk));
+            for (i, r0) in (0..rows).step_by(chunk).enumerate() {
+                let hc = autograd::rows(tape, ctx, &h2, r0..(r0 + chunk).min(rows))?;
+                parts.push(self.mlp(tape, &hc, &vars, i as u32)?);
+            }
+            autograd::concat_rows(tape, ctx, &parts)?
+        };
         autograd::add(tape, ctx, &x1, &d)
+    }
+
+    /// The MLP down(swiglu(gate(h), up(h))) of h (rows, C) -> (rows, C); `vars`: the adapter
+    /// leaves of gate, up and down; `chunk`: which row chunk (dropout seeds).
+    fn mlp(&self, tape: &mut Tape, h: &Var, vars: &[Option<LoraVars>; 3], chunk: u32) -> Result<Var> {
+        let g = self.linear_with(tape, h, 4, vars[0].as_ref(), chunk)?;
+        let u = self.linear_with(tape, h, 5, vars[1].as_ref(), chunk)?;
+        let s = swiglu::swiglu(tape, &self.ctx, &g, &u)?;
+        self.linear_with(tape, &s, 6, vars[2].as_ref(), chunk)
     }
 }
 

@@ -121,17 +121,18 @@ impl TokenBatch {
         self.targets.iter().filter(|&&t| t != IGNORE_INDEX).count()
     }
 
-    /// The batch as consecutive runs of whole sequences whose largest activation (one
-    /// (rows, width) f32 tensor: the MLP's intermediate, the hidden size or the query width,
-    /// whichever is widest) fits `max_binding` bytes, leaving out runs without a counted target.
-    /// Activations are never sharded: a batch too large for one binding is run as several
-    /// micro-batches, which gives the step of the whole batch (gradient accumulation weights
-    /// each by its counted tokens), and `Error::Limit` says how long a sequence may be when one
-    /// sequence alone does not fit.
+    /// The batch as consecutive runs of whole sequences whose widest activation that is not
+    /// chunked (one (rows, width) f32 tensor: the hidden size or the query width,
+    /// `LlamaConfig::activation_width`) fits `max_binding` bytes, leaving out runs without a
+    /// counted target. The MLP's wider (rows, intermediate) tensors run in row chunks inside each
+    /// layer (`llama::mlp_chunk_rows`); the rest is not sharded: a batch too large for one
+    /// binding is run as several micro-batches, which gives the step of the whole batch
+    /// (gradient accumulation weights each by its counted tokens), and `Error::Limit` says how
+    /// long a sequence may be when one sequence alone does not fit.
     pub fn split_to_fit(&self, cfg: &LlamaConfig, max_binding: u64) -> Result<Vec<TokenBatch>> {
         let b = self.batch.max(1);
         let t = self.ids.len() / b;
-        let width = cfg.intermediate.max(cfg.hidden).max(cfg.heads * cfg.head_dim).max(1) as u64;
+        let width = cfg.activation_width() as u64;
         let per_seq = t as u64 * width * 4;
         if per_seq * b as u64 <= max_binding {
             return Ok(vec![self.clone()]);
@@ -141,8 +142,9 @@ impl TokenBatch {
             return Err(Error::Limit {
                 op: "training",
                 msg: format!(
-                    "a sequence of {t} tokens needs activations of {per_seq} bytes ({t} x {width} x 4), over the device's largest \
-                     storage binding of {max_binding} bytes; sequences of at most {} tokens fit (a smaller max length)",
+                    "a sequence of {t} tokens needs activations of {per_seq} bytes ({t} x {width} x 4, the hidden or query \
+                     width), over the device's largest storage binding of {max_binding} bytes; sequences of at most {} tokens \
+                     fit (a smaller max length)",
                     max_binding / (width * 4)
                 ),
             });

@@ -326,14 +326,14 @@ pub fn check_model_fits(name: &str, config: &ModelConfig, quant: BaseQuant, info
     Ok(())
 }
 
-/// Checks that one sequence's largest activation fits `limit`: max_len rows of the widest of
-/// the MLP's intermediate size, the hidden size and the query width, in f32 (the output layer
-/// never holds all logits, and a batch whose activations exceed one binding runs as several
-/// micro-batches of whole sequences: `TokenBatch::split_to_fit`). The message says which length
-/// would fit.
+/// Checks that one sequence's largest unchunked activation fits `limit`: max_len rows of the
+/// wider of the hidden size and the query width, in f32 (`LlamaConfig::activation_width`: the
+/// MLP's intermediate tensors run in row chunks, the output layer never holds all logits, and a
+/// batch whose activations exceed one binding runs as several micro-batches of whole sequences:
+/// `TokenBatch::split_to_fit`). The message says which length would fit.
 pub fn check_training_fits(config: &ModelConfig, cfg: &TrainConfig, info: &GpuInfo, limit: u64) -> Result<()> {
     let c = config.to_llama();
-    let width = c.intermediate.max(c.hidden).max(c.heads * c.head_dim).max(1) as u64;
+    let width = c.activation_width() as u64;
     let bytes = cfg.max_len as u64 * width * 4;
     if bytes > limit {
         return Err(Error::Limit {
@@ -435,14 +435,17 @@ mod tests {
         let (q, n, _) = model_options(&Value::Null, &cfg).unwrap();
         assert_eq!((q, n), (BaseQuant::F32, DEFAULT_MAX_POSITIONS));
         let mut t = TrainConfig::default();
-        // 64 x 512 rows x 1536 x 4 = 192 MiB of MLP activations: run as micro-batches of 42
-        // sequences; one sequence of 32768 tokens alone needs 192 MiB.
+        // 64 x 512 rows x 1536 x 4 = 192 MiB of MLP activations: run as micro-batches; one
+        // sequence of 32768 tokens (192 MiB of MLP activations) runs its MLP in row chunks and
+        // needs 72 MiB of hidden-width rows (576 x 4 bytes each); 65536 tokens need 144 MiB.
         t.batch_size = 64;
         t.max_len = 512;
         check_training_fits(&cfg, &t, &info(128), 128 << 20).unwrap();
         t.max_len = 32768;
+        check_training_fits(&cfg, &t, &info(128), 128 << 20).unwrap();
+        t.max_len = 65536;
         let e = check_training_fits(&cfg, &t, &info(128), 128 << 20).unwrap_err().to_string();
-        assert!(e.contains("192.0 MiB") && e.contains("max length <= 21845"), "{e}");
+        assert!(e.contains("144.0 MiB") && e.contains("max length <= 58254"), "{e}");
     }
 
 }

@@ -648,7 +648,7 @@ impl TrainSession {
         let sampler = match resume_at {
             None => BatchSampler::new(n_items, cfg.batch_size, cfg.shuffle, cfg.seed)?,
             Some(p) => BatchSampler::resume(
-                SamplerState { seed: cfg.seed, epoch: p.epoch, position: p.index, n_examples: n_items as u64, shuffle: cfg.shuffle },
+                SamplerState { seed: cfg.seed, at: p, n_examples: n_items as u64, shuffle: cfg.shuffle },
                 n_items,
                 cfg.batch_size,
             )

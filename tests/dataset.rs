@@ -419,7 +419,7 @@ fn stats_count_examples_tokens_and_scored_tokens() {
         scored += td.batch(&sampler.next_batch(), pad_id(&tok)).unwrap().n_tokens;
     }
     assert_eq!(scored, s.counted_tokens);
-    assert_eq!(sampler.state().epoch, 1);
+    assert_eq!(sampler.state().at.epoch, 1);
 }
 
 // ---------------------------------------------------------------- batches
@@ -518,11 +518,11 @@ fn saved_state_resumes_the_same_sequence() {
         a.next_batch();
     }
     let st = a.state();
-    assert_eq!((st.epoch, st.position, st.seed, st.n_examples, st.shuffle), (1, 0, 9, 11, true));
+    assert_eq!((st.at.epoch, st.at.index, st.seed, st.n_examples, st.shuffle), (1, 0, 9, 11, true));
     assert_eq!(st.data_position(), qlora_webgpu::train::DataPosition { epoch: 1, index: 0 });
     // A state for another data set size, or a position past the end, is refused.
     assert!(BatchSampler::resume(st, n + 1, 3).is_err());
-    assert!(BatchSampler::resume(SamplerState { position: 11, ..st }, n, 3).is_err());
+    assert!(BatchSampler::resume(SamplerState { at: DataPosition { epoch: st.at.epoch, index: 11 }, ..st }, n, 3).is_err());
 }
 
 // ---------------------------------------------------------------- validation split

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 /// Where the data stream is: the epoch and the index of the next example (or micro-batch) in
 /// that epoch's order (the order itself is derived from the run's seed and the epoch).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataPosition {
     /// Epoch, from 0.
     pub epoch: u64,
@@ -20,10 +20,9 @@ pub struct DataPosition {
 pub struct SamplerState {
     /// The seed of the data order.
     pub seed: u64,
-    /// The epoch of the next batch, from 0.
-    pub epoch: u64,
-    /// The position of the next batch's first example in that epoch's order.
-    pub position: u64,
+    /// The epoch of the next batch and the position of its first example in that epoch's order
+    /// (what checkpoints store).
+    pub at: DataPosition,
     /// The number of examples (checked on resume: a changed data set would silently change the
     /// order).
     pub n_examples: u64,
@@ -34,7 +33,7 @@ pub struct SamplerState {
 impl SamplerState {
     /// The position as the checkpoint stores it.
     pub fn data_position(&self) -> DataPosition {
-        DataPosition { epoch: self.epoch, index: self.position }
+        self.at
     }
 }
 
@@ -51,7 +50,7 @@ pub struct BatchSampler {
 impl BatchSampler {
     /// A sampler at the start of epoch 0. `n` and `batch_size` must be at least 1.
     pub fn new(n: usize, batch_size: usize, shuffle: bool, seed: u64) -> Result<Self> {
-        Self::resume(SamplerState { seed, epoch: 0, position: 0, n_examples: n as u64, shuffle }, n, batch_size)
+        Self::resume(SamplerState { seed, at: DataPosition::default(), n_examples: n as u64, shuffle }, n, batch_size)
     }
 
     /// A sampler continuing from `state` over a data set of `n` examples; the batch size may
@@ -67,10 +66,10 @@ impl BatchSampler {
                 state.n_examples
             )));
         }
-        if state.position >= n as u64 {
-            return Err(Error::Invalid(format!("saved data position {} is past the {n} examples", state.position)));
+        if state.at.index >= n as u64 {
+            return Err(Error::Invalid(format!("saved data position {} is past the {n} examples", state.at.index)));
         }
-        let order = epoch_order(n, state.shuffle, state.seed, state.epoch);
+        let order = epoch_order(n, state.shuffle, state.seed, state.at.epoch);
         Ok(BatchSampler { state, batch_size, order })
     }
 
@@ -93,15 +92,14 @@ impl BatchSampler {
     /// The next batch's example indices (and moves on, to the next epoch after its last batch).
     pub fn next_batch(&mut self) -> Vec<usize> {
         let n = self.order.len();
-        let p = self.state.position as usize;
+        let p = self.state.at.index as usize;
         let end = (p + self.batch_size).min(n);
         let out = self.order[p..end].to_vec();
         if end == n {
-            self.state.epoch += 1;
-            self.state.position = 0;
-            self.order = epoch_order(n, self.state.shuffle, self.state.seed, self.state.epoch);
+            self.state.at = DataPosition { epoch: self.state.at.epoch + 1, index: 0 };
+            self.order = epoch_order(n, self.state.shuffle, self.state.seed, self.state.at.epoch);
         } else {
-            self.state.position = end as u64;
+            self.state.at.index = end as u64;
         }
         out
     }

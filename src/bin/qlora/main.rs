@@ -8,6 +8,7 @@ mod chat;
 mod common;
 mod export;
 mod plot;
+mod recipe;
 mod train;
 
 use anyhow::{bail, Context, Result};

@@ -354,7 +354,9 @@ def main():
         train_dataset=train,
         eval_dataset=val,
         processing_class=tok,
-        data_collator=DataCollatorForLanguageModeling(pad_token_id=PAD_ID, padding_free=PACKING),
+        # Padding and labels as `qlora`: right padding, -100 past each example. With PACKING,
+        # TRL's own padding-free collator (position ids restart per example).
+        data_collator=None if PACKING else DataCollatorForLanguageModeling(pad_token_id=PAD_ID),
         callbacks=[Metrics()],
     )
     trainer.train()
@@ -426,7 +428,12 @@ micro-batch's summed token loss is divided by the step's total count of counted 
 - LoRA dropout masks (torch's generator, not ours): with dropout > 0 the runs agree in
   distribution only.
 - With `--packing`, TRL packs the rows itself (best-fit decreasing, as `qlora` does, but the rows
-  may group examples differently), and padding-free attention needs FlashAttention on a GPU.
+  may group examples differently) and trains padding-free: position ids restart per example and
+  transformers keeps attention within each example (FlashAttention's varlen kernels on a GPU; on
+  the CPU a block-diagonal mask built from the position ids).
+- The validation loss: transformers' evaluation averages the mean losses of the evaluation
+  batches; `qlora` takes one mean over all counted validation tokens (equal when the batches
+  count equally many tokens).
 - Under DDP the global batch is the number of processes times the per-device batch: see
   `accelerate_config.yaml`.
 @NOTES@

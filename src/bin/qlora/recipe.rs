@@ -410,7 +410,7 @@ in `qlora generate --adapter out`, `qlora merge`, PEFT and the browser package.
 | `--max-grad-norm` | `max_grad_norm` (0: off) |
 | `--seed` | `seed`, `data_seed` |
 | `--no-shuffle` | a trainer whose `_get_train_sampler` returns a `SequentialSampler` |
-| `--packing` | `SFTConfig(packing=True, packing_strategy="bfd")`, padding-free (needs FlashAttention on the GPU) |
+| `--packing` | `SFTConfig(packing=True, packing_strategy="bfd")`, padding-free (position ids restart per example) |
 | `--grad-checkpoint` | `gradient_checkpointing` |
 | `--val-data` / `--val-fraction`, `--eval-every` | `eval_dataset` (`val.jsonl`), `eval_steps` |
 

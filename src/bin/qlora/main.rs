@@ -8,6 +8,7 @@ mod chat;
 mod common;
 mod export;
 mod plot;
+mod recipe;
 mod train;
 
 use anyhow::{bail, Context, Result};
@@ -49,7 +50,8 @@ Examples:
   qlora train ~/models/Llama-3.2-1B --data chat.jsonl --epochs 2 --val-fraction 0.1 -r 8 --lora-alpha 16
   qlora train --config run.toml --steps 200        (flags override the file)
   qlora train --config run.toml --resume           (continue after Ctrl-C or a crash)
-  qlora train MODEL --data d.jsonl --init-adapter old-adapter --no-shuffle --lr-scheduler constant --warmup-steps 0")]
+  qlora train MODEL --data d.jsonl --init-adapter old-adapter --no-shuffle --lr-scheduler constant --warmup-steps 0
+  qlora train MODEL --data d.jsonl --qlora --steps 500 --emit-recipe recipe   (a TRL + PEFT script of the run, for accelerate launch)")]
     Train(train::TrainArgs),
     /// Generate text (streamed), with or without an adapter.
     #[command(after_help = "Examples:

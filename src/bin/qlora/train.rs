@@ -177,6 +177,12 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     pub resume: bool,
+    /// Instead of training, write DIR/train_trl.py (TRL + PEFT, bitsandbytes with --qlora),
+    /// the tokenized data, the initial adapter and an Accelerate config that reproduce the run,
+    /// to scale it out with `accelerate launch` (DDP, FSDP, DeepSpeed); see DIR/README.md.
+    #[arg(long, value_name = "DIR")]
+    #[serde(skip)]
+    pub emit_recipe: Option<PathBuf>,
 }
 
 /// The settings that must not change between a run and its resumption.
@@ -417,6 +423,9 @@ pub fn run(args: TrainArgs) -> Result<i32> {
     let now_map = to_map(&eff);
     let settings = Value::Object(RESUME_KEYS.iter().filter_map(|k| now_map.get(*k).map(|v| (k.to_string(), v.clone()))).collect());
     let ck_dir = out.join(CHECKPOINT_DIR);
+    if args.resume && args.emit_recipe.is_some() {
+        bail!("--emit-recipe with --resume: a recipe starts a run (from its initial adapter); emit it without --resume");
+    }
     if args.resume {
         if !ck_dir.is_dir() {
             bail!("--resume: {} has no checkpoint (run without --resume to start)", out.display());
@@ -524,6 +533,33 @@ pub fn run(args: TrainArgs) -> Result<i32> {
     } else {
         TrainSession::new(&ctx, &model, &data, cfg.clone(), init.as_ref())?
     };
+    if let Some(dir) = &args.emit_recipe {
+        let r = crate::recipe::Recipe {
+            model_path: &model_path,
+            data_path: &data_path,
+            data: &data,
+            val_data: val_data.as_ref(),
+            cfg: &cfg,
+            quant,
+            model: &model,
+            sess: &sess,
+            eval_every: args.eval_every,
+        };
+        crate::recipe::emit(dir, &r, &ctx)?;
+        eprintln!(
+            "recipe   {} written in {} (nothing trained): {}, {}, {}/, {}; run it with `python {}` or `accelerate launch --config_file {} {}`",
+            crate::recipe::SCRIPT,
+            dir.display(),
+            crate::recipe::DATA,
+            crate::recipe::ACCELERATE,
+            crate::recipe::ADAPTER_INIT,
+            crate::recipe::README,
+            dir.join(crate::recipe::SCRIPT).display(),
+            dir.join(crate::recipe::ACCELERATE).display(),
+            dir.join(crate::recipe::SCRIPT).display()
+        );
+        return Ok(0);
+    }
     let st = sess.data_stats();
     let (n_train, n_val) = sess.split_sizes();
     if let Some(rows) = sess.packed_rows() {

@@ -15,7 +15,7 @@ use qlora_webgpu::data::dataset::{self, Dataset, Example, TokenizedDataset};
 use qlora_webgpu::gpu::{block_on, GpuContext};
 use qlora_webgpu::lora::config::TargetModules;
 use qlora_webgpu::lora::peft::{CONFIG_FILE, WEIGHTS_FILE};
-use qlora_webgpu::lora::write_atomic;
+use qlora_webgpu::io::files::write_atomic;
 use qlora_webgpu::session::{BaseQuant, LoadedModel, TrainConfig, TrainSession};
 use std::fmt::Write as _;
 use std::path::Path;

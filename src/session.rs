@@ -483,7 +483,7 @@ impl TrainConfig {
             adamw: AdamW { lr: self.lr, beta1: self.betas.0, beta2: self.betas.1, eps: self.eps, weight_decay: self.weight_decay },
             schedule: Schedule::new(self.schedule, self.lr, self.warmup(), self.steps),
             max_grad_norm: self.max_grad_norm,
-            checkpoint_layers: self.grad_checkpoint,
+            grad_checkpoint: self.grad_checkpoint,
             seed: self.seed,
         }
     }

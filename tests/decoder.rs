@@ -292,7 +292,7 @@ fn setup(dropout: f32) -> Setup {
 fn gpu_grads(su: &Setup, checkpoint: bool) -> (f32, HashMap<ParamId, Vec<f32>>) {
     let ctx = &su.ctx;
     let mut tape = Tape::new(true);
-    let opts = ForwardOpts { checkpoint, seed: 3 };
+    let opts = ForwardOpts { grad_checkpoint: checkpoint, seed: 3 };
     let logits = llama::forward(&mut tape, ctx, &su.c, &su.w, &su.lora, &su.ids, su.batch, &su.tables, opts).unwrap();
     let loss = cross_entropy::cross_entropy(&mut tape, ctx, &logits, &su.targets).unwrap();
     let lv = read(ctx, loss.value())[0];

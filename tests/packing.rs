@@ -89,7 +89,7 @@ fn best_fit_decreasing_keeps_every_example_whole_and_once() {
 
 fn loss_and_grads(ctx: &Rc<GpuContext>, model: &Model, set: &LoraSet, ids: &[u32], targets: &[i32], batch: usize, seg: Option<&[u32]>, checkpoint: bool) -> (f64, Vec<Vec<f32>>) {
     let mut tape = Tape::new(true);
-    let opts = ForwardOpts { checkpoint, seed: 0 };
+    let opts = ForwardOpts { grad_checkpoint: checkpoint, seed: 0 };
     let loss = model.loss_packed(&mut tape, ctx, set, ids, targets, batch, seg, opts).unwrap();
     let l = read(ctx, loss.value())[0] as f64;
     let g = tape.backward(ctx, &loss).unwrap();

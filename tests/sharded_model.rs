@@ -292,7 +292,7 @@ fn trainer_run(ctx: &Rc<GpuContext>, host: &HostModel, b: &Batch, steps: usize, 
         adamw: AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
         schedule: Schedule::new(ScheduleKind::Constant, 1e-3, 0, steps as u64),
         max_grad_norm: None,
-        checkpoint_layers: false,
+        grad_checkpoint: false,
         seed: 0,
     };
     let mut trainer = Trainer::new(ctx.clone(), model, lora_cfg, set, opts);
@@ -382,7 +382,7 @@ fn the_mlp_in_row_chunks_matches_one_block() {
     // Per-layer recomputation (the chunked MLP inside a checkpointed block) gives the same.
     let (l3, g3) = {
         let mut tape = Tape::new(true);
-        let opts = ForwardOpts { checkpoint: true, seed: 0 };
+        let opts = ForwardOpts { grad_checkpoint: true, seed: 0 };
         let loss = llama::forward_loss(&mut tape, &ctx, &one.cfg, &one.w, &one.lora, &b.ids, &b.targets, b.batch, &one.tables, opts).unwrap();
         let l = read(&ctx, loss.value())[0];
         let grads = tape.backward(&ctx, &loss).unwrap();

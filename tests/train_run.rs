@@ -87,7 +87,7 @@ fn opts(steps: u64, lr: f64) -> TrainOpts {
         adamw: AdamW { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 },
         schedule: Schedule::new(ScheduleKind::Cosine, lr, 3, steps),
         max_grad_norm: Some(1.0),
-        checkpoint_layers: false,
+        grad_checkpoint: false,
         seed: 42,
     }
 }

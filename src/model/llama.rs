@@ -237,8 +237,9 @@ impl LoraSet {
 /// Options of one forward pass.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ForwardOpts {
-    /// Recompute each decoder layer in backward instead of keeping its activations.
-    pub checkpoint: bool,
+    /// Recompute each decoder layer in backward instead of keeping its activations (gradient
+    /// checkpointing; `--grad-checkpoint`, `gradCheckpoint` in the browser).
+    pub grad_checkpoint: bool,
     /// Mixed into every dropout seed (e.g. the optimizer step), so each step draws new masks.
     pub seed: u32,
 }
@@ -454,7 +455,7 @@ pub fn forward_hidden_packed(
             seed: opts.seed,
             index: i,
         };
-        x = if opts.checkpoint && tape.is_recording() {
+        x = if opts.grad_checkpoint && tape.is_recording() {
             let f: BlockFn = Rc::new(move |tape: &mut Tape, x: &Var| layer.forward(tape, x));
             tape.checkpoint(&x, f)?
         } else {

@@ -37,8 +37,8 @@ pub struct MemoryPlan {
     pub activations: u64,
     /// Transient: one layer's backward, the output layer's chunks, dequantization scratch.
     pub transient: u64,
-    /// Whether the plan recomputes each layer in backward.
-    pub checkpoint: bool,
+    /// Whether the plan recomputes each layer in backward (gradient checkpointing).
+    pub grad_checkpoint: bool,
 }
 
 impl MemoryPlan {
@@ -69,7 +69,7 @@ pub struct RunShape {
 }
 
 /// The plan for `cfg` run as `run`, with or without per-layer recomputation.
-pub fn plan(cfg: &ModelConfig, run: &RunShape, checkpoint: bool) -> MemoryPlan {
+pub fn plan(cfg: &ModelConfig, run: &RunShape, grad_checkpoint: bool) -> MemoryPlan {
     let lc = cfg.to_llama();
     let (c, i, l) = (lc.hidden as u64, lc.intermediate as u64, lc.layers as u64);
     let cq = (lc.heads * lc.head_dim) as u64;
@@ -92,13 +92,13 @@ pub fn plan(cfg: &ModelConfig, run: &RunShape, checkpoint: bool) -> MemoryPlan {
     let tokens = (run.batch * run.seq) as u64;
     let per_layer_token = 4 * (4 * c + 2 * cq + 2 * ckv + 3 * i + (run.adapted * run.rank) as u64 + lc.heads as u64 + dora_out);
     let layer = tokens * per_layer_token;
-    let activations = if checkpoint { tokens * 4 * c * l + layer } else { layer * l };
+    let activations = if grad_checkpoint { tokens * 4 * c * l + layer } else { layer * l };
     let widened = (v * c * 4).min(crate::ops::head::WIDEN_BYTES);
     let head = (tokens * v * 4).min(crate::ops::head::KEEP_BYTES) + widened + tokens * c * 8;
     let largest = (0..7).map(|m| lc.proj_shape(m)).map(|(o, n)| (o * n) as u64).max().unwrap_or(0);
     let scratch = if run.nf4.is_some() { 4 * largest } else { 0 };
     let transient = layer + head + scratch;
-    MemoryPlan { weights, lora, activations, transient, checkpoint }
+    MemoryPlan { weights, lora, activations, transient, grad_checkpoint }
 }
 
 /// The plan without recomputation when it fits `budget`, else with it; `Err` with the smallest

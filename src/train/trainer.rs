@@ -176,7 +176,7 @@ pub struct TrainOpts {
     /// Clip the global gradient norm to this, if set.
     pub max_grad_norm: Option<f32>,
     /// Recompute each decoder layer in backward (less memory, same gradients).
-    pub checkpoint_layers: bool,
+    pub grad_checkpoint: bool,
     /// The run's seed (data order, dropout masks).
     pub seed: u64,
 }
@@ -192,7 +192,7 @@ pub struct Trainer {
     opt: LoraOptimizer,
     /// Step, RNG, data position, schedule.
     pub state: TrainState,
-    checkpoint_layers: bool,
+    grad_checkpoint: bool,
 }
 
 impl Trainer {
@@ -205,14 +205,14 @@ impl Trainer {
             schedule: opts.schedule,
             max_grad_norm: opts.max_grad_norm,
         };
-        Trainer { ctx, model, lora_cfg, set, opt: LoraOptimizer::new(opts.adamw), state, checkpoint_layers: opts.checkpoint_layers }
+        Trainer { ctx, model, lora_cfg, set, opt: LoraOptimizer::new(opts.adamw), state, grad_checkpoint: opts.grad_checkpoint }
     }
 
     /// A run resumed from a checkpoint: the adapter, optimizer moments, step, RNG and data
     /// position come back exactly.
-    pub fn resume(ctx: Rc<GpuContext>, model: Rc<Model>, ck: &Checkpoint, checkpoint_layers: bool) -> Result<Self> {
+    pub fn resume(ctx: Rc<GpuContext>, model: Rc<Model>, ck: &Checkpoint, grad_checkpoint: bool) -> Result<Self> {
         let (lora_cfg, set, opt) = ck.restore(&ctx)?;
-        Ok(Trainer { ctx, model, lora_cfg, set, opt, state: ck.state, checkpoint_layers })
+        Ok(Trainer { ctx, model, lora_cfg, set, opt, state: ck.state, grad_checkpoint })
     }
 
     /// The model.
@@ -241,7 +241,7 @@ impl Trainer {
         let mut rng = self.state.rng;
         let seed = rng.next_u32();
         let lr = self.state.schedule.lr(self.state.step);
-        let opts = ForwardOpts { checkpoint: self.checkpoint_layers, seed };
+        let opts = ForwardOpts { grad_checkpoint: self.grad_checkpoint, seed };
         let (ctx, model, set) = (&self.ctx, &self.model, &self.set);
         let report = train_step(
             ctx,

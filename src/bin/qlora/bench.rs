@@ -143,7 +143,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             adamw: AdamW { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
             schedule: Schedule::new(ScheduleKind::Constant, 1e-4, 0, 1000),
             max_grad_norm: Some(1.0),
-            checkpoint_layers: a.grad_checkpoint,
+            grad_checkpoint: a.grad_checkpoint,
             seed: 0,
         };
         let mut trainer = Trainer::new(ctx.clone(), model, lora, set, opts);

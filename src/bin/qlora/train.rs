@@ -489,13 +489,13 @@ pub fn run(args: TrainArgs) -> Result<i32> {
         gib(plan.activations),
         gib(plan.transient),
         gib(budget),
-        match (plan.checkpoint, cfg.grad_checkpoint) {
+        match (plan.grad_checkpoint, cfg.grad_checkpoint) {
             (true, false) => "; per-layer recomputation turned on to fit",
             (true, true) => "; per-layer recomputation on",
             _ => "",
         }
     );
-    cfg.grad_checkpoint = plan.checkpoint;
+    cfg.grad_checkpoint = plan.grad_checkpoint;
     let pos = common::positions_for(&src, cfg.max_len + sample_tokens + 256);
     let model = src.upload(&ctx, quant, pos)?;
     let (pb_bytes, rest) = model.model.weights.device_bytes();

@@ -17,8 +17,8 @@
 //! what o_proj's LoRA keeps) and lse: 4 * B * T * (2 * NH * HS + 2 * NKV * HS + NH) bytes. For
 //! SmolLM2-135M (NH 9, NKV 3, HS 64) at B = 1, T = 2048 that is 12 MiB of tensors plus 72 KiB of
 //! lse per layer, where P alone would be 9 * 2048^2 * 4 B = 144 MiB per layer. The backward
-//! allocates `delta` (B, NH, T) transiently. The price is recomputing q.k and dout.v once in each
-//! of the two backward kernels (about 2x the forward's dot products).
+//! allocates `delta` (2, B, NH, T) transiently (delta, and a copy of lse for the dk/dv kernel).
+//! The price is recomputing q.k and dout.v once in each of the two backward kernels (about 2x the forward's dot products).
 
 use crate::autograd::{Op, Tape, Var};
 use crate::gpu::{groups_2d, shaders, DType, GpuContext, Kernel, Tensor};
@@ -235,8 +235,10 @@ fn backward_parts(
     }
     let p = d.params();
     let seg = segments(ctx, seg, &d)?;
-    let delta = ctx.empty(&[d.b, d.nh, d.tq], DType::F32)?;
-    ctx.dispatch(&BACKWARD_DELTA, &[], &p, &[(4, dout), (5, out), (7, &delta)], groups_2d((d.b * d.nh * d.tq).div_ceil(WG as usize) as u32))?;
+    // delta, then a copy of lse: the dk/dv kernel reads both through one binding (8 storage
+    // buffers, WebGPU's default per-stage limit).
+    let delta = ctx.empty(&[2, d.b, d.nh, d.tq], DType::F32)?;
+    ctx.dispatch(&BACKWARD_DELTA, &[], &p, &[(4, dout), (5, out), (6, lse), (7, &delta)], groups_2d((d.b * d.nh * d.tq).div_ceil(WG as usize) as u32))?;
     let dq = ctx.empty(q.shape(), DType::F32)?;
     ctx.dispatch(
         &BACKWARD_DQ,
@@ -254,7 +256,7 @@ fn backward_parts(
         &BACKWARD_DKV,
         &[],
         &p,
-        &[(1, q), (2, k), (3, v), (4, dout), (6, lse), (7, &delta), (9, &dk), (10, &dv), (11, &seg)],
+        &[(1, q), (2, k), (3, v), (4, dout), (7, &delta), (9, &dk), (10, &dv), (11, &seg)],
         groups_2d((d.b * d.nkv * d.tk.div_ceil(WG as usize)) as u32),
     )?;
     Ok((dq, Some((dk, dv))))

@@ -18,7 +18,8 @@
 //! SmolLM2-135M (NH 9, NKV 3, HS 64) at B = 1, T = 2048 that is 12 MiB of tensors plus 72 KiB of
 //! lse per layer, where P alone would be 9 * 2048^2 * 4 B = 144 MiB per layer. The backward
 //! allocates `delta` (2, B, NH, T) transiently (delta, and a copy of lse for the dk/dv kernel).
-//! The price is recomputing q.k and dout.v once in each of the two backward kernels (about 2x the forward's dot products).
+//! The price is recomputing q.k and dout.v once in each of the two backward kernels (about 2x
+//! the forward's dot products).
 
 use crate::autograd::{Op, Tape, Var};
 use crate::gpu::{groups_2d, shaders, DType, GpuContext, Kernel, Tensor};

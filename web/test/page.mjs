@@ -49,7 +49,7 @@ export async function apiPage(browser, server, lines, gpuOptions) {
   await page.goto(`${server.url}/web/README.md`);
   await page.evaluate(async ({ files, gpuOptions }) => {
     window.q = await import('./pkg/qlora_webgpu.js');
-    await window.q.default();
+    window.wasm = await window.q.default();
     if (gpuOptions !== undefined) window.gpu = await window.q.Gpu.open(gpuOptions);
     window.hfFiles = {};
     for (const f of files) window.hfFiles[f] = new Uint8Array(await (await fetch(`../tests/fixtures/tiny-llama/model/${f}`)).arrayBuffer());

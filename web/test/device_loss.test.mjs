@@ -57,6 +57,10 @@ test('the GPU device lost mid-training: the page says so, keeps the last step\'s
   await page.route('**/web/worker.js', (route) => route.fulfill({ body: PRELUDE + worker, contentType: 'text/javascript' }));
   await page.goto(`${env.server.url}/web/`);
   await waitFor(page, () => window.demo && window.demo.phase === 'ready', 'the GPU opening', 120e3, lines);
+  // The GPU box says which adapter Gpu.open got and what it limits (SwiftShader: the software one).
+  const box = await page.textContent('#gpu');
+  console.log(`# GPU box: ${JSON.stringify(box)}`);
+  assert.match(box, /Software adapter \(no hardware adapter was offered\): slow\. Limits: [\d.]+ MiB a tensor, \d+ storage buffers per kernel, 256 threads a workgroup\./);
   await page.setInputFiles('#model-files', MODEL_FILES.map((f) => path.join(MODEL_DIR, f)));
   await page.selectOption('#quant', 'f32');
   for (const [sel, v] of Object.entries({ '#rank': '4', '#alpha': '8', '#steps': String(STEPS), '#lr': '0.005', '#batch': '2', '#max-len': '64', '#seed': '13' })) await page.fill(sel, v);

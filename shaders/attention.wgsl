@@ -31,7 +31,10 @@
 // attention_decode:       the forward for Tq small (a KV-cache decode step): one workgroup per
 //                         query row (b, h, t), flat index (b*NH + h)*Tq + t. Writes out, lse (=).
 // attention_backward_delta: one invocation per (b, h, t), flat index (wid.x + wid.y*65535)*WG +
-//                         lid over B*NH*Tq; writes delta (=), read by the next two kernels.
+//                         lid over B*NH*Tq; writes delta (=), read by the next two kernels,
+//                         and a copy of lse after it (delta is (2, B, NH, Tq)): dkv reads both
+//                         from one binding, so it binds 8 storage buffers (WebGPU's default
+//                         limit per stage, also compatibility mode's), not 9.
 // attention_backward_dq:  as attention_forward (Tq = Tk = T); writes dq (=).
 // attention_backward_dkv: workgroup (b, g, blk) = flat index (b*NKV + g)*ceil(Tk/WG) + blk;
 //                         invocation lid takes key row j = blk*WG + lid and loops over the
@@ -91,7 +94,7 @@ struct Params {
 @group(0) @binding(4) var<storage, read> dout: array<f32>;          // (B, Tq, NH, HS)
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;     // (B, Tq, NH, HS) forward writes, backward_dq reads
 @group(0) @binding(6) var<storage, read_write> lse: array<f32>;     // (B, NH, Tq) forward writes, backward reads
-@group(0) @binding(7) var<storage, read_write> delta: array<f32>;   // (B, NH, Tq) backward_dq writes, backward_dkv reads
+@group(0) @binding(7) var<storage, read_write> delta: array<f32>;   // (2, B, NH, Tq): delta, then lse; backward_delta writes, backward_dq and _dkv read
 @group(0) @binding(8) var<storage, read_write> dq: array<f32>;      // (B, Tq, NH, HS)
 @group(0) @binding(9) var<storage, read_write> dk: array<f32>;      // (B, Tk, NKV, HS)
 @group(0) @binding(10) var<storage, read_write> dv: array<f32>;     // (B, Tk, NKV, HS)
@@ -418,6 +421,7 @@ fn attention_backward_delta(@builtin(workgroup_id) wid: vec3<u32>, @builtin(loca
         dl = dl + dot(dout4_at(qo, e4 * 4u), out4_at(qo, e4 * 4u));
     }
     delta[i] = dl;
+    delta[params.b * params.nh * params.tq + i] = lse[i];
 }
 
 @compute @workgroup_size(WG)
@@ -462,7 +466,7 @@ fn attention_backward_dkv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_
             }
             for (var i = lid; i < ((n + 3u) & ~3u); i = i + WG) {
                 let st = (b * params.nh + h) * params.tq + min(t0 + i, params.tq - 1u);
-                tile_lse[i] = lse[st];
+                tile_lse[i] = delta[params.b * params.nh * params.tq + st];
                 tile_delta[i] = delta[st];
                 tile_seg[i] = seg[b * params.tq + min(t0 + i, params.tq - 1u)];
             }

@@ -157,11 +157,24 @@ impl ModelSource {
     /// Uploads the base (projections as `quant` says) and builds the RoPE tables for
     /// `max_positions` positions; the host weights are dropped.
     pub fn upload(self, ctx: &Rc<GpuContext>, quant: BaseQuant, max_positions: usize) -> Result<LoadedModel> {
+        self.upload_with_progress(ctx, quant, max_positions, &mut |_, _| {})
+    }
+
+    /// As [`ModelSource::upload`], calling `progress(tensors done, tensors total)` after each
+    /// tensor is on the device.
+    pub fn upload_with_progress(
+        self,
+        ctx: &Rc<GpuContext>,
+        quant: BaseQuant,
+        max_positions: usize,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<LoadedModel> {
         let cfg = self.host.config.to_llama();
-        let weights = match quant {
-            BaseQuant::F32 => self.host.upload(ctx)?,
-            BaseQuant::Nf4 { blocksize, double_quant } => self.host.upload_nf4(ctx, blocksize, double_quant)?,
+        let quantize = match quant {
+            BaseQuant::F32 => None,
+            BaseQuant::Nf4 { blocksize, double_quant } => Some((blocksize, double_quant)),
         };
+        let weights = self.host.upload_with_progress(ctx, quantize, true, progress)?;
         let model = Model::new(ctx, cfg, weights, self.host.config.effective_rope_scaling().as_ref(), max_positions)?;
         Ok(LoadedModel {
             name: self.name,

@@ -39,8 +39,24 @@ mod api {
 
     #[wasm_bindgen(typescript_custom_section)]
     const TS_TYPES: &'static str = r#"
+    /** How `Gpu.open` picks the adapter. */
+    export interface GpuOptions {
+      /** Ask only for a compatibility-mode adapter (`featureLevel: "compatibility"`) and hold the
+       *  device to compatibility mode's default limits (128 MiB binding, 256 MiB buffer, 8 storage
+       *  buffers per stage, 16 KiB workgroup storage; the workgroup invocation limit stays the
+       *  adapter's: the kernels need 256). To try what a compatibility-mode GPU allows on any GPU. */
+      compatibility?: boolean;
+    }
     /** What the GPU adapter is and can do (`Gpu.info`). */
     export interface GpuInfo {
+      /** Which adapter `Gpu.open` got: "core" (a hardware adapter with core WebGPU),
+       *  "compatibility" (a hardware adapter in compatibility mode: OpenGL ES / ANGLE class GPUs,
+       *  lower limits), or "fallback" (a software adapter: slow; no hardware adapter was offered). */
+      adapterKind: "core" | "compatibility" | "fallback";
+      /** The browser's isFallbackAdapter for the adapter in use. */
+      isFallbackAdapter: boolean;
+      /** The device's storage buffers per shader stage (a kernel binds at most 8 here). */
+      maxStorageBuffersPerShaderStage: number;
       name: string; backend: string; deviceType: string; driver: string;
       shaderF16: boolean; subgroups: boolean; timestampQuery: boolean;
       /** The kernels the matrix products take: "subgroup" when the device has subgroups (`subgroups`), else "vec4". */
@@ -131,8 +147,31 @@ mod api {
     export interface DatasetStats {
       examples: number; tokens: number; countedTokens: number; maxTokens: number; truncated: number; withoutLoss: number;
     }
-    /** The error kinds the library's errors carry (on the innermost `cause`). */
-    export type ErrorKind = "webgpu-missing" | "no-adapter" | "device" | "limit" | "format" | "invalid" | "shape" | "busy" | "callback";
+    /** The error kinds the library's errors carry (on the innermost `cause`). "device-lost": the
+     *  GPU device is gone (driver reset, GPU process crash, `GPUDevice.destroy`): open a new `Gpu`
+     *  and load the model again; `Training.keptAdapter()` still has the last completed step's
+     *  adapter. "fetch": `Model.fromUrl` could not download the file. */
+    export type ErrorKind = "webgpu-missing" | "no-adapter" | "device" | "device-lost" | "out-of-memory" | "limit" | "format" | "invalid" | "shape" | "busy" | "callback" | "fetch";
+    /** `Model.fromUrl`'s options: the model options, progress, caching. */
+    export interface UrlModelOptions extends ModelOptions {
+      /** Called as the download and the upload go: bytes, then tensors. */
+      onProgress?: (p: LoadProgress) => void;
+      /** Read from and store into the origin's Cache API storage (default true). */
+      cache?: boolean;
+    }
+    /** A `Model.fromUrl` progress report. */
+    export interface LoadProgress {
+      phase: "download" | "upload";
+      /** Bytes read so far (from the network, or from the cache when `fromCache`). */
+      bytesDone: number;
+      /** The file's size when known (Content-Length), else null. */
+      bytesTotal: number | null;
+      fromCache: boolean;
+      /** Tensors on the GPU so far, of `tensorsTotal` (phase "upload"). */
+      tensorsDone: number; tensorsTotal: number;
+    }
+    /** An adapter kept in host memory after a completed step. */
+    export interface KeptAdapterFiles extends AdapterFiles { step: number }
     "#;
 
     /// Installs the panic hook once (from every entry point that reaches the library). A panic is a
@@ -311,6 +350,100 @@ mod api {
         ctx: Rc<GpuContext>,
         /// The context's info, named from `GPUAdapter.info` when wgpu gives no name (browsers).
         info: GpuInfo,
+        /// "core", "compatibility" or "fallback" (see `choose_adapter`).
+        kind: &'static str,
+        fallback: bool,
+        /// The device's maxStorageBuffersPerShaderStage (the limits wgpu requested).
+        storage_buffers: u32,
+    }
+
+    fn get(obj: &JsValue, key: &str) -> JsValue {
+        Reflect::get(obj, &JsValue::from_str(key)).unwrap_or(JsValue::UNDEFINED)
+    }
+
+    /// `navigator.gpu.requestAdapter(opts)`: the adapter, or None when the browser gives none.
+    async fn request_adapter(gpu: &JsValue, opts: &Object) -> Option<JsValue> {
+        let req: Function = get(gpu, "requestAdapter").dyn_into().ok()?;
+        let p: js_sys::Promise = req.call1(gpu, opts).ok()?.dyn_into().ok()?;
+        JsFuture::from(p).await.ok().filter(|a| a.is_object())
+    }
+
+    /// The browser's isFallbackAdapter (on `info` since Chrome 136, on the adapter before).
+    fn is_fallback(a: &JsValue) -> bool {
+        let info = get(a, "info");
+        get(&info, "isFallbackAdapter").is_truthy() || get(a, "isFallbackAdapter").is_truthy()
+    }
+
+    /// The largest workgroup the kernels use (invocations, and along x).
+    const KERNEL_WORKGROUP: u32 = 256;
+
+    /// Compatibility mode's default limits (WebGPU's compatibility-mode tier, as Chromium gives a
+    /// compatibility-mode device): (limit, value). The workgroup invocation and size limits
+    /// (128 there) are left at the adapter's: the kernels use workgroups of 256.
+    const COMPAT_LIMITS: [(&str, f64); 5] = [
+        ("maxStorageBufferBindingSize", 134217728.0),
+        ("maxBufferSize", 268435456.0),
+        ("maxStorageBuffersPerShaderStage", 8.0),
+        ("maxComputeWorkgroupStorageSize", 16384.0),
+        ("maxUniformBufferBindingSize", 16384.0),
+    ];
+
+    /// Makes `adapter.limits` (what wgpu reads and then requests for the device) a plain copy
+    /// of the adapter's limits with compatibility mode's defaults where they are lower.
+    fn hold_to_compat_limits(adapter: &JsValue) {
+        let real = get(adapter, "limits");
+        let copy = Object::new();
+        let proto = Object::get_prototype_of(&real);
+        for k in Object::get_own_property_names(&proto).iter() {
+            let Some(name) = k.as_string() else { continue };
+            let v = get(&real, &name);
+            if v.as_f64().is_some() {
+                set(&copy, &name, &v);
+            }
+        }
+        for (k, v) in COMPAT_LIMITS {
+            let have = get(&copy, k).as_f64().unwrap_or(v);
+            set(&copy, k, &JsValue::from_f64(have.min(v)));
+        }
+        let desc = Object::new();
+        set(&desc, "value", &copy);
+        set(&desc, "configurable", &JsValue::TRUE);
+        Object::define_property(adapter.unchecked_ref::<Object>(), &JsValue::from_str("limits"), &desc);
+    }
+
+    /// The adapter `Gpu.open` uses and its kind: a hardware adapter with core WebGPU
+    /// (high-performance first), else a hardware compatibility-mode adapter
+    /// (`featureLevel: "compatibility"`), else the software fallback the browser offers. With
+    /// `compat_only`, only a compatibility-mode adapter (held to compatibility's limits).
+    async fn choose_adapter(gpu: &JsValue, compat_only: bool) -> Option<(JsValue, &'static str)> {
+        let core_opts = Object::new();
+        set(&core_opts, "powerPreference", &JsValue::from_str("high-performance"));
+        let compat_opts = Object::new();
+        set(&compat_opts, "powerPreference", &JsValue::from_str("high-performance"));
+        set(&compat_opts, "featureLevel", &JsValue::from_str("compatibility"));
+        if compat_only {
+            let a = request_adapter(gpu, &compat_opts).await?;
+            hold_to_compat_limits(&a);
+            return Some((a, "compatibility"));
+        }
+        let core = request_adapter(gpu, &core_opts).await;
+        if let Some(a) = &core {
+            if !is_fallback(a) {
+                return Some((a.clone(), "core"));
+            }
+        }
+        if let Some(a) = request_adapter(gpu, &compat_opts).await {
+            // The kernels use workgroups of 256 invocations (compatibility mode guarantees 128).
+            let lim = get(&a, "limits");
+            let fits = ["maxComputeInvocationsPerWorkgroup", "maxComputeWorkgroupSizeX"]
+                .iter()
+                .all(|k| get(&lim, k).as_f64().unwrap_or(0.0) >= KERNEL_WORKGROUP as f64);
+            if !is_fallback(&a) && fits {
+                // wgpu requests no "core-features-and-limits": the device is a compatibility-mode one.
+                return Some((a, "compatibility"));
+            }
+        }
+        core.map(|a| (a, "fallback"))
     }
 
     /// "vendor architecture" or the description of the adapter the browser hands out, from
@@ -350,12 +483,32 @@ mod api {
     impl Gpu {
         /// Opens the GPU adapter (high-performance first) with its own limits. Rejects with kind
         /// "webgpu-missing" when the browser has no WebGPU, "no-adapter" when it offers no adapter.
-        pub async fn open() -> Result<Gpu, JsValue> {
+        pub async fn open(#[wasm_bindgen(unchecked_optional_param_type = "GpuOptions")] options: JsValue) -> Result<Gpu, JsValue> {
             hook();
             if let Some(why) = webgpu_missing() {
                 return Err(plain_error("webgpu-missing", why));
             }
-            let ctx = match GpuContext::new().await {
+            let compat_only = get(&options, "compatibility").is_truthy();
+            let nav_gpu = get(&get(&js_sys::global(), "navigator"), "gpu");
+            // wgpu 30's browser backend asks `navigator.gpu.requestAdapter` with a power preference
+            // only (no featureLevel, no fallback check): the adapter is picked here and handed to
+            // it through an own `requestAdapter` on navigator.gpu for the one call, then removed.
+            let chosen = choose_adapter(&nav_gpu, compat_only).await;
+            let (kind, fallback, storage_buffers) = match &chosen {
+                Some((a, k)) => (*k, is_fallback(a), get(&get(a, "limits"), "maxStorageBuffersPerShaderStage").as_f64().unwrap_or(0.0) as u32),
+                None => ("fallback", false, 0),
+            };
+            let shim = chosen.map(|(a, _)| {
+                let c = Closure::<dyn FnMut(JsValue) -> JsValue>::new(move |_o: JsValue| js_sys::Promise::resolve(&a).into());
+                set(&nav_gpu, "requestAdapter", c.as_ref());
+                c
+            });
+            let opened = GpuContext::new().await;
+            if shim.is_some() {
+                let _ = Reflect::delete_property(nav_gpu.unchecked_ref::<Object>(), &JsValue::from_str("requestAdapter"));
+            }
+            drop(shim);
+            let ctx = match opened {
                 Ok(c) => c,
                 Err(e @ crate::Error::NoAdapter { .. }) => {
                     let err = fail(NO_BROWSER_ADAPTER, e);
@@ -368,7 +521,7 @@ mod api {
             if info.name.is_empty() {
                 info.name = browser_adapter_name().await.unwrap_or_else(|| "WebGPU adapter".to_owned());
             }
-            Ok(Gpu { ctx, info })
+            Ok(Gpu { ctx, info, kind, fallback, storage_buffers })
         }
 
         /// Lowers the largest tensor one buffer may hold to `bytes` (at most the adapter's
@@ -385,6 +538,8 @@ mod api {
         pub fn info(&self) -> JsValue {
             let i = &self.info;
             to_js(&json!({
+                "adapterKind": self.kind, "isFallbackAdapter": self.fallback,
+                "maxStorageBuffersPerShaderStage": self.storage_buffers,
                 "name": i.name, "backend": i.backend, "deviceType": i.device_type, "driver": i.driver,
                 "shaderF16": i.shader_f16, "subgroups": i.subgroups, "timestampQuery": i.timestamp_query,
                 "matmulPath": matmul_path(&self.ctx),
@@ -425,8 +580,231 @@ mod api {
         Ok(Model { inner: Rc::new(ModelInner { ctx: gpu.ctx.clone(), info: gpu.info.clone(), m, busy: Cell::new(false) }) })
     }
 
+    /// `u` made absolute against this page's (or worker's) location, as the cache stores it.
+    fn web_url(u: &str) -> Option<String> {
+        let base = get(&get(&js_sys::global(), "location"), "href").as_string()?;
+        let url_ctor: Function = get(&js_sys::global(), "URL").dyn_into().ok()?;
+        let args = js_sys::Array::of2(&JsValue::from_str(u), &JsValue::from_str(&base));
+        let made = Reflect::construct(&url_ctor, &args).ok()?;
+        get(&made, "href").as_string()
+    }
+
+    /// The Cache API cache `Model.fromUrl` keeps downloaded models in.
+    const MODEL_CACHE: &str = "qlora-webgpu-models";
+
+    async fn await_js(p: JsValue) -> Result<JsValue, JsValue> {
+        let p: js_sys::Promise = p.dyn_into().map_err(|_| plain_error("fetch", "expected a promise"))?;
+        JsFuture::from(p).await
+    }
+
+    /// `method.call(obj, args...)` on a JavaScript object.
+    fn call(obj: &JsValue, method: &str, args: &[&JsValue]) -> Result<JsValue, JsValue> {
+        let f: Function = get(obj, method).dyn_into().map_err(|_| plain_error("fetch", format!("{method} is not a function here")))?;
+        let a = js_sys::Array::new();
+        for x in args {
+            a.push(x);
+        }
+        f.apply(obj, &a)
+    }
+
+    /// The origin's model cache (`caches.open`), or None where the Cache API is missing (not a
+    /// secure context, some workers).
+    async fn model_cache() -> Option<JsValue> {
+        let caches = get(&js_sys::global(), "caches");
+        if !caches.is_object() {
+            return None;
+        }
+        await_js(call(&caches, "open", &[&JsValue::from_str(MODEL_CACHE)]).ok()?).await.ok().filter(JsValue::is_object)
+    }
+
+    fn fetch_error(url: &str, what: impl std::fmt::Display) -> JsValue {
+        plain_error("fetch", format!("downloading {}: {what}", crate::error::quote(url)))
+    }
+
+    /// Reads `url`'s bytes into one buffer in wasm memory (sized from Content-Length, so it is not
+    /// regrown), from the model cache when it holds the URL, else from the network (then stored
+    /// in the cache as it streams). Reports `download` progress. Returns (bytes, from cache).
+    async fn download(url: &str, use_cache: bool, progress: &dyn Fn(&Value)) -> Result<(Vec<u8>, bool), JsValue> {
+        let cache = if use_cache { model_cache().await } else { None };
+        let key = JsValue::from_str(url);
+        let mut from_cache = false;
+        let mut resp = JsValue::UNDEFINED;
+        if let Some(c) = &cache {
+            let hit = await_js(call(c, "match", &[&key])?).await?;
+            if hit.is_object() {
+                resp = hit;
+                from_cache = true;
+            }
+        }
+        let mut put = None;
+        if !from_cache {
+            resp = await_js(call(&js_sys::global(), "fetch", &[&key]).map_err(|e| {
+                let err = fetch_error(url, "fetch failed");
+                set_cause(&err, &e);
+                err
+            })?)
+            .await
+            .map_err(|e| {
+                let err = fetch_error(url, "the request failed (network error, or the server does not allow this origin: CORS)");
+                set_cause(&err, &e);
+                err
+            })?;
+            if !get(&resp, "ok").is_truthy() {
+                let status = get(&resp, "status").as_f64().unwrap_or(0.0);
+                return Err(fetch_error(url, format!("HTTP status {status}")));
+            }
+            if let Some(c) = &cache {
+                // The cache reads its own copy of the stream (the browser tees it, outside wasm memory).
+                let copy = call(&resp, "clone", &[])?;
+                put = Some(call(c, "put", &[&key, &copy])?);
+            }
+        }
+        let total = call(&get(&resp, "headers"), "get", &[&JsValue::from_str("content-length")])
+            .ok()
+            .and_then(|v| v.as_string())
+            .and_then(|v| v.trim().parse::<usize>().ok());
+        let body = get(&resp, "body");
+        let reader = call(&body, "getReader", &[]).map_err(|_| fetch_error(url, "the response has no body stream"))?;
+        let mut buf: Vec<u8> = Vec::new();
+        if let Some(n) = total {
+            buf.try_reserve_exact(n).map_err(|_| fetch_error(url, format!("{n} bytes do not fit in wasm memory")))?;
+        }
+        let report = |done: usize| {
+            progress(&json!({"phase": "download", "bytesDone": done, "bytesTotal": total, "fromCache": from_cache, "tensorsDone": 0, "tensorsTotal": 0}))
+        };
+        report(0);
+        let mut last = 0usize;
+        loop {
+            let chunk = await_js(call(&reader, "read", &[])?).await.map_err(|e| {
+                let err = fetch_error(url, "the download broke off");
+                set_cause(&err, &e);
+                err
+            })?;
+            if get(&chunk, "done").is_truthy() {
+                break;
+            }
+            let v: Uint8Array = get(&chunk, "value").dyn_into().map_err(|_| fetch_error(url, "a chunk is not bytes"))?;
+            let at = buf.len();
+            let n = v.length() as usize;
+            buf.try_reserve(n).map_err(|_| fetch_error(url, format!("{} bytes do not fit in wasm memory", at + n)))?;
+            buf.resize(at + n, 0);
+            v.copy_to(&mut buf[at..]);
+            if buf.len() - last >= 1 << 20 {
+                last = buf.len();
+                report(last);
+            }
+        }
+        if let Some(n) = total {
+            if n != buf.len() && !from_cache {
+                return Err(fetch_error(url, format!("got {} bytes of the {n} announced", buf.len())));
+            }
+        }
+        report(buf.len());
+        if let Some(p) = put {
+            // A failed store (quota) leaves the model loaded, just not cached.
+            if let Err(e) = await_js(p).await {
+                web_sys::console::warn_2(&format!("qlora-webgpu: {url} was not cached").into(), &e);
+            }
+        }
+        Ok((buf, from_cache))
+    }
+
     #[wasm_bindgen]
     impl Model {
+        /// Downloads a GGUF file from `url` (streamed into one buffer in wasm memory; a cached copy
+        /// in the origin's Cache API storage is read instead when there is one, and a download
+        /// is stored there) and loads it as `fromGguf` does. `onProgress` reports the bytes, then
+        /// the tensors as they reach the GPU. Peak wasm memory: the file once, plus the weights
+        /// as the host holds them while parsing (f32, or NF4 projections with a QLoRA `quant`);
+        /// the file's buffer is freed before the upload.
+        #[wasm_bindgen(js_name = fromUrl, unchecked_return_type = "Promise<Model>")]
+        pub fn from_url(
+            gpu: &Gpu,
+            url: String,
+            #[wasm_bindgen(unchecked_optional_param_type = "UrlModelOptions")] options: JsValue,
+        ) -> js_sys::Promise {
+            hook();
+            let ctx = gpu.ctx.clone();
+            let info = gpu.info.clone();
+            future_to_promise(async move {
+                let cb = callback("Model.fromUrl: onProgress", if options.is_object() { get(&options, "onProgress") } else { JsValue::UNDEFINED })?;
+                let use_cache = !options.is_object() || get(&options, "cache") != JsValue::FALSE;
+                let mut opts = from_js("UrlModelOptions", &options)?;
+                if let Some(m) = opts.as_object_mut() {
+                    m.remove("cache");
+                    m.remove("onProgress");
+                }
+                let thrown: RefCell<Option<JsValue>> = RefCell::new(None);
+                let progress = |v: &Value| {
+                    if let Some(f) = &cb {
+                        if thrown.borrow().is_none() {
+                            if let Err(e) = f.call1(&JsValue::NULL, &to_js(v)) {
+                                *thrown.borrow_mut() = Some(e);
+                            }
+                        }
+                    }
+                };
+                let (bytes, from_cache) = download(&url, use_cache, &progress).await?;
+                let name = model_name(&opts, url.rsplit('/').next().filter(|s| !s.is_empty()).unwrap_or(&url));
+                let name = name.split(['?', '#']).next().unwrap_or(&name).to_owned();
+                if !bytes.starts_with(b"GGUF") {
+                    return Err(plain_error("format", format!("{name}: not a GGUF file (Model.fromUrl loads GGUF files; {} bytes from {url})", bytes.len())));
+                }
+                let src = ModelSource::from_gguf(&name, &bytes).map_err(|e| fail(format!("reading the GGUF file {name}"), e))?;
+                drop(bytes);
+                let (quant, max_positions, _) = options::model_options(&opts, &src.host.config).map_err(|e| fail(format!("loading {name}"), e))?;
+                options::check_model_fits(&name, &src.host.config, quant, &info, ctx.max_binding()).map_err(|e| fail(format!("loading {name}"), e))?;
+                let m = src
+                    .upload_with_progress(&ctx, quant, max_positions, &mut |done, total| {
+                        progress(&json!({"phase": "upload", "bytesDone": 0, "bytesTotal": null, "fromCache": from_cache, "tensorsDone": done, "tensorsTotal": total}))
+                    })
+                    .map_err(|e| fail(format!("uploading {name} to the GPU ({})", info.name), e))?;
+                if let Some(e) = thrown.into_inner() {
+                    let err = plain_error("callback", "Model.fromUrl: the onProgress callback threw");
+                    set_cause(&err, &e);
+                    return Err(err);
+                }
+                Ok(Model { inner: Rc::new(ModelInner { ctx, info, m, busy: Cell::new(false) }) }.into())
+            })
+        }
+
+        /// The URLs of the models `fromUrl` has cached in this origin's storage.
+        #[wasm_bindgen(js_name = cachedModels, unchecked_return_type = "Promise<string[]>")]
+        pub fn cached_models() -> js_sys::Promise {
+            future_to_promise(async move {
+                let out = js_sys::Array::new();
+                if let Some(c) = model_cache().await {
+                    let keys: js_sys::Array = await_js(call(&c, "keys", &[])?).await?.dyn_into()?;
+                    for r in keys.iter() {
+                        out.push(&get(&r, "url"));
+                    }
+                }
+                Ok(out.into())
+            })
+        }
+
+        /// Forgets cached models: `url`'s, or all of them when no URL is given. Resolves to the
+        /// number of cached files removed.
+        #[wasm_bindgen(js_name = forgetCached, unchecked_return_type = "Promise<number>")]
+        pub fn forget_cached(url: Option<String>) -> js_sys::Promise {
+            future_to_promise(async move {
+                let Some(c) = model_cache().await else { return Ok(JsValue::from(0)) };
+                let keys: js_sys::Array = await_js(call(&c, "keys", &[])?).await?.dyn_into()?;
+                let mut n = 0u32;
+                for r in keys.iter() {
+                    let u = get(&r, "url").as_string().unwrap_or_default();
+                    let hit = match &url {
+                        None => true,
+                        Some(want) => &u == want || web_url(want).as_deref() == Some(u.as_str()),
+                    };
+                    if hit && await_js(call(&c, "delete", &[&r])?).await?.is_truthy() {
+                        n += 1;
+                    }
+                }
+                Ok(JsValue::from(n))
+            })
+        }
+
         /// Loads a GGUF file (`name` names it in messages): weights (F32, F16, BF16, Q8_0, Q4_0,
         /// Q4_1, Q4_K, Q6_K are dequantized), tokenizer and chat template from its metadata.
         #[wasm_bindgen(js_name = fromGguf)]
@@ -794,6 +1172,9 @@ mod api {
         model: Rc<ModelInner>,
         session: RefCell<TrainSession>,
         options: Value,
+        /// The adapter after the last completed step, in host memory: what is left to download
+        /// when the GPU device is lost (`keptAdapter`).
+        kept: RefCell<Option<(u64, HostAdapter)>>,
     }
 
     /// A LoRA training run of one model on one data set.
@@ -817,7 +1198,7 @@ mod api {
         options::check_training_fits(&m.m.config, &cfg, &m.info, m.ctx.max_binding()).map_err(|e| fail("starting training", e))?;
         let session = TrainSession::new(&m.ctx, &m.m, &data.d, cfg, init)
             .map_err(|e| fail(format!("starting training of {} on {}", m.m.name, data.d.file()), e))?;
-        Ok(Training { inner: Rc::new(TrainingInner { model: m.clone(), session: RefCell::new(session), options: opts }) })
+        Ok(Training { inner: Rc::new(TrainingInner { model: m.clone(), session: RefCell::new(session), options: opts, kept: RefCell::new(None) }) })
     }
 
     async fn one_step(t: &TrainingInner) -> Result<JsValue, JsValue> {
@@ -828,8 +1209,31 @@ mod api {
         }
         let t0 = now_ms();
         let next = s.step_count() + 1;
-        let info = s.step().await.map_err(|e| fail(format!("training step {next}"), e))?;
+        let ctx = &t.model.ctx;
+        let info = match s.step().await {
+            Ok(i) => i,
+            Err(e) => return Err(fail(format!("training step {next}"), gpu_error(ctx, e).await)),
+        };
+        // Kept on the host after every step (A and B only: a few MB), since a lost device takes
+        // the GPU copy with it.
+        match s.adapter(ctx).await {
+            Ok(h) => *t.kept.borrow_mut() = Some((info.step, h)),
+            Err(e) => return Err(fail(format!("reading the adapter after step {next}"), gpu_error(ctx, e).await)),
+        }
         Ok(step_js(&info, s.config().steps, now_ms() - t0))
+    }
+
+    /// The error a failed GPU call reports: a lost device (whose callback the browser may run
+    /// a moment after the failed call) rather than the failure it caused.
+    async fn gpu_error(ctx: &GpuContext, e: crate::Error) -> crate::Error {
+        if matches!(e, crate::Error::DeviceLost(_)) {
+            return e;
+        }
+        let _ = yield_to_event_loop().await;
+        match ctx.check() {
+            Err(lost @ crate::Error::DeviceLost(_)) => lost,
+            _ => e,
+        }
     }
 
     #[wasm_bindgen]
@@ -956,6 +1360,21 @@ mod api {
                 let (c, w) = s.adapter_files(&t.model.ctx, Some(&t.model.m.name)).await.map_err(|e| fail("exporting the adapter", e))?;
                 Ok(adapter_files_js(c, w))
             })
+        }
+
+        /// The adapter after the last completed step as PEFT's two files, from host memory (so
+        /// also after the GPU device was lost), with that step's number; null before the first
+        /// step.
+        #[wasm_bindgen(js_name = keptAdapter, unchecked_return_type = "KeptAdapterFiles | null")]
+        pub fn kept_adapter(&self) -> Result<JsValue, JsValue> {
+            let kept = self.inner.kept.borrow();
+            let Some((step, h)) = kept.as_ref() else { return Ok(JsValue::NULL) };
+            let mut h = h.clone();
+            h.config.base_model_name_or_path = Some(self.inner.model.m.name.clone());
+            let (c, w) = host_adapter_to_bytes(&h, &self.inner.model.m.model.cfg).map_err(|e| fail("writing the kept adapter", e))?;
+            let o = adapter_files_js(c, w);
+            set(&o, "step", &JsValue::from_f64(*step as f64));
+            Ok(o)
         }
 
         /// A copy of the adapter as it stands (further steps do not change it).

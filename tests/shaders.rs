@@ -189,3 +189,38 @@ fn binding_numbers_read_from_the_text_equal_naga() {
     }
     assert!(n > 80, "only {n} bindings found");
 }
+
+/// WebGPU compatibility mode's limits a kernel must meet (the defaults a compatibility-mode
+/// device gets: Chromium 141 gives `featureLevel: "compatibility"` devices 8 storage buffers per
+/// shader stage, as core's default, and 128 invocations a workgroup, core's 256 halved).
+const COMPAT_STORAGE_BUFFERS_PER_STAGE: usize = 8;
+
+/// Storage buffers each compute entry point binds (wgpu derives each pipeline's layout from the
+/// bindings its entry point uses, so that is what counts against the device limit), from naga's
+/// per-entry-point global uses.
+fn storage_buffers_per_entry_point() -> Vec<(String, usize)> {
+    let mut out = Vec::new();
+    for (file, _) in shaders::ALL {
+        let (m, info) = module_info(file);
+        for (i, ep) in m.entry_points.iter().enumerate() {
+            let fi = info.get_entry_point(i);
+            let n = m
+                .global_variables
+                .iter()
+                .filter(|(h, g)| matches!(g.space, naga::AddressSpace::Storage { .. }) && !fi[*h].is_empty())
+                .count();
+            out.push((format!("shaders/{file}: {}", ep.name), n));
+        }
+    }
+    out
+}
+
+#[test]
+fn every_kernel_fits_compatibility_modes_storage_buffer_limit() {
+    let counts = storage_buffers_per_entry_point();
+    assert!(counts.len() > 40, "found only {} entry points", counts.len());
+    let (worst, n) = counts.iter().max_by_key(|(_, n)| *n).expect("entry points");
+    println!("{} compute entry points; the most storage buffers: {n} ({worst})", counts.len());
+    let over: Vec<_> = counts.iter().filter(|(_, n)| *n > COMPAT_STORAGE_BUFFERS_PER_STAGE).collect();
+    assert!(over.is_empty(), "over compatibility mode's {COMPAT_STORAGE_BUFFERS_PER_STAGE} storage buffers per stage: {over:?}");
+}

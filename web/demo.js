@@ -62,9 +62,36 @@ function fmtBytes(n) {
   return n >= 1 << 20 ? `${(n / 1048576).toFixed(1)} MiB` : `${(n / 1024).toFixed(1)} KiB`;
 }
 
+/** What the adapter `Gpu.open` got is and limits. */
+function adapterKindText(i) {
+  const what = {
+    core: 'Hardware adapter with core WebGPU.',
+    compatibility: 'Hardware adapter in WebGPU compatibility mode (OpenGL ES class): no core adapter was offered.',
+    fallback: 'Software adapter (no hardware adapter was offered): slow.',
+  }[i.adapterKind] || '';
+  return `${what} Limits: ${fmtBytes(i.maxBinding)} a tensor, ${i.maxStorageBuffersPerShaderStage} storage buffers per kernel, ` +
+    `${i.maxComputeInvocationsPerWorkgroup} threads a workgroup.`;
+}
+
+function showLoadProgress(p) {
+  state.loadProgress = p;
+  const src = p.fromCache ? 'from the cache' : 'downloading';
+  $('status').textContent = p.phase === 'download'
+    ? `Model ${src}: ${fmtBytes(p.bytesDone)}${p.bytesTotal ? ` of ${fmtBytes(p.bytesTotal)}` : ''}…`
+    : `Model to the GPU: tensor ${p.tensorsDone} of ${p.tensorsTotal}…`;
+}
+
 worker.onmessage = (ev) => {
   const m = ev.data;
   switch (m.type) {
+    case 'load-progress':
+      (state.loadEvents ||= []).push(m.progress);
+      showLoadProgress(m.progress);
+      break;
+    case 'forgotten':
+      $('cache-status').textContent = `Forgot ${m.count} cached model file${m.count === 1 ? '' : 's'}.`;
+      state.forgotten = m;
+      break;
     case 'gpu':
       if (m.error) {
         state.gpu = null;
@@ -78,7 +105,8 @@ worker.onmessage = (ev) => {
         const i = m.info;
         $('gpu').textContent = `${i.name || 'WebGPU adapter'} (${i.backend}${i.subgroups ? ', subgroups' : ''}${i.shaderF16 ? ', f16' : ''}; ${i.matmulPath} matmul kernels); ` +
           `largest buffer binding ${fmtBytes(i.maxStorageBufferBindingSize)}. qlora-webgpu ${m.version}`;
-        setPhase('ready', 'Choose a model, then Train.');
+        $('gpu').textContent += `\n${adapterKindText(i)}`;
+        setPhase('ready', m.reopened ? 'The GPU is open again: Train starts over (the model is loaded anew).' : 'Choose a model, then Train.');
       }
       break;
     case 'model': {
@@ -117,7 +145,7 @@ worker.onmessage = (ev) => {
       if (m.which === 'before' && m.final) $('status').textContent = 'Base model answered; training…';
       break;
     case 'adapter': {
-      state.adapter = { config: m.config, model: m.model };
+      state.adapter = { config: m.config, model: m.model, keptStep: m.keptStep ?? null };
       for (const u of urls) URL.revokeObjectURL(u);
       urls = [
         URL.createObjectURL(new Blob([m.config], { type: 'application/json' })),
@@ -150,6 +178,12 @@ worker.onmessage = (ev) => {
     }
     case 'error':
       showError(m.chain);
+      if (m.lost) {
+        state.lost = m.lost;
+        $('error').textContent += `\n\nThe GPU was lost (a driver reset, a crashed GPU process, or the browser took the GPU back). ` +
+          (m.lost.keptStep ? `The adapter after step ${m.lost.keptStep} is kept: download it below. ` : 'No step had finished, so there is no adapter to keep. ') +
+          'Press Train to start again: the GPU is opened anew and the model loaded again (no page reload needed).';
+      }
       setPhase(state.gpu ? 'ready' : 'no-webgpu', `Failed while handling "${m.stage}".`);
       break;
   }
@@ -176,7 +210,8 @@ async function readFiles(list) {
 async function startTraining() {
   clearError();
   const files = $('model-files').files;
-  if (!files.length) throw new Error('Choose a model first: a .gguf file, or config.json + model.safetensors + tokenizer.json (+ tokenizer_config.json).');
+  const modelUrl = $('model-url').value.trim();
+  if (!files.length && !modelUrl) throw new Error('Choose a model first: a .gguf file, or config.json + model.safetensors + tokenizer.json (+ tokenizer_config.json).');
   const steps = num('steps');
   const maxLen = num('max-len');
   const maxNewTokens = 40;
@@ -207,6 +242,7 @@ async function startTraining() {
   state.stepMs = [];
   state.answers = { before: '', after: '' };
   state.adapter = null;
+  state.lost = null;
   state.heldOut = null;
   state.options = options;
   renderHeldOut();
@@ -215,8 +251,8 @@ async function startTraining() {
   $('after').textContent = '';
   renderChart();
   setPhase('loading', 'Loading the model…');
-  const modelFiles = await readFiles(files);
-  worker.postMessage({ type: 'load', files: modelFiles, quant: $('quant').value, maxPositions: Math.max(maxLen, 256) + maxNewTokens },
+  const modelFiles = files.length ? await readFiles(files) : [];
+  worker.postMessage({ type: 'load', files: modelFiles, url: files.length ? null : modelUrl, quant: $('quant').value, maxPositions: Math.max(maxLen, 256) + maxNewTokens },
     modelFiles.map((f) => f.bytes));
   worker.postMessage({ type: 'train', dataset, options, prompt: $('prompt').value, maxNewTokens, initAdapter });
   state.phase = 'training';
@@ -230,6 +266,7 @@ $('train').addEventListener('click', () => {
   });
 });
 $('stop').addEventListener('click', () => worker.postMessage({ type: 'stop' }));
+$('forget-cache').addEventListener('click', () => worker.postMessage({ type: 'forget' }));
 window.addEventListener('resize', renderChart);
 
 renderChart();

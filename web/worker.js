@@ -10,6 +10,8 @@ let gpu = null;
 let model = null;
 let modelKey = null;
 let stopRequested = false;
+/** The training run in flight (for the adapter kept on the host when the GPU is lost). */
+let running = null;
 
 /** An Error and its `cause`s as [{message, kind}] (outermost first). */
 function chain(e) {
@@ -46,7 +48,7 @@ async function handle(msg) {
       return;
     }
     case 'load': {
-      const key = JSON.stringify([msg.files.map((f) => [f.name, f.bytes.byteLength]), msg.quant, msg.maxPositions]);
+      const key = JSON.stringify([msg.url || msg.files.map((f) => [f.name, f.bytes.byteLength]), msg.quant, msg.maxPositions]);
       if (model && key === modelKey) {
         postMessage({ type: 'model', info: model.info, cached: true });
         return;
@@ -54,7 +56,9 @@ async function handle(msg) {
       if (model) { model.free(); model = null; }
       const opts = { quant: msg.quant, maxPositions: msg.maxPositions };
       const gguf = msg.files.find((f) => f.name.toLowerCase().endsWith('.gguf'));
-      if (gguf) {
+      if (msg.url) {
+        model = await Model.fromUrl(gpu, msg.url, { ...opts, onProgress: (p) => postMessage({ type: 'load-progress', progress: p }) });
+      } else if (gguf) {
         model = Model.fromGguf(gpu, gguf.name, new Uint8Array(gguf.bytes), opts);
       } else {
         const files = {};
@@ -73,6 +77,7 @@ async function handle(msg) {
       if (msg.initAdapter) init = Adapter.load(model, msg.initAdapter.config, new Uint8Array(msg.initAdapter.model));
       // The run first: bad options, or a batch beyond the GPU's limits, fail before any GPU work.
       const training = init ? Training.fromAdapter(model, data, init, msg.options) : new Training(model, data, msg.options);
+      running = training;
       postMessage({ type: 'stats', stats: training.dataStats, format: data.format, options: training.options });
       await answer('before', msg.prompt, msg.maxNewTokens, init ? (...a) => init.generate(...a) : (...a) => model.generate(...a));
       const heldOut = { before: await training.validationLoss(), after: null };
@@ -94,8 +99,37 @@ async function handle(msg) {
       if (init) init.free();
       return;
     }
+    case 'forget': {
+      const n = await Model.forgetCached();
+      postMessage({ type: 'forgotten', count: n, left: await Model.cachedModels() });
+      return;
+    }
     default:
       throw new Error(`worker: unknown message ${msg.type}`);
+  }
+}
+
+function isDeviceLost(e) {
+  return chain(e).some((c) => c.kind === 'device-lost');
+}
+
+/**
+ * The GPU device is gone: offers the adapter of the last completed step (kept on the host by the
+ * package), reports the loss, and opens the GPU again so that Train starts over without a reload.
+ */
+async function afterDeviceLoss(stage, e) {
+  const kept = running ? running.keptAdapter() : null;
+  if (kept) postMessage({ type: 'adapter', config: kept.adapterConfig, model: kept.adapterModel, keptStep: kept.step }, [kept.adapterModel.buffer]);
+  postMessage({ type: 'error', stage, chain: chain(e), lost: { keptStep: kept ? kept.step : null } });
+  running = null;
+  model = null;
+  modelKey = null;
+  gpu = null;
+  try {
+    gpu = await Gpu.open();
+    postMessage({ type: 'gpu', info: gpu.info, version: version(), reopened: true });
+  } catch (e2) {
+    postMessage({ type: 'gpu', error: chain(e2) });
   }
 }
 
@@ -108,5 +142,5 @@ onmessage = (ev) => {
     stopRequested = true;
     return;
   }
-  queue = queue.then(() => handle(msg)).catch((e) => fail(msg.type, e));
+  queue = queue.then(() => handle(msg)).catch((e) => (isDeviceLost(e) ? afterDeviceLoss(msg.type, e) : fail(msg.type, e)));
 };

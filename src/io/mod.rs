@@ -297,7 +297,32 @@ impl HostModel {
     /// device's largest binding, and stored in bf16 or f16 when `tables_16bit` and every value
     /// is exact in it (a 16-bit checkpoint: lossless), else in f32.
     pub fn upload_with(&self, ctx: &GpuContext, quantize: Option<(usize, bool)>, tables_16bit: bool) -> Result<LlamaWeights> {
+        self.upload_with_progress(ctx, quantize, tables_16bit, &mut |_, _| {})
+    }
+
+    /// Tensors [`HostModel::upload_with`] uploads (norms, projections and their biases, the
+    /// embedding, the lm_head): the `total` of its progress reports.
+    pub fn tensor_count(&self) -> usize {
+        let per_layer: usize = self.layers.iter().map(|l| 2 + l.proj.len() + l.proj_bias.iter().filter(|b| b.is_some()).count()).sum();
+        per_layer + 2 + usize::from(self.lm_head.is_some())
+    }
+
+    /// As [`HostModel::upload_with`], calling `progress(done, total)` after each tensor is on
+    /// the device (total: [`HostModel::tensor_count`]).
+    pub fn upload_with_progress(
+        &self,
+        ctx: &GpuContext,
+        quantize: Option<(usize, bool)>,
+        tables_16bit: bool,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<LlamaWeights> {
         self.check_fits(ctx, quantize)?;
+        let total = self.tensor_count();
+        let done = std::cell::Cell::new(0usize);
+        let mut tick = |n: usize| {
+            done.set(done.get() + n);
+            progress(done.get(), total);
+        };
         let (v, c) = (self.config.vocab_size, self.config.hidden_size);
         let table = |t: &HostTensor| RowShards::upload_auto(ctx, &t.data, v, c, tables_16bit);
         let up = |t: &HostTensor| ctx.upload_f32(&t.data, &t.shape);
@@ -312,27 +337,38 @@ impl HostModel {
                     }
                     (HostWeight::Nf4(t), _) => Frozen::Nf4(Nf4Weight::upload(ctx, t)?),
                 });
+                tick(1);
             }
             let mut bias: [Option<crate::gpu::Tensor>; 7] = Default::default();
             for (dst, b) in bias.iter_mut().zip(&l.proj_bias) {
                 *dst = b.as_ref().map(up).transpose()?;
             }
+            for _ in l.proj_bias.iter().flatten() {
+                tick(1);
+            }
+            let attn_norm = up(&l.attn_norm)?;
+            tick(1);
+            let mlp_norm = up(&l.mlp_norm)?;
+            tick(1);
             layers.push(LayerWeights {
-                attn_norm: up(&l.attn_norm)?,
+                attn_norm,
                 proj: proj.try_into().map_err(|_| Error::Invalid("seven projections".into()))?,
                 bias,
-                mlp_norm: up(&l.mlp_norm)?,
+                mlp_norm,
             });
         }
-        Ok(LlamaWeights {
-            // An untied input embedding is only gathered from: it stays in host memory.
-            embed: match self.lm_head {
-                Some(_) => InputEmbedding::Host(std::rc::Rc::new(HostRows::new(&self.embed.data, v, c)?)),
-                None => InputEmbedding::Device(table(&self.embed)?),
-            },
-            layers,
-            final_norm: up(&self.final_norm)?,
-            lm_head: self.lm_head.as_ref().map(table).transpose()?,
-        })
+        // An untied input embedding is only gathered from: it stays in host memory.
+        let embed = match self.lm_head {
+            Some(_) => InputEmbedding::Host(std::rc::Rc::new(HostRows::new(&self.embed.data, v, c)?)),
+            None => InputEmbedding::Device(table(&self.embed)?),
+        };
+        tick(1);
+        let final_norm = up(&self.final_norm)?;
+        tick(1);
+        let lm_head = self.lm_head.as_ref().map(table).transpose()?;
+        if lm_head.is_some() {
+            tick(1);
+        }
+        Ok(LlamaWeights { embed, layers, final_norm, lm_head })
     }
 }

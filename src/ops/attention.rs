@@ -17,8 +17,9 @@
 //! what o_proj's LoRA keeps) and lse: 4 * B * T * (2 * NH * HS + 2 * NKV * HS + NH) bytes. For
 //! SmolLM2-135M (NH 9, NKV 3, HS 64) at B = 1, T = 2048 that is 12 MiB of tensors plus 72 KiB of
 //! lse per layer, where P alone would be 9 * 2048^2 * 4 B = 144 MiB per layer. The backward
-//! allocates `delta` (B, NH, T) transiently. The price is recomputing q.k and dout.v once in each
-//! of the two backward kernels (about 2x the forward's dot products).
+//! allocates `delta` (2, B, NH, T) transiently (delta, and a copy of lse for the dk/dv kernel).
+//! The price is recomputing q.k and dout.v once in each of the two backward kernels (about 2x
+//! the forward's dot products).
 
 use crate::autograd::{Op, Tape, Var};
 use crate::gpu::{groups_2d, shaders, DType, GpuContext, Kernel, Tensor};
@@ -27,9 +28,9 @@ use crate::{Error, Result};
 
 const FORWARD: Kernel = shaders::kernel(shaders::ATTENTION, "attention_forward", &["q", "k", "v", "out", "lse", "seg"]);
 const DECODE: Kernel = shaders::kernel(shaders::ATTENTION, "attention_decode", &["q", "k", "v", "out", "lse"]);
-const BACKWARD_DELTA: Kernel = shaders::kernel(shaders::ATTENTION, "attention_backward_delta", &["dout", "out", "delta"]);
+const BACKWARD_DELTA: Kernel = shaders::kernel(shaders::ATTENTION, "attention_backward_delta", &["dout", "out", "lse", "delta"]);
 const BACKWARD_DQ: Kernel = shaders::kernel(shaders::ATTENTION, "attention_backward_dq", &["q", "k", "v", "dout", "lse", "delta", "dq", "seg"]);
-const BACKWARD_DKV: Kernel = shaders::kernel(shaders::ATTENTION, "attention_backward_dkv", &["q", "k", "v", "dout", "lse", "delta", "dk", "dv", "seg"]);
+const BACKWARD_DKV: Kernel = shaders::kernel(shaders::ATTENTION, "attention_backward_dkv", &["q", "k", "v", "dout", "delta", "dk", "dv", "seg"]);
 /// Every kernel this op launches (tests/shaders.rs checks their bindings against the WGSL).
 pub(crate) const KERNELS: &[Kernel] = &[FORWARD, DECODE, BACKWARD_DELTA, BACKWARD_DQ, BACKWARD_DKV];
 /// Workgroup size of shaders/attention.wgsl (`WG` there): query rows (or key rows, for dk/dv)
@@ -231,8 +232,10 @@ fn backward_parts(
     }
     let p = d.params();
     let seg = segments(ctx, seg, &d)?;
-    let delta = ctx.empty(&[d.b, d.nh, d.tq], DType::F32)?;
-    ctx.dispatch(&BACKWARD_DELTA, &p, &[dout, out, &delta], groups_2d((d.b * d.nh * d.tq).div_ceil(WG as usize) as u32))?;
+    // delta, then a copy of lse: the dk/dv kernel reads both through one binding (8 storage
+    // buffers, WebGPU's default per-stage limit).
+    let delta = ctx.empty(&[2, d.b, d.nh, d.tq], DType::F32)?;
+    ctx.dispatch(&BACKWARD_DELTA, &p, &[dout, out, lse, &delta], groups_2d((d.b * d.nh * d.tq).div_ceil(WG as usize) as u32))?;
     let dq = ctx.empty(q.shape(), DType::F32)?;
     ctx.dispatch(&BACKWARD_DQ, &p, &[q, k, v, dout, lse, &delta, &dq, &seg], groups_2d((d.b * d.nh * d.tq.div_ceil(WG as usize)) as u32))?;
     if !want_dkv {
@@ -240,7 +243,7 @@ fn backward_parts(
     }
     let dk = ctx.empty(k.shape(), DType::F32)?;
     let dv = ctx.empty(v.shape(), DType::F32)?;
-    ctx.dispatch(&BACKWARD_DKV, &p, &[q, k, v, dout, lse, &delta, &dk, &dv, &seg], groups_2d((d.b * d.nkv * d.tk.div_ceil(WG as usize)) as u32))?;
+    ctx.dispatch(&BACKWARD_DKV, &p, &[q, k, v, dout, &delta, &dk, &dv, &seg], groups_2d((d.b * d.nkv * d.tk.div_ceil(WG as usize)) as u32))?;
     Ok((dq, Some((dk, dv))))
 }
 

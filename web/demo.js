@@ -150,7 +150,6 @@ worker.onmessage = (ev) => {
       state.stats = m.stats;
       state.options = m.options;
       state.memoryPlan = m.memoryPlan;
-      state.dataText = `${m.stats.trainExamples} training examples (${m.format}), ${m.stats.validationExamples} held out, ${m.stats.countedTokens} counted tokens`;
       renderRunInfo();
       renderChart();
       break;

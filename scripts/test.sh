@@ -44,7 +44,7 @@ for t in $VEC4_TESTS; do args+=(--test "$t"); done
 QLORA_NO_SUBGROUPS=1 cargo test --no-fail-fast "${args[@]}" 2>&1 | tee -a "$log" || status=$?
 took
 stage "browser tests (node --test web/test: Chromium on SwiftShader, npm pack)"
-(cd web && node --test --test-reporter=tap test/npm-pack.test.mjs test/browser.test.mjs test/from_url.test.mjs test/compat.test.mjs test/device_loss.test.mjs test/adapter_set.test.mjs) 2>&1 | tee -a "$log" || status=$?
+(cd web && node --test --test-reporter=tap test/npm-pack.test.mjs test/browser.test.mjs test/adapter_set.test.mjs test/from_url.test.mjs test/compat.test.mjs test/device_loss.test.mjs test/stop.test.mjs test/real_model.test.mjs) 2>&1 | tee -a "$log" || status=$?
 took
 # Per test binary (cargo's "Running" line) its last libtest line "test result: ok. 5 passed;
 # 0 failed; 1 ignored; ..." (a failing test's output may quote a child's); a binary that ends

@@ -325,6 +325,17 @@ impl<'a> Generation<'a> {
         &self.ids
     }
 
+    /// Ends a generation that has not stopped by itself (the caller's stop): streams the text
+    /// held back so far and gives the output, its stop reason `MaxNewTokens` (as if the limit
+    /// were the tokens generated). A generation that stopped by itself is finished as is.
+    pub fn end_early(mut self, on_text: &mut impl FnMut(&str)) -> Result<GenerationOutput> {
+        if self.stop.is_none() {
+            self.stop = Some(StopReason::MaxNewTokens);
+            self.stream.finish(on_text)?;
+        }
+        self.finish()
+    }
+
     /// The output; an error if generation has not stopped yet.
     pub fn finish(self) -> Result<GenerationOutput> {
         let stop_reason = self.stop.ok_or_else(|| Error::Invalid("generate: finish() before generation stopped".into()))?;

@@ -275,7 +275,21 @@ impl LoadedModel {
         lora: &LoraSet,
         prompt_ids: &[u32],
         cfg: &SamplingConfig,
+        on_text: impl FnMut(&str),
+    ) -> Result<GenerationOutput> {
+        self.generate_until(ctx, lora, prompt_ids, cfg, on_text, || false).await
+    }
+
+    /// [`LoadedModel::generate`] that ends early (keeping the text so far) once `stop()` says so;
+    /// it is asked after each token.
+    pub async fn generate_until(
+        &self,
+        ctx: &Rc<GpuContext>,
+        lora: &LoraSet,
+        prompt_ids: &[u32],
+        cfg: &SamplingConfig,
         mut on_text: impl FnMut(&str),
+        mut stop: impl FnMut() -> bool,
     ) -> Result<GenerationOutput> {
         let mut cfg = cfg.clone();
         if cfg.eos_ids.is_empty() {
@@ -319,6 +333,9 @@ impl LoadedModel {
             }
             let last = ctx.read_f32(&logits.expect("at least one id")).await?;
             g.push_logits(&last[..v], &mut on_text)?;
+            if g.next_input().is_some() && stop() {
+                return g.end_early(&mut on_text);
+            }
         }
         let mut out = g.finish()?;
         if capped && out.stop_reason == crate::generate::StopReason::MaxNewTokens {
@@ -748,6 +765,15 @@ impl TrainSession {
             return Ok(None);
         }
         self.trainer.eval_loss(&self.val).await.map(Some)
+    }
+
+    /// [`TrainSession::validation_loss`] calling `progress(held-out sequences done, in all)`
+    /// after each batch; it returning false abandons the evaluation (None).
+    pub async fn validation_loss_with(&self, progress: impl FnMut(usize, usize) -> bool) -> Result<Option<f64>> {
+        if self.val.is_empty() {
+            return Ok(None);
+        }
+        self.trainer.eval_loss_with(&self.val, progress).await
     }
 
     /// The adapter as it stands, on the host.

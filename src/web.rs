@@ -117,6 +117,19 @@ mod api {
       /** Wall time of the step, milliseconds (the GPU work included: the loss is read back). */
       ms: number;
     }
+    /** The GPU memory a run is planned to need (`Training.memoryPlan`), bytes: the base model as
+     *  loaded, LoRA with its gradients and AdamW moments, the activations kept for backward and
+     *  the transient buffers of one layer's backward and the output layer (an estimate). */
+    export interface MemoryPlan {
+      weights: number; lora: number; activations: number; transient: number; total: number;
+      /** Whether the plan recomputes each layer in backward (the `gradCheckpoint` option). */
+      gradCheckpoint: boolean;
+    }
+    /** The buffer pool's figures (`Training.gpuMemory`), bytes: held on the device, held by live
+     *  tensors now, and the most ever held by live tensors on this GPU. */
+    export interface GpuMemory { allocated: number; inUse: number; peakInUse: number }
+    /** Called by `Training.validationLoss` after each batch; return false to abandon it. */
+    export type EvalProgressCallback = (done: number, total: number) => boolean | void;
     /** Called after each step of `Training.train`; return false to stop after this step. */
     export type ProgressCallback = (report: StepReport) => boolean | void;
     /** PEFT's two adapter files. */
@@ -141,7 +154,7 @@ mod api {
     export interface AdapterGenerateOptions extends GenerateOptions { adapter?: string | null }
     export interface GenerateResult {
       text: string; tokens: number[]; promptTokens: number;
-      stopReason: "eos" | "stop-string" | "max-new-tokens"; ms: number;
+      stopReason: "eos" | "stop-string" | "max-new-tokens" | "context-full" | "stopped"; ms: number;
     }
     /** A data set's token counts for one model. */
     export interface DatasetStats {
@@ -881,7 +894,8 @@ mod api {
         }
 
         /// Generates from `prompt` with the base model (no adapter), streaming text to
-        /// `onText` as it is decoded. Resolves to the whole answer.
+        /// `onText` as it is decoded (it returning false ends the answer there: stopReason
+        /// "stopped"). Resolves to the whole answer.
         #[wasm_bindgen(unchecked_return_type = "Promise<GenerateResult>")]
         pub fn generate(
             &self,
@@ -930,17 +944,28 @@ mod api {
         let ids = m.prompt_ids(&prompt).map_err(|e| fail("generate: the prompt", e))?;
         let cb = callback("generate: onText", on_text)?;
         let thrown: RefCell<Option<JsValue>> = RefCell::new(None);
+        // onText returning false ends the generation after this token (the text so far is kept).
+        let stopped = Cell::new(false);
         let t0 = now_ms();
         let out: GenerationOutput = m
-            .generate(&inner.ctx, set, &ids, &cfg, |text| {
-                if let Some(f) = &cb {
-                    if thrown.borrow().is_none() {
-                        if let Err(e) = f.call1(&JsValue::NULL, &JsValue::from_str(text)) {
-                            *thrown.borrow_mut() = Some(e);
+            .generate_until(
+                &inner.ctx,
+                set,
+                &ids,
+                &cfg,
+                |text| {
+                    if let Some(f) = &cb {
+                        if thrown.borrow().is_none() {
+                            match f.call1(&JsValue::NULL, &JsValue::from_str(text)) {
+                                Err(e) => *thrown.borrow_mut() = Some(e),
+                                Ok(v) if v == JsValue::FALSE => stopped.set(true),
+                                Ok(_) => {}
+                            }
                         }
                     }
-                }
-            })
+                },
+                || stopped.get() || thrown.borrow().is_some(),
+            )
             .await
             .map_err(|e| fail(format!("generating with {}", m.name), e))?;
         if let Some(e) = thrown.into_inner() {
@@ -949,6 +974,7 @@ mod api {
             return Err(err);
         }
         let stop = match out.stop_reason {
+            _ if stopped.get() => "stopped",
             StopReason::Eos(_) => "eos",
             StopReason::StopString(_) => "stop-string",
             StopReason::MaxNewTokens => "max-new-tokens",
@@ -1340,15 +1366,78 @@ mod api {
             })))
         }
 
-        /// The mean loss over the held-out examples (null without `validation`).
+        /// The mean loss over the held-out examples (null without `validation`), calling
+        /// `onProgress(done, total)` (held-out sequences) after each batch; it returning false
+        /// abandons the evaluation (null).
         #[wasm_bindgen(js_name = validationLoss, unchecked_return_type = "Promise<number | null>")]
-        pub fn validation_loss(&self) -> js_sys::Promise {
+        pub fn validation_loss(
+            &self,
+            #[wasm_bindgen(unchecked_optional_param_type = "EvalProgressCallback")] on_progress: JsValue,
+        ) -> js_sys::Promise {
             let t = self.inner.clone();
             future_to_promise(async move {
+                let cb = callback("Training.validationLoss: onProgress", on_progress)?;
                 let s = t.session.try_borrow().map_err(|_| busy("Training.validationLoss"))?;
-                let l = s.validation_loss().await.map_err(|e| fail("validation loss", e))?;
+                let thrown: RefCell<Option<JsValue>> = RefCell::new(None);
+                let l = s
+                    .validation_loss_with(|done, total| match &cb {
+                        None => true,
+                        Some(f) => match f.call2(&JsValue::NULL, &JsValue::from(done as u32), &JsValue::from(total as u32)) {
+                            Ok(v) => v != JsValue::FALSE,
+                            Err(e) => {
+                                *thrown.borrow_mut() = Some(e);
+                                false
+                            }
+                        },
+                    })
+                    .await
+                    .map_err(|e| fail("validation loss", e))?;
+                if let Some(e) = thrown.into_inner() {
+                    let err = plain_error("callback", "Training.validationLoss: the onProgress callback threw");
+                    set_cause(&err, &e);
+                    return Err(err);
+                }
                 Ok(l.map_or(JsValue::NULL, JsValue::from_f64))
             })
+        }
+
+        /// The GPU memory this run is planned to need (src/train/memory.rs, as `qlora train`
+        /// prints it), with the base model's bytes as loaded.
+        #[wasm_bindgen(getter, js_name = memoryPlan, unchecked_return_type = "MemoryPlan")]
+        pub fn memory_plan(&self) -> Result<JsValue, JsValue> {
+            use crate::train::memory::{plan, RunShape};
+            let s = self.inner.session.try_borrow().map_err(|_| busy("Training.memoryPlan"))?;
+            let m = &self.inner.model.m;
+            let cfg = s.config();
+            let targets = s.lora_config().targets(&m.model.cfg).map_err(|e| fail("Training.memoryPlan", e))?;
+            let adapted = targets.iter().map(|t| t.iter().filter(|&&b| b).count()).max().unwrap_or(0);
+            let shape = RunShape {
+                batch: cfg.batch_size,
+                seq: cfg.max_len,
+                rank: cfg.lora.r,
+                adapted,
+                nf4: match m.quant {
+                    crate::session::BaseQuant::F32 => None,
+                    crate::session::BaseQuant::Nf4 { double_quant, .. } => Some(double_quant),
+                },
+                table_bytes: 4,
+                dora: cfg.lora.use_dora,
+            };
+            let p = plan(&m.config, &shape, cfg.grad_checkpoint);
+            let (proj, other) = m.model.weights.device_bytes();
+            let weights = (proj + other) as u64;
+            Ok(to_js(&json!({
+                "weights": weights, "lora": p.lora, "activations": p.activations, "transient": p.transient,
+                "total": weights + p.lora + p.activations + p.transient, "gradCheckpoint": p.grad_checkpoint,
+            })))
+        }
+
+        /// The buffer pool's figures on this run's GPU: bytes held on the device, held by live
+        /// tensors, and the most held by live tensors so far.
+        #[wasm_bindgen(getter, js_name = gpuMemory, unchecked_return_type = "GpuMemory")]
+        pub fn gpu_memory(&self) -> JsValue {
+            let p = self.inner.model.ctx.pool_stats();
+            to_js(&json!({"allocated": p.allocated, "inUse": p.in_use, "peakInUse": p.peak_in_use}))
         }
 
         /// The adapter as it stands, as PEFT's two files (base_model_name_or_path: the model's name).

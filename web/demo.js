@@ -1,6 +1,8 @@
 // The demo page's main thread: the form, the loss chart, the answers and the downloads. The
 // model and the training run live in worker.js. `window.demo` exposes the page's state (the
-// browser test reads it): gpu, model, options, losses, stepMs, answers, adapter, error.
+// browser test reads it): gpu, model, options, losses, stepMs, answers, adapter, error,
+// memoryPlan (bytes the run is planned to need), memory (what it used), stopped (what a Stop
+// kept), statusLog (every status text shown, in order).
 
 import { drawLossChart } from './chart.js';
 
@@ -8,16 +10,67 @@ const $ = (id) => document.getElementById(id);
 const state = (window.demo = {
   phase: 'starting', gpu: null, model: null, options: null, stats: null,
   losses: [], stepMs: [], heldOut: null, answers: { before: '', after: '' }, adapter: null, error: null, trainMs: null,
+  memoryPlan: null, memory: null, stopped: null, stopAsked: false, statusLog: [],
 });
+// The phases in which something runs (Stop is enabled in each).
+const RUNNING = ['reading', 'loading', 'answer-before', 'eval-before', 'training', 'eval-after', 'answer-after', 'export'];
+// A longer run the page estimates the time of, from the measured step time.
+const LONG_RUN = 200;
 
 const worker = new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
 let urls = [];
 
+function setStatus(text) {
+  $('status').textContent = text;
+  const log = state.statusLog;
+  if (log[log.length - 1] !== text) log.push(text);
+}
+
 function setPhase(phase, text) {
   state.phase = phase;
-  $('status').textContent = text;
-  $('train').disabled = phase === 'training' || phase === 'loading' || !state.gpu;
-  $('stop').disabled = phase !== 'training';
+  const stopping = state.stopAsked && RUNNING.includes(phase) && !text.endsWith(' (stopping…)');
+  setStatus(text + (stopping ? ' (stopping…)' : ''));
+  const running = RUNNING.includes(phase);
+  $('train').disabled = running || !state.gpu;
+  $('stop').disabled = !running || state.stopAsked;
+}
+
+/** "1 min 20 s" / "45 s" / "2 h 5 min". */
+function fmtTime(ms) {
+  const s = Math.round(ms / 1000);
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min${s % 60 ? ` ${s % 60} s` : ''}`;
+  return `${Math.floor(s / 3600)} h ${Math.round((s % 3600) / 60)} min`;
+}
+
+/** The time a step takes here: the mean of the steps after the first (which also prepares the kernels), else the first. */
+function stepTime() {
+  const later = state.stepMs.slice(1);
+  return later.length ? later.reduce((a, b) => a + b, 0) / later.length : state.stepMs[0];
+}
+
+function renderRunInfo() {
+  const lines = [];
+  const m = state.model;
+  if (m) {
+    lines.push(`Model ${m.name}: ${m.architecture}, ${m.layers} layers, hidden ${m.hidden}, vocabulary ${m.vocab}, ` +
+      `${m.quant === 'f32' ? 'f32 base (LoRA)' : `${m.quant === 'nf4-dq' ? 'NF4 + double quant' : 'NF4'} base (QLoRA)`}, ` +
+      `${fmtBytes(m.deviceBytes.projections + m.deviceBytes.other)} on the GPU.`);
+  }
+  const p = state.memoryPlan;
+  if (p) {
+    lines.push(`GPU memory this run needs: about ${fmtBytes(p.total)} (base ${fmtBytes(p.weights)}, adapter with gradients and AdamW ` +
+      `${fmtBytes(p.lora)}, activations ${fmtBytes(p.activations)}, one layer's backward and the output layer ${fmtBytes(p.transient)}; planned).`);
+  }
+  if (state.memory) {
+    lines.push(`GPU memory used: at most ${fmtBytes(state.memory.peakInUse)} in tensors at once; ${fmtBytes(state.memory.allocated)} held by the buffer pool.`);
+  }
+  if (state.stepMs.length && state.options) {
+    const t = stepTime();
+    const n = state.options.steps;
+    lines.push(`Time here: ${(t / 1000).toFixed(1)} s a step, so ${n} steps ≈ ${fmtTime(n * t)}; a longer run of ${LONG_RUN} steps ≈ ${fmtTime(LONG_RUN * t)}.`);
+  }
+  $('run-info').textContent = lines.join('\n');
 }
 
 function describeChain(chain) {
@@ -84,14 +137,6 @@ function showLoadProgress(p) {
 worker.onmessage = (ev) => {
   const m = ev.data;
   switch (m.type) {
-    case 'load-progress':
-      (state.loadEvents ||= []).push(m.progress);
-      showLoadProgress(m.progress);
-      break;
-    case 'forgotten':
-      $('cache-status').textContent = `Forgot ${m.count} cached model file${m.count === 1 ? '' : 's'}.`;
-      state.forgotten = m;
-      break;
     case 'gpu':
       if (m.error) {
         state.gpu = null;
@@ -109,17 +154,31 @@ worker.onmessage = (ev) => {
         setPhase('ready', m.reopened ? 'The GPU is open again: Train starts over (the model is loaded anew).' : 'Choose a model, then Train.');
       }
       break;
+    case 'load-progress':
+      (state.loadEvents ||= []).push(m.progress);
+      showLoadProgress(m.progress);
+      break;
+    case 'forgotten':
+      $('cache-status').textContent = `Forgot ${m.count} cached model file${m.count === 1 ? '' : 's'}.`;
+      state.forgotten = m;
+      break;
     case 'model': {
       state.model = m.info;
-      const i = m.info;
-      $('status').textContent = `Model ${i.name}: ${i.architecture}, ${i.layers} layers, hidden ${i.hidden}, vocabulary ${i.vocab}, ` +
-        `${i.quant} base (${fmtBytes(i.deviceBytes.projections + i.deviceBytes.other)} on the GPU).`;
+      renderRunInfo();
+      setPhase('loading', m.cached ? 'The model is already loaded.' : `Model loaded${m.ms ? ` in ${fmtTime(m.ms)}` : ''}.`);
       break;
     }
+    case 'phase':
+      setPhase(m.phase, m.text);
+      break;
+    case 'eval-progress':
+      setPhase(state.phase, `Held-out loss ${m.which} training: ${m.done} of ${m.total} examples…`);
+      break;
     case 'stats':
       state.stats = m.stats;
       state.options = m.options;
-      setPhase('training', `Training on ${m.stats.trainExamples} examples (${m.format}), ${m.stats.countedTokens} counted tokens…`);
+      state.memoryPlan = m.memoryPlan;
+      renderRunInfo();
       renderChart();
       break;
     case 'step': {
@@ -127,7 +186,10 @@ worker.onmessage = (ev) => {
       state.losses.push({ step: r.step, loss: r.loss });
       state.stepMs.push(r.ms);
       $('step-log').insertAdjacentText('afterbegin', `step ${r.step}/${r.totalSteps}  loss ${r.loss.toFixed(4)}  lr ${r.lr.toExponential(2)}  ${r.ms.toFixed(0)} ms\n`);
-      $('status').textContent = `Step ${r.step} of ${r.totalSteps}: loss ${r.loss.toFixed(4)} (${r.ms.toFixed(0)} ms a step)`;
+      renderRunInfo();
+      const left = r.totalSteps - r.step;
+      const next = left > 0 && !state.stopAsked ? `; step ${r.step + 1} running, about ${fmtTime(left * stepTime())} left` : '';
+      setPhase('training', `Step ${r.step} of ${r.totalSteps} done: loss ${r.loss.toFixed(4)} (${(r.ms / 1000).toFixed(1)} s)${next}`);
       renderChart();
       break;
     }
@@ -142,7 +204,9 @@ worker.onmessage = (ev) => {
       } else {
         $(m.which).textContent = m.text + (m.final ? '' : ' ▍');
       }
-      if (m.which === 'before' && m.final) $('status').textContent = 'Base model answered; training…';
+      if (!m.final) {
+        setPhase(state.phase, `${m.which === 'before' ? 'Base model' : 'Trained model'} answering… (${m.pieces} of at most ${m.maxNewTokens} tokens)`);
+      }
       break;
     case 'adapter': {
       state.adapter = { config: m.config, model: m.model, keptStep: m.keptStep ?? null };
@@ -169,14 +233,23 @@ worker.onmessage = (ev) => {
     }
     case 'done': {
       state.trainMs = m.trainMs;
-      const ms = state.stepMs.slice(1);
-      const mean = ms.length ? ms.reduce((a, b) => a + b, 0) / ms.length : state.stepMs[0] || 0;
+      state.memory = m.memory || null;
+      state.stopped = m.stopped || null;
+      state.stopAsked = false;
+      renderRunInfo();
+      if (m.stopped) {
+        setPhase('stopped', m.stopped);
+        break;
+      }
       const first = state.losses[0]?.loss;
       const last = state.losses[state.losses.length - 1]?.loss;
-      setPhase('done', `Done: ${m.steps} steps, loss ${first?.toFixed(3)} → ${last?.toFixed(3)}, ${mean.toFixed(0)} ms a step.`);
+      const t = stepTime() || 0;
+      setPhase('done', `Done: ${m.steps} steps, loss ${first?.toFixed(3)} → ${last?.toFixed(3)}, ${(t / 1000).toFixed(1)} s a step. ` +
+        `A short run: ${LONG_RUN} steps would take about ${fmtTime(LONG_RUN * t)} here.`);
       break;
     }
     case 'error':
+      state.stopAsked = false;
       showError(m.chain);
       if (m.lost) {
         state.lost = m.lost;
@@ -203,8 +276,49 @@ function num(id, int = true) {
   return v;
 }
 
+/** Reads the chosen files, showing the bytes read; null when Stop was pressed meanwhile. */
 async function readFiles(list) {
-  return Promise.all([...list].map(async (f) => ({ name: f.name, bytes: await f.arrayBuffer() })));
+  const files = [...list];
+  const total = files.reduce((a, f) => a + f.size, 0);
+  let done = 0;
+  let shown = 0;
+  const out = [];
+  for (const f of files) {
+    const bytes = new Uint8Array(f.size);
+    let at = 0;
+    const reader = f.stream().getReader();
+    for (;;) {
+      const { done: end, value } = await reader.read();
+      if (end) break;
+      bytes.set(value, at);
+      at += value.length;
+      done += value.length;
+      if (state.stopAsked) {
+        await reader.cancel();
+        return null;
+      }
+      if (done - shown > (1 << 20) || done === total) {
+        shown = done;
+        setPhase('reading', `Reading the model: ${fmtBytes(done)} of ${fmtBytes(total)}…`);
+      }
+    }
+    out.push({ name: f.name, bytes: bytes.buffer });
+  }
+  return out;
+}
+
+/** The base weights: the form's choice, or for "auto" QLoRA (NF4 + double quant) for a GGUF file
+ *  (nearly always 4- to 8-bit already: an f32 base would take 4 to 8 times its size) and for
+ *  weights over AUTO_QLORA_BYTES, and f32 (plain LoRA) for small Hugging Face models. */
+const AUTO_QLORA_BYTES = 256 << 20;
+function chooseQuant(files, url) {
+  const v = $('quant').value;
+  if (v !== 'auto') return v;
+  if (url) return 'nf4-dq'; // a model from a URL is a GGUF file
+  const list = [...files];
+  if (list.some((f) => f.name.toLowerCase().endsWith('.gguf'))) return 'nf4-dq';
+  const weights = list.filter((f) => f.name.endsWith('.safetensors')).reduce((a, f) => a + f.size, 0);
+  return weights > AUTO_QLORA_BYTES ? 'nf4-dq' : 'f32';
 }
 
 async function startTraining() {
@@ -214,7 +328,7 @@ async function startTraining() {
   if (!files.length && !modelUrl) throw new Error('Choose a model first: a .gguf file, or config.json + model.safetensors + tokenizer.json (+ tokenizer_config.json).');
   const steps = num('steps');
   const maxLen = num('max-len');
-  const maxNewTokens = 40;
+  const maxNewTokens = num('max-new');
   const options = {
     rank: num('rank'), alpha: num('alpha', false), steps, lr: num('lr', false), batchSize: num('batch'), maxLen,
     seed: num('seed'), schedule: 'constant', warmupSteps: 0, maxGradNorm: 1.0, dropout: 0,
@@ -240,6 +354,12 @@ async function startTraining() {
   }
   state.losses = [];
   state.stepMs = [];
+  state.memoryPlan = null;
+  state.memory = null;
+  state.stopped = null;
+  state.stopAsked = false;
+  state.model = null;
+  state.statusLog = [];
   state.answers = { before: '', after: '' };
   state.adapter = null;
   state.lost = null;
@@ -247,16 +367,23 @@ async function startTraining() {
   state.options = options;
   renderHeldOut();
   $('step-log').textContent = '';
+  $('downloads').innerHTML = '<span class="hint">The adapter appears here once a step is done.</span>';
   $('before').textContent = '';
   $('after').textContent = '';
   renderChart();
-  setPhase('loading', 'Loading the model…');
+  renderRunInfo();
+  setPhase('reading', 'Reading the model…');
   const modelFiles = files.length ? await readFiles(files) : [];
-  worker.postMessage({ type: 'load', files: modelFiles, url: files.length ? null : modelUrl, quant: $('quant').value, maxPositions: Math.max(maxLen, 256) + maxNewTokens },
+  if (!modelFiles) {
+    state.stopAsked = false;
+    setPhase('stopped', 'Stopped while reading the model files: nothing was loaded.');
+    return;
+  }
+  const quant = chooseQuant(files, files.length ? null : modelUrl);
+  worker.postMessage({ type: 'load', files: modelFiles, url: files.length ? null : modelUrl, quant, maxPositions: Math.max(maxLen, 256) + maxNewTokens },
     modelFiles.map((f) => f.bytes));
   worker.postMessage({ type: 'train', dataset, options, prompt: $('prompt').value, maxNewTokens, initAdapter });
-  state.phase = 'training';
-  $('status').textContent = 'Loading the model and asking the base model…';
+  setPhase('loading', `Loading the model onto the GPU (${quant === 'f32' ? 'f32 base' : 'NF4 base: QLoRA'})…`);
 }
 
 $('train').addEventListener('click', () => {
@@ -265,7 +392,11 @@ $('train').addEventListener('click', () => {
     setPhase(state.gpu ? 'ready' : 'no-webgpu', '');
   });
 });
-$('stop').addEventListener('click', () => worker.postMessage({ type: 'stop' }));
+$('stop').addEventListener('click', () => {
+  state.stopAsked = true;
+  worker.postMessage({ type: 'stop' });
+  setPhase(state.phase, $('status').textContent);
+});
 $('forget-cache').addEventListener('click', () => worker.postMessage({ type: 'forget' }));
 window.addEventListener('resize', renderChart);
 

@@ -1,8 +1,12 @@
 // The demo's Web Worker: owns the GPU, the model and the training run, so the page stays
 // responsive. Messages in: {type: 'init'}, {type: 'load', files, quant, maxPositions},
 // {type: 'train', dataset, options, prompt, maxNewTokens, initAdapter}, {type: 'stop'}.
-// Messages out: 'gpu', 'model', 'stats', 'step', 'answer', 'adapter', 'done', 'error' (with the
-// error's cause chain as plain data, since an Error's `cause` may not survive postMessage).
+// Messages out: 'gpu', 'model', 'phase' (what runs now), 'stats' (with the memory plan),
+// 'answer' (streamed), 'eval-progress', 'validation', 'step', 'adapter', 'done' (with what a Stop
+// kept, and the GPU memory used), 'error' (with the error's cause chain as plain data, since an
+// Error's `cause` may not survive postMessage). Stop ends the phase that runs: an answer after
+// the current token, a held-out evaluation at once (abandoned), training after the current step,
+// a load when it is done; the adapter of the steps done is exported.
 
 import init, { Gpu, Model, Dataset, Training, Adapter, version } from './pkg/qlora_webgpu.js';
 
@@ -26,13 +30,32 @@ function fail(stage, e) {
   postMessage({ type: 'error', stage, chain: chain(e) });
 }
 
+/** Streams an answer to the page; Stop ends it after the current token (the text so far kept). */
 async function answer(which, prompt, maxNewTokens, gen) {
   let text = '';
+  let tokens = 0;
   const r = await gen(prompt, { maxNewTokens }, (piece) => {
     text += piece;
-    postMessage({ type: 'answer', which, text, final: false });
+    tokens++;
+    postMessage({ type: 'answer', which, text, final: false, pieces: tokens, maxNewTokens });
+    return !stopRequested;
   });
-  postMessage({ type: 'answer', which, text: r.text, final: true, ms: r.ms, tokens: r.tokens.length });
+  postMessage({ type: 'answer', which, text: r.text, final: true, ms: r.ms, tokens: r.tokens.length, stopped: r.stopReason === 'stopped' });
+  return r;
+}
+
+function phase(name, text) {
+  postMessage({ type: 'phase', phase: name, text });
+}
+
+/** Lets the messages sent meanwhile (a Stop) arrive: a load runs synchronously. */
+const tick = () => new Promise((r) => setTimeout(r, 0));
+
+async function heldOutLoss(training, which) {
+  return training.validationLoss((done, total) => {
+    postMessage({ type: 'eval-progress', which, done, total });
+    return !stopRequested;
+  });
 }
 
 async function handle(msg) {
@@ -48,14 +71,17 @@ async function handle(msg) {
       return;
     }
     case 'load': {
+      stopRequested = false;
       const key = JSON.stringify([msg.url || msg.files.map((f) => [f.name, f.bytes.byteLength]), msg.quant, msg.maxPositions]);
       if (model && key === modelKey) {
         postMessage({ type: 'model', info: model.info, cached: true });
         return;
       }
       if (model) { model.free(); model = null; }
+      phase('loading', `Loading the model onto the GPU (${msg.quant === 'f32' ? 'f32 base' : 'quantizing the projections to NF4'})…`);
       const opts = { quant: msg.quant, maxPositions: msg.maxPositions };
       const gguf = msg.files.find((f) => f.name.toLowerCase().endsWith('.gguf'));
+      const t0 = performance.now();
       if (msg.url) {
         model = await Model.fromUrl(gpu, msg.url, { ...opts, onProgress: (p) => postMessage({ type: 'load-progress', progress: p }) });
       } else if (gguf) {
@@ -63,41 +89,70 @@ async function handle(msg) {
       } else {
         const files = {};
         for (const f of msg.files) files[f.name] = new Uint8Array(f.bytes);
-        const cfg = msg.files.find((f) => f.name.endsWith('config.json') && f.name !== 'tokenizer_config.json');
-        model = Model.fromHuggingFace(gpu, files, { ...opts, name: msg.name || (cfg ? 'model' : 'model') });
+        model = Model.fromHuggingFace(gpu, files, { ...opts, name: 'model' });
       }
       modelKey = key;
-      postMessage({ type: 'model', info: model.info });
+      postMessage({ type: 'model', info: model.info, ms: performance.now() - t0 });
       return;
     }
     case 'train': {
-      stopRequested = false;
+      // A Stop sent while the model loaded (synchronously) arrives here.
+      await tick();
+      if (stopRequested) {
+        postMessage({ type: 'done', steps: 0, stopped: 'Stopped after loading the model (it stays loaded): nothing was answered or trained.' });
+        return;
+      }
       const data = Dataset.fromJsonl(msg.dataset.name, new Uint8Array(msg.dataset.bytes));
       let init = null;
       if (msg.initAdapter) init = Adapter.load(model, msg.initAdapter.config, new Uint8Array(msg.initAdapter.model));
       // The run first: bad options, or a batch beyond the GPU's limits, fail before any GPU work.
       const training = init ? Training.fromAdapter(model, data, init, msg.options) : new Training(model, data, msg.options);
       running = training;
-      postMessage({ type: 'stats', stats: training.dataStats, format: data.format, options: training.options });
+      const free = () => { running = null; training.free(); data.free(); if (init) init.free(); };
+      postMessage({ type: 'stats', stats: training.dataStats, format: data.format, options: training.options, memoryPlan: training.memoryPlan });
+      const end = async (stopped) => {
+        let adapter = false;
+        if (training.stepCount > 0) {
+          phase('export', 'Writing the adapter files…');
+          const files = await training.exportAdapter();
+          postMessage({ type: 'adapter', config: files.adapterConfig, model: files.adapterModel }, [files.adapterModel.buffer]);
+          adapter = true;
+        }
+        postMessage({ type: 'done', steps: training.stepCount, totalSteps: training.totalSteps, trainMs, stopped, adapter, memory: training.gpuMemory });
+        free();
+      };
+      let trainMs = null;
+      phase('answer-before', 'Base model answering…');
       await answer('before', msg.prompt, msg.maxNewTokens, init ? (...a) => init.generate(...a) : (...a) => model.generate(...a));
-      const heldOut = { before: await training.validationLoss(), after: null };
-      postMessage({ type: 'validation', heldOut });
+      if (stopRequested) return end('Stopped while the base model answered: its answer so far is shown; nothing was trained.');
+      const heldOut = { before: null, after: null };
+      if (training.dataStats.validationExamples > 0) {
+        phase('eval-before', 'Held-out loss before training…');
+        heldOut.before = await heldOutLoss(training, 'before');
+        if (stopRequested) return end('Stopped while measuring the held-out loss before training (abandoned); nothing was trained.');
+        postMessage({ type: 'validation', heldOut });
+      }
+      phase('training', `Step 1 of ${training.totalSteps} running (the first step also prepares the GPU kernels)…`);
       const t0 = performance.now();
       await training.train(undefined, (r) => {
         postMessage({ type: 'step', report: r });
         return !stopRequested;
       });
-      const trainMs = performance.now() - t0;
-      heldOut.after = await training.validationLoss();
-      postMessage({ type: 'validation', heldOut });
+      trainMs = performance.now() - t0;
+      if (stopRequested) {
+        return end(`Stopped after step ${training.stepCount} of ${training.totalSteps} (the step running then was finished): ` +
+          'the adapter of the steps done is offered below; the held-out loss and the answer after training were skipped.');
+      }
+      if (heldOut.before != null) {
+        phase('eval-after', 'Held-out loss after training…');
+        const after = await heldOutLoss(training, 'after');
+        if (stopRequested) return end('Stopped while measuring the held-out loss after training (abandoned): the trained adapter is offered below; the answer after training was skipped.');
+        heldOut.after = after;
+        postMessage({ type: 'validation', heldOut });
+      }
+      phase('answer-after', 'Trained model answering…');
       await answer('after', msg.prompt, msg.maxNewTokens, (...a) => training.generate(...a));
-      const files = await training.exportAdapter();
-      postMessage({ type: 'adapter', config: files.adapterConfig, model: files.adapterModel }, [files.adapterModel.buffer]);
-      postMessage({ type: 'done', steps: training.stepCount, trainMs });
-      training.free();
-      data.free();
-      if (init) init.free();
-      return;
+      return end(stopRequested ? 'Stopped while the trained model answered: its answer so far is shown, the trained adapter is offered below.' : null);
     }
     case 'forget': {
       const n = await Model.forgetCached();

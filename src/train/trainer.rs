@@ -268,6 +268,11 @@ impl Trainer {
         eval_loss(&self.ctx, &self.model, &self.set, batches).await
     }
 
+    /// [`eval_loss_with`] under the adapter being trained.
+    pub async fn eval_loss_with(&self, batches: &[TokenBatch], progress: impl FnMut(usize, usize) -> bool) -> Result<Option<f64>> {
+        eval_loss_with(&self.ctx, &self.model, &self.set, batches, progress).await
+    }
+
     /// The run's state as a checkpoint (adapter, optimizer, step, RNG, data position).
     pub async fn checkpoint(&self) -> Result<Checkpoint> {
         Checkpoint::capture(&self.ctx, &self.lora_cfg, &self.set, &self.opt, &self.state).await
@@ -276,14 +281,32 @@ impl Trainer {
 
 /// Token-weighted mean loss of `batches` under adapter `set` (inference: no dropout).
 pub async fn eval_loss(ctx: &Rc<GpuContext>, model: &Model, set: &LoraSet, batches: &[TokenBatch]) -> Result<f64> {
+    eval_loss_with(ctx, model, set, batches, |_, _| true).await.map(|l| l.unwrap_or(f64::NAN))
+}
+
+/// [`eval_loss`] calling `progress(sequences done, sequences in all)` after each (micro-)batch;
+/// it returning false abandons the evaluation (None).
+pub async fn eval_loss_with(
+    ctx: &Rc<GpuContext>,
+    model: &Model,
+    set: &LoraSet,
+    batches: &[TokenBatch],
+    mut progress: impl FnMut(usize, usize) -> bool,
+) -> Result<Option<f64>> {
     let (mut sum, mut n) = (0.0f64, 0usize);
     let mut split = Vec::with_capacity(batches.len());
     for b in batches {
         split.extend(b.split_to_fit(&model.cfg, ctx.max_binding())?);
     }
+    let total: usize = split.iter().map(|b| b.batch).sum();
+    let mut done = 0;
     for b in &split {
         let k = b.n_tokens();
+        done += b.batch;
         if k == 0 {
+            if !progress(done, total) {
+                return Ok(None);
+            }
             continue;
         }
         let mut tape = Tape::new(false);
@@ -291,9 +314,12 @@ pub async fn eval_loss(ctx: &Rc<GpuContext>, model: &Model, set: &LoraSet, batch
         let loss = loss.value();
         sum += ctx.read_f32(loss).await?[0] as f64 * k as f64;
         n += k;
+        if !progress(done, total) {
+            return Ok(None);
+        }
     }
     if n == 0 {
         return Err(Error::Invalid("evaluation data has no counted target tokens".into()));
     }
-    Ok(sum / n as f64)
+    Ok(Some(sum / n as f64))
 }

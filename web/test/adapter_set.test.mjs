@@ -16,17 +16,9 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { chromium } from 'playwright-core';
-import { startServer, REPO_ROOT } from '../serve.mjs';
+import { apiPage, launch, REPO_ROOT } from './page.mjs';
 import { readSafetensors } from './safetensors.mjs';
 
-const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
-// DESIGN.md: Chromium headless with WebGPU on a machine without a GPU (as browser.test.mjs).
-const WEBGPU_FLAGS = [
-  '--headless=new', '--no-sandbox', '--enable-unsafe-webgpu', '--enable-features=Vulkan',
-  '--use-vulkan=swiftshader', '--use-webgpu-adapter=swiftshader', '--disable-gpu-sandbox',
-];
-const MODEL_FILES = ['config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json', 'chat_template.jinja'];
 const DEV = path.join(REPO_ROOT, 'tests/fixtures/tiny-llama/dev');
 const ADAPTERS = { A: 'adapter_final', B: 'adapter_init' };
 const PROMPTS = [{ text: 'The quick brown fox' }, 'What is the capital of France?'];
@@ -36,32 +28,13 @@ let server;
 let browser;
 
 before(async () => {
-  assert.ok(fs.existsSync(path.join(REPO_ROOT, 'web/pkg/qlora_webgpu.js')), 'web/pkg is missing: run scripts/build-web.sh first');
-  assert.ok(fs.existsSync(CHROMIUM), `no Chromium at ${CHROMIUM} (apt-get install chromium, or set CHROMIUM)`);
-  server = await startServer();
-  browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: WEBGPU_FLAGS });
+  ({ server, browser } = await launch());
 });
 
 after(async () => {
   await browser?.close();
   server?.server.close();
 });
-
-/** A page of the server's origin with the package as window.q, the GPU as window.gpu, the model files as window.hfFiles. */
-async function apiPage(lines) {
-  const page = await browser.newPage();
-  page.on('console', (m) => lines.push(`[${m.type()}] ${m.text()}`));
-  page.on('pageerror', (e) => lines.push(`[pageerror] ${e.message}`));
-  await page.goto(`${server.url}/web/README.md`);
-  await page.evaluate(async (files) => {
-    window.q = await import('./pkg/qlora_webgpu.js');
-    await window.q.default();
-    window.gpu = await window.q.Gpu.open();
-    window.hfFiles = {};
-    for (const f of files) window.hfFiles[f] = new Uint8Array(await (await fetch(`../tests/fixtures/tiny-llama/model/${f}`)).arrayBuffer());
-  }, MODEL_FILES);
-  return page;
-}
 
 function adapterFiles(dir) {
   return {
@@ -73,7 +46,7 @@ function adapterFiles(dir) {
 test('AdapterSet in a page: base -> A -> B -> base answers equal each one loaded alone; memory grows by the adapters only', { timeout: 600e3 }, async () => {
   const files = Object.fromEntries(Object.entries(ADAPTERS).map(([k, d]) => [k, adapterFiles(d)]));
   const lines = [];
-  const page = await apiPage(lines);
+  const page = await apiPage(browser, server, lines, {});
   let r;
   try {
     r = await page.evaluate(async ({ files, prompts, n }) => {

@@ -1,5 +1,5 @@
-// Shared pieces of the browser tests that open pages of their own (from_url, compat,
-// device_loss): Chromium with WebGPU on SwiftShader, the demo's static server, a page with the
+// Shared pieces of the browser tests that open pages of their own (from_url, compat, stop,
+// device_loss, adapter_set, real_model): Chromium with WebGPU on SwiftShader, the demo's static server, a page with the
 // package loaded, the native run of the same options (examples/web_native.rs) and the
 // comparison of two adapters. browser.test.mjs keeps its own copies.
 

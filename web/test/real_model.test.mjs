@@ -20,15 +20,9 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { chromium } from 'playwright-core';
-import { startServer, REPO_ROOT } from '../serve.mjs';
+import { launch, REPO_ROOT } from './page.mjs';
 import { readSafetensors, compareAdapters } from './safetensors.mjs';
 
-const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
-const WEBGPU_FLAGS = [
-  '--headless=new', '--no-sandbox', '--enable-unsafe-webgpu', '--enable-features=Vulkan',
-  '--use-vulkan=swiftshader', '--use-webgpu-adapter=swiftshader', '--disable-gpu-sandbox',
-];
 const GGUF = process.env.QLORA_SMOLLM2_GGUF || path.join(os.homedir(), '.cache/qlora-webgpu/SmolLM2-135M-Instruct.Q4_1.gguf');
 // A short run for CI: 2 steps of 2 examples of at most 48 tokens; 30 examples, 3 held out.
 const EXAMPLES = 30;
@@ -51,12 +45,9 @@ let browser;
 let tmp;
 
 before(async () => {
-  assert.ok(fs.existsSync(path.join(REPO_ROOT, 'web/pkg/qlora_webgpu.js')), 'web/pkg is missing: run scripts/build-web.sh first');
-  assert.ok(fs.existsSync(CHROMIUM), `no Chromium at ${CHROMIUM} (apt-get install chromium, or set CHROMIUM)`);
   assert.ok(fs.existsSync(GGUF), `no SmolLM2-135M-Instruct GGUF at ${GGUF}: fetch it with \`bash scripts/fetch-smollm2.sh\` ` +
     '(prints its path; scripts/test.sh exports it as QLORA_SMOLLM2_GGUF)');
-  server = await startServer();
-  browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: WEBGPU_FLAGS });
+  ({ server, browser } = await launch());
   tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'qlora-web-real-'));
 });
 

@@ -10,26 +10,15 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { chromium } from 'playwright-core';
-import { startServer, REPO_ROOT } from '../serve.mjs';
+import { launch, MODEL_DIR, MODEL_FILES, REPO_ROOT } from './page.mjs';
 
-const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
-const WEBGPU_FLAGS = [
-  '--headless=new', '--no-sandbox', '--enable-unsafe-webgpu', '--enable-features=Vulkan',
-  '--use-vulkan=swiftshader', '--use-webgpu-adapter=swiftshader', '--disable-gpu-sandbox',
-];
-const MODEL_DIR = path.join(REPO_ROOT, 'tests/fixtures/tiny-llama/model');
-const MODEL_FILES = ['config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json', 'chat_template.jinja'];
 const STEPS = 3;
 
 let server;
 let browser;
 
 before(async () => {
-  assert.ok(fs.existsSync(path.join(REPO_ROOT, 'web/pkg/qlora_webgpu.js')), 'web/pkg is missing: run scripts/build-web.sh first');
-  assert.ok(fs.existsSync(CHROMIUM), `no Chromium at ${CHROMIUM} (apt-get install chromium, or set CHROMIUM)`);
-  server = await startServer();
-  browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: WEBGPU_FLAGS });
+  ({ server, browser } = await launch());
 });
 
 after(async () => {

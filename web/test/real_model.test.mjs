@@ -7,10 +7,12 @@
 // page showed, in order, and the status text sampled every 200 ms while it ran), the memory plan
 // before training and the memory used after, that the held-out loss falls, that both answers are
 // shown, and that the adapter downloaded through the page equals the one `qlora train` (the
-// native command line, lavapipe) writes for the same options on the same GGUF.
+// native command line) writes for the same options on the same GGUF: bit for bit on the same
+// Vulkan driver (Chromium's SwiftShader, loaded natively through VK_ICD_FILENAMES), within
+// Adam's sign-flip noise on lavapipe.
 //
-// Needs web/pkg (scripts/build-web.sh), Chromium (CHROMIUM, default /usr/bin/chromium) and the
-// GGUF. QLORA_SCREENSHOTS=1 also saves web/screenshot-training.png and web/screenshot-after.png.
+// Needs web/pkg (scripts/build-web.sh), Chromium (CHROMIUM, default /usr/bin/chromium; its
+// vk_swiftshader_icd.json, found in /usr/lib/chromium or set SWIFTSHADER_ICD) and the GGUF. QLORA_SCREENSHOTS=1 also saves web/screenshot-training.png and web/screenshot-after.png.
 // Run: cd web && node --test test/real_model.test.mjs
 
 import { test, before, after } from 'node:test';
@@ -20,24 +22,29 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { launch, REPO_ROOT } from './page.mjs';
+import { launch, REPO_ROOT, CHROMIUM } from './page.mjs';
 import { readSafetensors, compareAdapters } from './safetensors.mjs';
 
 const GGUF = process.env.QLORA_SMOLLM2_GGUF || path.join(os.homedir(), '.cache/qlora-webgpu/SmolLM2-135M-Instruct.Q4_1.gguf');
 // A short run for CI: 2 steps of 2 examples of at most 48 tokens; 30 examples, 3 held out.
 const EXAMPLES = 30;
 const RUN = { rank: 8, alpha: 16, steps: 2, lr: 0.005, batch: 2, maxLen: 48, seed: 1, maxNew: 8 };
-// Browser (SwiftShader, vec4 kernels) against `qlora train` (lavapipe, subgroup kernels), on the
-// development machine (2 cores): achieved, and the bounds.
-// - step losses and held-out losses: worst relative difference 9.4e-7; bound 3e-6.
-// - the adapter as one vector (all 420 tensors): relative L2 1.3e-3; bound 5e-3. Per tensor the
-//   median is 9.1e-5 (bound 5e-4), but the worst is 1.06e-2 (layer 2's down_proj lora_A): Adam's
-//   first steps move each value by about lr times the sign of its gradient whatever the
+// Browser (Chromium's WebGPU on SwiftShader) against `qlora train` with the same options, twice,
+// on the development machine (2 cores):
+// - natively on the same driver (Chromium's own SwiftShader Vulkan ICD, the vec4 kernels the
+//   browser uses, the browser's 128 MiB binding): the check the issue asks for, adapter within
+//   1e-4 relative. Achieved: losses, held-out losses and all 420 adapter tensors bit for bit
+//   (difference 0). Bounds: losses 1e-6, every tensor's relative L2 1e-5.
+// - natively on lavapipe (subgroup kernels), a different Vulkan implementation: losses agree
+//   (9.4e-7; bound 3e-6) but the adapter only to 1.3e-3 relative L2 over all values (bound
+//   5e-3; per tensor median 9.1e-5, bound 5e-4; worst 1.06e-2, layer 2's down_proj lora_A).
+//   Adam's first steps move each value by about lr times the sign of its gradient whatever the
 //   gradient's size, so the few values whose gradient is rounding noise (sums that cancel; 53 of
-//   2.44 million differ by more than 1e-3, bound 1e-4 of all: 244) take opposite steps in the two
-//   runs. The same run natively with the vec4 kernels (QLORA_NO_SUBGROUPS=1) gave the same
-//   figures to the digits printed, so it is the two Vulkan implementations' rounding, not the
-//   kernels. A per-tensor bound of 1e-4 does not hold for a real model after two Adam steps.
+//   2.44 million differ by more than 1e-3, bound 1e-4 of all: 244) take opposite steps under
+//   the two drivers' rounding. The same lavapipe run with the vec4 kernels (QLORA_NO_SUBGROUPS=1)
+//   gives the same figures, so it is the drivers, not the kernels; on one driver the page and
+//   the command line agree exactly.
+const SAME_DRIVER = { loss: 1e-6, tensor: 1e-5 };
 const BOUNDS = { loss: 3e-6, adapterGlobal: 5e-3, adapterMedian: 5e-4, flippedFraction: 1e-4 };
 
 let server;
@@ -61,19 +68,62 @@ const secs = (t0) => `${((Date.now() - t0) / 1000).toFixed(0)} s`;
 const relDiff = (a, b) => Math.abs(a - b) / Math.abs(b);
 const mib = (b) => `${(b / 1048576).toFixed(1)} MiB`;
 
-/** `qlora train` on the same GGUF with the page's options; resolves to its metrics log. */
-async function nativeRun(dataFile, outDir) {
+/** `qlora train` on the same GGUF with the page's options (extra environment: `env`); resolves to its metrics log. */
+async function nativeRun(dataFile, outDir, env = {}) {
   const args = ['run', '-q', '-j1', '--bin', 'qlora', '--', 'train', GGUF, '--data', dataFile, '--val-fraction', '0.1',
     '--eval-every', String(RUN.steps), '--qlora', '-r', String(RUN.rank), '--lora-alpha', String(RUN.alpha),
     '--lora-dropout', '0', '--lr', String(RUN.lr), '--lr-scheduler', 'constant', '--warmup-steps', '0', '--max-grad-norm', '1',
     '--steps', String(RUN.steps), '--batch-size', String(RUN.batch), '--max-len', String(RUN.maxLen), '--seed', String(RUN.seed),
     '--out', outDir];
-  await promisify(execFile)('cargo', args, { cwd: REPO_ROOT, maxBuffer: 1 << 24, timeout: 15 * 60e3 });
+  await promisify(execFile)('cargo', args, { cwd: REPO_ROOT, maxBuffer: 1 << 24, timeout: 15 * 60e3, env: { ...process.env, ...env } });
   const lines = fs.readFileSync(path.join(outDir, 'metrics.jsonl'), 'utf8').trim().split('\n').map((l) => JSON.parse(l));
   const losses = lines.filter((l) => l.loss !== undefined).map((l) => l.loss);
   const val = lines.filter((l) => l.val_loss !== undefined).map((l) => l.val_loss);
   return { losses, heldOut: { before: val[0], after: val[val.length - 1] }, stepS: lines.filter((l) => l.step_s).map((l) => l.step_s) };
 }
+
+/** Chromium's own SwiftShader Vulkan driver (the one its WebGPU ran on here), for a native run on the same driver. */
+function swiftshaderIcd() {
+  const dirs = [process.env.SWIFTSHADER_ICD && path.dirname(process.env.SWIFTSHADER_ICD), path.dirname(fs.realpathSync(CHROMIUM)), '/usr/lib/chromium'];
+  const icd = process.env.SWIFTSHADER_ICD || dirs.filter(Boolean).map((d) => path.join(d, 'vk_swiftshader_icd.json')).find((f) => fs.existsSync(f));
+  assert.ok(icd && fs.existsSync(icd), `no vk_swiftshader_icd.json next to Chromium (${dirs.join(', ')}): set SWIFTSHADER_ICD to Chromium's SwiftShader ICD file`);
+  return icd;
+}
+
+/** Browser adapter against a native one: worst loss difference and the adapter's relative L2 (all values, per tensor). */
+function compareRuns(s, nat, webDir, natDir) {
+  const lossErr = Math.max(...s.losses.map((l, i) => relDiff(l, nat.losses[i])), relDiff(s.heldOut.before, nat.heldOut.before), relDiff(s.heldOut.after, nat.heldOut.after));
+  const cfgOf = (dir) => {
+    const c = JSON.parse(fs.readFileSync(path.join(dir, 'adapter_config.json'), 'utf8'));
+    delete c.base_model_name_or_path; // the page names the file, the command line its path
+    return c;
+  };
+  assert.deepEqual(cfgOf(webDir), cfgOf(natDir), 'the same adapter_config.json (but the base model\'s name)');
+  const web = readSafetensors(fs.readFileSync(path.join(webDir, 'adapter_model.safetensors')));
+  const native = readSafetensors(fs.readFileSync(path.join(natDir, 'adapter_model.safetensors')));
+  const cmp = compareAdapters(web, native, Infinity); // same keys and shapes (it throws otherwise), per-tensor figures
+  let [num, den, flipped, values] = [0, 0, 0, 0];
+  const perTensor = [];
+  for (const [k, ref] of native) {
+    const got = web.get(k).data;
+    let [n, d] = [0, 0];
+    for (let i = 0; i < ref.data.length; i++) {
+      const diff = got[i] - ref.data[i];
+      n += diff * diff;
+      d += ref.data[i] * ref.data[i];
+      if (Math.abs(diff) > 1e-3) flipped++;
+    }
+    values += ref.data.length;
+    num += n;
+    den += d;
+    perTensor.push(Math.sqrt(n / d));
+  }
+  perTensor.sort((a, b) => a - b);
+  return { lossErr, keys: cmp.keys, globalL2: Math.sqrt(num / den), median: perTensor[perTensor.length >> 1], worst: cmp.worstL2, worstKey: cmp.worstL2Key, flipped, values };
+}
+
+const describe = (c) => `worst loss relative difference ${c.lossErr.toExponential(2)}; adapter: ${c.keys} tensors, relative L2 of all ${c.globalL2.toExponential(2)}, ` +
+  `per tensor median ${c.median.toExponential(2)}, worst ${c.worst.toExponential(2)} (${c.worstKey}); values differing by over 1e-3: ${c.flipped} of ${c.values}`;
 
 test('the demo fine-tunes SmolLM2-135M-Instruct with QLoRA in Chromium, shows each phase, and exports the adapter `qlora train` writes',
   { timeout: 30 * 60e3 }, async () => {
@@ -205,48 +255,27 @@ test('the demo fine-tunes SmolLM2-135M-Instruct with QLoRA in Chromium, shows ea
     await page.close();
     console.log(`# browser part: ${secs(t0)}`);
 
-    // `qlora train` with the same options on the same GGUF.
-    const t1 = Date.now();
-    const nat = await nativeRun(data, path.join(tmp, 'native'));
-    console.log(`# native qlora train: ${secs(t1)}; losses ${nat.losses.map((l) => l.toFixed(5)).join(' ')}; held-out ${nat.heldOut.before.toFixed(5)} -> ` +
-      `${nat.heldOut.after.toFixed(5)}; step s ${nat.stepS.map((x) => x.toFixed(1)).join(' ')}`);
-    assert.equal(nat.losses.length, RUN.steps);
-    const lossErr = Math.max(...s.losses.map((l, i) => relDiff(l, nat.losses[i])), relDiff(s.heldOut.before, nat.heldOut.before), relDiff(s.heldOut.after, nat.heldOut.after));
-    const cfgOf = (dir) => {
-      const c = JSON.parse(fs.readFileSync(path.join(dir, 'adapter_config.json'), 'utf8'));
-      delete c.base_model_name_or_path; // the page names the file, the command line its path
-      return c;
-    };
-    assert.deepEqual(cfgOf(webDir), cfgOf(path.join(tmp, 'native')), 'the same adapter_config.json (but the base model\'s name)');
-    const web = readSafetensors(fs.readFileSync(path.join(webDir, 'adapter_model.safetensors')));
-    const native = readSafetensors(fs.readFileSync(path.join(tmp, 'native', 'adapter_model.safetensors')));
-    const cmp = compareAdapters(web, native, Infinity); // same keys and shapes (it throws otherwise), per-tensor figures
-    let [num, den, flipped, values] = [0, 0, 0, 0];
-    const perTensor = [];
-    for (const [k, ref] of native) {
-      const got = web.get(k).data;
-      let [n, d] = [0, 0];
-      for (let i = 0; i < ref.data.length; i++) {
-        const diff = got[i] - ref.data[i];
-        n += diff * diff;
-        d += ref.data[i] * ref.data[i];
-        if (Math.abs(diff) > 1e-3) flipped++;
-      }
-      values += ref.data.length;
-      num += n;
-      den += d;
-      perTensor.push(Math.sqrt(n / d));
+    // `qlora train` with the same options on the same GGUF, on Chromium's SwiftShader (the driver the page ran on; vec4
+    // kernels as in the browser, the browser's 128 MiB binding) and on lavapipe (subgroup kernels).
+    const runs = {};
+    for (const [name, env] of [['swiftshader', { VK_ICD_FILENAMES: swiftshaderIcd(), QLORA_NO_SUBGROUPS: '1', QLORA_MAX_BINDING: '128M' }], ['lavapipe', {}]]) {
+      const t1 = Date.now();
+      const dir = path.join(tmp, `native-${name}`);
+      const nat = await nativeRun(data, dir, env);
+      console.log(`# native qlora train (${name}): ${secs(t1)}; losses ${nat.losses.map((l) => l.toFixed(5)).join(' ')}; held-out ${nat.heldOut.before.toFixed(5)} -> ` +
+        `${nat.heldOut.after.toFixed(5)}; step s ${nat.stepS.map((x) => x.toFixed(1)).join(' ')}`);
+      assert.equal(nat.losses.length, RUN.steps);
+      runs[name] = compareRuns(s, nat, webDir, dir);
+      console.log(`# browser vs native (${name}): ${describe(runs[name])}`);
     }
-    perTensor.sort((a, b) => a - b);
-    const globalL2 = Math.sqrt(num / den);
-    const median = perTensor[perTensor.length >> 1];
-    console.log(`# browser vs native: worst loss relative difference ${lossErr.toExponential(2)} (bound ${BOUNDS.loss}); adapter: ${cmp.keys} tensors, ` +
-      `relative L2 of all ${globalL2.toExponential(2)} (bound ${BOUNDS.adapterGlobal}), per tensor median ${median.toExponential(2)} (bound ${BOUNDS.adapterMedian}), ` +
-      `worst ${cmp.worstL2.toExponential(2)} (${cmp.worstL2Key}); values differing by over 1e-3: ${flipped} of ${values} (bound ${BOUNDS.flippedFraction * values})`);
-    assert.ok(lossErr <= BOUNDS.loss, `step and held-out losses within ${BOUNDS.loss} relative of the native run`);
-    assert.equal(cmp.keys, 30 * 7 * 2, 'A and B of the 7 projections of the 30 layers');
-    assert.ok(globalL2 <= BOUNDS.adapterGlobal, `the adapter within ${BOUNDS.adapterGlobal} relative (L2 over all values) of the native one`);
-    assert.ok(median <= BOUNDS.adapterMedian, `the median tensor within ${BOUNDS.adapterMedian} relative`);
-    assert.ok(flipped <= BOUNDS.flippedFraction * values, 'few values differ by more than 1e-3');
+    const same = runs.swiftshader;
+    assert.equal(same.keys, 30 * 7 * 2, 'A and B of the 7 projections of the 30 layers');
+    assert.ok(same.lossErr <= SAME_DRIVER.loss, `on the same driver, step and held-out losses within ${SAME_DRIVER.loss} relative of the native run`);
+    assert.ok(same.worst <= SAME_DRIVER.tensor, `on the same driver, every adapter tensor within ${SAME_DRIVER.tensor} relative of the native run's`);
+    const other = runs.lavapipe;
+    assert.ok(other.lossErr <= BOUNDS.loss, `on lavapipe, step and held-out losses within ${BOUNDS.loss} relative`);
+    assert.ok(other.globalL2 <= BOUNDS.adapterGlobal, `on lavapipe, the adapter within ${BOUNDS.adapterGlobal} relative (L2 over all values)`);
+    assert.ok(other.median <= BOUNDS.adapterMedian, `on lavapipe, the median tensor within ${BOUNDS.adapterMedian} relative`);
+    assert.ok(other.flipped <= BOUNDS.flippedFraction * other.values, 'on lavapipe, few values differ by more than 1e-3');
     console.log(`# whole test: ${secs(t0)}`);
   });

@@ -46,7 +46,6 @@ pub const SAMPLES: &str = "samples.md";
 /// Every training flag; a TOML file given with `--config` holds the same keys (snake_case), and
 /// a flag given on the command line wins over the file.
 #[derive(Args, Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TrainArgs {
     /// The base model: a .gguf file or a Hugging Face folder.
     pub model: Option<PathBuf>,
@@ -98,16 +97,11 @@ pub struct TrainArgs {
     /// Start from this PEFT adapter folder (its config replaces the LoRA flags).
     #[arg(long, value_name = "DIR")]
     pub init_adapter: Option<PathBuf>,
-    /// QLoRA: hold the frozen base projections in 4-bit NormalFloat (bitsandbytes' NF4), with
-    /// double quantization unless --bnb-4bit-use-double-quant false.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
-    pub qlora: Option<bool>,
-    /// Double-quantize the NF4 block scales [default: true].
-    #[arg(long, value_name = "BOOL")]
-    pub bnb_4bit_use_double_quant: Option<bool>,
-    /// NF4 block size [default: 64].
-    #[arg(long, value_name = "N")]
-    pub bnb_4bit_blocksize: Option<usize>,
+    /// QLoRA flags (--qlora, --bnb-4bit-use-double-quant, --bnb-4bit-blocksize), as the other
+    /// commands take them.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub quant: QuantArgs,
 
     /// Optimizer steps [default: 100, or from --epochs].
     #[arg(long)]
@@ -205,10 +199,19 @@ impl TrainArgs {
     pub fn merged(self) -> Result<TrainArgs> {
         let Some(path) = self.config.clone() else { return Ok(self) };
         let text = String::from_utf8(common::read(&path)?).with_context(|| format!("{}: not UTF-8", path.display()))?;
-        let file: TrainArgs = toml::from_str(&text).map_err(|e| {
-            let line = e.span().map_or(0, |s| text[..s.start.min(text.len())].lines().count().max(1));
-            anyhow::anyhow!("{}: line {line}: {}", path.display(), qlora_webgpu::error::quote(e.message().trim()))
-        })?;
+        let at_line = |start: usize| text[..start.min(text.len())].lines().count().max(1);
+        let file: TrainArgs = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: line {}: {}", path.display(), e.span().map_or(0, |s| at_line(s.start)), qlora_webgpu::error::quote(e.message().trim())))?;
+        // serde's `flatten` (the QLoRA flags) rules out `deny_unknown_fields`: keys are checked here.
+        let known = match serde_json::to_value(TrainArgs::default())? {
+            Value::Object(m) => m,
+            _ => unreachable!("a struct serializes to an object"),
+        };
+        let table: toml::Table = toml::from_str(&text)?;
+        if let Some(k) = table.keys().find(|k| !known.contains_key(*k)) {
+            let line = text.lines().position(|l| l.trim_start().starts_with(k.as_str())).map_or(0, |i| i + 1);
+            bail!("{}: line {line}: unknown field `{k}` (the keys are the flags' long names with underscores)", path.display());
+        }
         let mut m = to_map(&file);
         // Paths in the file are relative to the file.
         let base = path.parent().unwrap_or(Path::new("."));
@@ -411,7 +414,7 @@ pub fn run(args: TrainArgs) -> Result<i32> {
     let data = Dataset::from_jsonl_file(&data_path, format)?;
     let val_data = args.val_data.as_ref().map(|p| Dataset::from_jsonl_file(p, format)).transpose()?;
     let cfg = args.train_config(data.len())?;
-    let quant = QuantArgs { qlora: args.qlora, bnb_4bit_use_double_quant: args.bnb_4bit_use_double_quant, bnb_4bit_blocksize: args.bnb_4bit_blocksize }.quant()?;
+    let quant = args.quant.quant()?;
     let prompts = args.prompts.as_ref().map(|p| common::read_prompts(p)).transpose()?;
     let sample_tokens = args.sample_tokens.unwrap_or(64);
 

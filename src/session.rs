@@ -7,7 +7,7 @@
 //! async, so the same code runs natively and in wasm.
 
 use crate::data::chat::{ChatContext, ChatTemplate, Message};
-use crate::data::dataset::{self, BatchSampler, Dataset, DatasetStats, EncodeOptions, Encoder, SamplerState, Split, TokenizedDataset};
+use crate::data::dataset::{self, Batch, BatchSampler, Dataset, DatasetStats, EncodeOptions, Encoder, SamplerState, Split, TokenizedDataset};
 use crate::data::tokenizer::Tokenizer;
 use crate::generate::{Generation, GenerationOutput, SamplingConfig};
 use crate::gpu::GpuContext;
@@ -19,7 +19,7 @@ use crate::model::config::ModelConfig;
 use crate::model::llama::{self, KvCache, LoraSet};
 use crate::ops::adamw::AdamW;
 use crate::train::checkpoint::Checkpoint;
-use crate::train::trainer::{Model, TokenBatch, TrainOpts, Trainer};
+use crate::train::trainer::{Model, TrainOpts, Trainer};
 use crate::train::{Schedule, ScheduleKind};
 use crate::{Error, Result};
 use std::rc::Rc;
@@ -545,7 +545,7 @@ pub struct TrainSession {
     train: TokenizedDataset,
     /// The training examples packed into rows (with `cfg.packing`); the sampler then draws rows.
     packed: Option<Vec<dataset::PackedRow>>,
-    val: Vec<TokenBatch>,
+    val: Vec<Batch>,
     sampler: BatchSampler,
     pad: u32,
     cfg: TrainConfig,
@@ -652,13 +652,7 @@ impl TrainSession {
         // What the sampler draws: examples, or packed rows.
         let n_items = packed.as_ref().map_or(train.len(), Vec::len);
         let val_examples = val.len();
-        let val = (0..val.len())
-            .step_by(cfg.batch_size)
-            .map(|i| {
-                let idx: Vec<usize> = (i..(i + cfg.batch_size).min(val.len())).collect();
-                val.batch(&idx, pad).map(|b| TokenBatch { ids: b.ids, targets: b.targets, batch: b.batch, seg: None })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let val = val.batches_in_order(cfg.batch_size, pad)?;
         if let Some(p) = resume_at {
             // The data position follows from the step: step x grad_accum batches, each epoch
             // ceil(n / batch) of them (the last one shorter).
@@ -733,18 +727,14 @@ impl TrainSession {
         let mut input_tokens = 0;
         for _ in 0..self.cfg.grad_accum {
             let idx = self.sampler.next_batch();
-            let (b, seg) = match &self.packed {
-                Some(rows) => {
-                    let picked: Vec<&dataset::PackedRow> = idx.iter().map(|&i| &rows[i]).collect();
-                    let p = dataset::collate_packed(&picked, self.pad)?;
-                    (p.batch, Some(p.seg))
-                }
-                None => (self.train.batch(&idx, self.pad)?, None),
+            let b = match &self.packed {
+                Some(rows) => dataset::collate_packed(&idx.iter().map(|&i| &rows[i]).collect::<Vec<_>>(), self.pad)?,
+                None => self.train.batch(&idx, self.pad)?,
             };
             input_tokens += b.ids.len();
-            micro.push(TokenBatch { ids: b.ids, targets: b.targets, batch: b.batch, seg });
+            micro.push(b);
         }
-        let counted_tokens = micro.iter().map(TokenBatch::n_tokens).sum();
+        let counted_tokens = micro.iter().map(Batch::n_tokens).sum();
         let pos = self.sampler.state().data_position();
         let r = self.trainer.step(&micro, pos).await?;
         Ok(StepInfo {
@@ -800,7 +790,7 @@ impl TrainSession {
 /// A data set tokenized once for evaluation (with a training run's encoding options) and cut
 /// into batches in file order.
 pub struct EvalSet {
-    batches: Vec<TokenBatch>,
+    batches: Vec<Batch>,
     examples: usize,
     counted: usize,
     truncated: usize,
@@ -814,15 +804,8 @@ impl EvalSet {
         let t = data.tokenize(&enc)?;
         let stats = t.stats();
         let pad = dataset::pad_id(&model.tokenizer);
-        let bs = batch_size.max(1);
-        let batches = (0..t.len())
-            .step_by(bs)
-            .map(|i| {
-                let idx: Vec<usize> = (i..(i + bs).min(t.len())).collect();
-                t.batch(&idx, pad).map(|b| TokenBatch { ids: b.ids, targets: b.targets, batch: b.batch, seg: None })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let counted = batches.iter().map(TokenBatch::n_tokens).sum();
+        let batches = t.batches_in_order(batch_size, pad)?;
+        let counted = batches.iter().map(Batch::n_tokens).sum();
         if counted == 0 {
             return Err(Error::format(data.file(), "no example has a token the loss counts (check the format and --train-on-prompt)"));
         }

@@ -416,7 +416,7 @@ fn stats_count_examples_tokens_and_scored_tokens() {
     let mut sampler = BatchSampler::new(td.len(), 2, true, 7).unwrap();
     let mut scored = 0;
     for _ in 0..sampler.batches_per_epoch() {
-        scored += td.batch(&sampler.next_batch(), pad_id(&tok)).unwrap().n_tokens;
+        scored += td.batch(&sampler.next_batch(), pad_id(&tok)).unwrap().n_tokens();
     }
     assert_eq!(scored, s.counted_tokens);
     assert_eq!(sampler.state().at.epoch, 1);
@@ -434,7 +434,7 @@ fn collate_pads_right_and_shifts() {
     assert_eq!(batch.ids, vec![10, 11, 12, 13, 20, 21, 2, 2, 30, 2, 2, 2]);
     // target[b, t] = labels[b, t + 1]; -100 at each example's last token and on padding.
     assert_eq!(batch.targets, vec![IGNORE, 12, 13, IGNORE, 21, IGNORE, IGNORE, IGNORE, IGNORE, IGNORE, IGNORE, IGNORE]);
-    assert_eq!(batch.n_tokens, 3);
+    assert_eq!(batch.n_tokens(), 3);
     assert!(collate(&[], 0).is_err());
     assert!(collate(&[&Example { ids: vec![1, 2], labels: vec![1] }], 0).is_err());
     assert!(collate(&[&Example { ids: vec![], labels: vec![] }], 0).is_err());
@@ -456,7 +456,7 @@ fn batch_of_tokenized_chat() {
         assert_eq!(batch.targets[r..r + e.ids.len() - 1], e.labels[1..]);
         assert!(batch.targets[r + e.ids.len() - 1..r + batch.seq].iter().all(|&t| t == IGNORE));
     }
-    assert_eq!(batch.n_tokens, e2.n_counted() + e0.n_counted());
+    assert_eq!(batch.n_tokens(), e2.n_counted() + e0.n_counted());
     assert!(td.batch(&[3], 0).is_err());
 }
 

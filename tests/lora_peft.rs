@@ -21,7 +21,7 @@ use qlora_webgpu::lora::merge::{
 };
 use qlora_webgpu::lora::peft::{self, config_from_json, config_to_json, host_adapter_from_bytes, host_adapter_to_bytes};
 use qlora_webgpu::lora::{self, init_host_adapter, module_name, peft_key, HostAdapter, HostLora, InitLoraWeights, LoraConfig, TargetModules};
-use qlora_webgpu::model::llama::{LlamaConfig, TARGETS};
+use qlora_webgpu::model::llama::TARGETS;
 use qlora_webgpu::io::half::{bf16_to_f32, f16_to_f32, f32_to_bf16_bits, f32_to_f16_bits};
 use qlora_webgpu::io::safetensors_write::{serialize_tensors, RawTensor};
 use qlora_webgpu::io::bnb::read_bnb_nf4;
@@ -29,40 +29,14 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 use std::collections::{BTreeSet, HashMap};
 
-fn fixture(rel: &str) -> Vec<u8> {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama").join(rel);
-    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
 fn text(rel: &str) -> String {
-    String::from_utf8(fixture(rel)).unwrap()
-}
-
-/// The tiny reference Llama's architecture (tiny-llama/manifest.json, model_config).
-fn tiny() -> LlamaConfig {
-    LlamaConfig {
-        hidden: 64,
-        intermediate: 160,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        head_dim: 16,
-        vocab: 49152,
-        rms_eps: 1e-5,
-        rope_theta: 10000.0,
-        tied: true,
-        sliding_window: None,
-    }
+    String::from_utf8(tiny_llama_fixture(rel)).unwrap()
 }
 
 /// The reference run's LoraConfig: r 8, alpha 16, the seven projections, dropout 0,
 /// init_lora_weights False.
 fn reference_config() -> LoraConfig {
     LoraConfig { init_lora_weights: InitLoraWeights::NoInit, ..LoraConfig::new(8, 16.0) }
-}
-
-fn f32s(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
 }
 
 fn err_of<T>(r: qlora_webgpu::Result<T>) -> String {
@@ -73,7 +47,7 @@ fn err_of<T>(r: qlora_webgpu::Result<T>) -> String {
 }
 
 fn reference_raw() -> Vec<RawTensor> {
-    let st = fixture("dev/adapter_init/adapter_model.safetensors");
+    let st = tiny_llama_fixture("dev/adapter_init/adapter_model.safetensors");
     let t = SafeTensors::deserialize(&st).unwrap();
     let mut v: Vec<RawTensor> = t
         .tensors()
@@ -87,8 +61,8 @@ fn reference_raw() -> Vec<RawTensor> {
 fn load_reference() -> HostAdapter {
     host_adapter_from_bytes(
         &text("dev/adapter_init/adapter_config.json"),
-        &fixture("dev/adapter_init/adapter_model.safetensors"),
-        &tiny(),
+        &tiny_llama_fixture("dev/adapter_init/adapter_model.safetensors"),
+        &tiny_llama_config(),
         "dev/adapter_init",
     )
     .unwrap()
@@ -102,9 +76,9 @@ fn reference_adapter_loads_with_peft_shapes_and_exact_values() {
     assert_eq!(c.init_lora_weights, InitLoraWeights::NoInit);
     assert_eq!(c.bias, "none");
     assert_eq!(c.task_type.as_deref(), Some("CAUSAL_LM"));
-    let m = tiny();
+    let m = tiny_llama_config();
     assert_eq!(c.targets(&m).unwrap(), vec![[true; 7]; 2]);
-    let st = fixture("dev/adapter_init/adapter_model.safetensors");
+    let st = tiny_llama_fixture("dev/adapter_init/adapter_model.safetensors");
     let file = SafeTensors::deserialize(&st).unwrap();
     assert_eq!(file.len(), 28);
     for l in 0..2 {
@@ -136,12 +110,12 @@ fn reference_adapter_loads_with_peft_shapes_and_exact_values() {
 fn reference_adapter_round_trips_through_the_gpu_byte_for_byte() {
     let ctx = gpu();
     let cfg_text = text("dev/adapter_init/adapter_config.json");
-    let st = fixture("dev/adapter_init/adapter_model.safetensors");
-    let (cfg, set) = peft::adapter_from_bytes(&ctx, &cfg_text, &st, &tiny(), "dev/adapter_init").unwrap();
+    let st = tiny_llama_fixture("dev/adapter_init/adapter_model.safetensors");
+    let (cfg, set) = peft::adapter_from_bytes(&ctx, &cfg_text, &st, &tiny_llama_config(), "dev/adapter_init").unwrap();
     assert_eq!(set.params().len(), 28);
     let scale = set.layers[1][6].as_ref().unwrap().run.scale;
     assert_eq!(scale, 2.0, "alpha 16 / r 8");
-    let (json, bytes) = block_on(peft::adapter_to_bytes(&ctx, &cfg, &tiny(), &set)).unwrap();
+    let (json, bytes) = block_on(peft::adapter_to_bytes(&ctx, &cfg, &tiny_llama_config(), &set)).unwrap();
     // Our file is PEFT's plus the per-tensor SHA-256 in the metadata (issue 12).
     assert!(bytes != st && peft::strip_checksum(&bytes) == st, "adapter_model.safetensors differs from PEFT's after load -> GPU -> save");
     // PEFT keeps target_modules as a set; the file's order comes back as read, so the text is
@@ -180,8 +154,8 @@ fn written_config_has_pefts_fields_field_by_field() {
 
 #[test]
 fn written_weights_have_pefts_keys_shapes_and_dtypes() {
-    let h = init_host_adapter(&tiny(), &reference_config(), 7).unwrap();
-    let (_, bytes) = host_adapter_to_bytes(&h, &tiny()).unwrap();
+    let h = init_host_adapter(&tiny_llama_config(), &reference_config(), 7).unwrap();
+    let (_, bytes) = host_adapter_to_bytes(&h, &tiny_llama_config()).unwrap();
     let ours = SafeTensors::deserialize(&bytes).unwrap();
     let theirs = reference_raw();
     let mut names = ours.names();
@@ -194,7 +168,7 @@ fn written_weights_have_pefts_keys_shapes_and_dtypes() {
     }
     let bytes = peft::strip_checksum(&bytes);
     let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
-    let (_, ref_meta) = SafeTensors::read_metadata(&fixture("dev/adapter_init/adapter_model.safetensors")).unwrap();
+    let (_, ref_meta) = SafeTensors::read_metadata(&tiny_llama_fixture("dev/adapter_init/adapter_model.safetensors")).unwrap();
     assert_eq!(meta.metadata(), ref_meta.metadata(), "__metadata__ ({{\"format\": \"pt\"}})");
 }
 
@@ -202,8 +176,8 @@ fn written_weights_have_pefts_keys_shapes_and_dtypes() {
 fn adapter_final_loads_and_half_precision_adapters_convert() {
     let fin = host_adapter_from_bytes(
         &text("dev/adapter_final/adapter_config.json"),
-        &fixture("dev/adapter_final/adapter_model.safetensors"),
-        &tiny(),
+        &tiny_llama_fixture("dev/adapter_final/adapter_model.safetensors"),
+        &tiny_llama_config(),
         "dev/adapter_final",
     )
     .unwrap();
@@ -218,7 +192,7 @@ fn adapter_final_loads_and_half_precision_adapters_convert() {
             .map(|t| RawTensor { dtype: dt, data: f32s(&t.data).iter().flat_map(|&v| to(v).to_le_bytes()).collect(), ..t })
             .collect();
         let st = serialize_tensors(&raw, None).unwrap();
-        let h = host_adapter_from_bytes(&text("dev/adapter_init/adapter_config.json"), &st, &tiny(), "half").unwrap();
+        let h = host_adapter_from_bytes(&text("dev/adapter_init/adapter_config.json"), &st, &tiny_llama_config(), "half").unwrap();
         let r = load_reference();
         for l in 0..2 {
             for mi in 0..7 {
@@ -240,7 +214,7 @@ fn with_raw(edit: impl FnOnce(&mut Vec<RawTensor>)) -> Vec<u8> {
 #[test]
 fn bad_adapters_are_errors_naming_file_and_key() {
     let cfg = text("dev/adapter_init/adapter_config.json");
-    let model = tiny();
+    let model = tiny_llama_config();
     let load = |st: &[u8]| err_of(host_adapter_from_bytes(&cfg, st, &model, "dev/adapter_init"));
     let file = "dev/adapter_init/adapter_model.safetensors";
     let key = peft_key(1, 2, false);
@@ -274,14 +248,14 @@ fn bad_adapters_are_errors_naming_file_and_key() {
     // An unknown module in the config: the error names the config file, the module, and lists
     // the model's modules.
     let bad = cfg.replace("\"q_proj\"", "\"qkv_proj\"");
-    let e = err_of(host_adapter_from_bytes(&bad, &fixture("dev/adapter_init/adapter_model.safetensors"), &model, "dev/adapter_init"));
+    let e = err_of(host_adapter_from_bytes(&bad, &tiny_llama_fixture("dev/adapter_init/adapter_model.safetensors"), &model, "dev/adapter_init"));
     assert!(e.contains("dev/adapter_init/adapter_config.json") && e.contains("qkv_proj") && e.contains("gate_proj, up_proj, down_proj"), "{e}");
 
     // Features we do not implement are refused, naming the field.
     // use_dora with a plain LoRA weights file: the missing magnitude is named.
     let dora = cfg.replace("\"use_dora\": false", "\"use_dora\": true");
     assert_ne!(dora, cfg);
-    let e = err_of(host_adapter_from_bytes(&dora, &fixture("dev/adapter_init/adapter_model.safetensors"), &model, "dev/adapter_init"));
+    let e = err_of(host_adapter_from_bytes(&dora, &tiny_llama_fixture("dev/adapter_init/adapter_model.safetensors"), &model, "dev/adapter_init"));
     assert!(e.contains("lora_magnitude_vector") && e.contains("use_dora"), "{e}");
     for (field, value) in [("fan_in_fan_out", "true"), ("lora_bias", "true"), ("init_lora_weights", "\"pissa\"")] {
         let pat = format!("\"{field}\": ");
@@ -298,7 +272,7 @@ fn bad_adapters_are_errors_naming_file_and_key() {
 
 #[test]
 fn config_validation_errors_are_clear() {
-    let m = tiny();
+    let m = tiny_llama_config();
     let check = |c: LoraConfig, needle: &str| {
         let e = err_of(c.targets(&m));
         assert!(e.contains(needle), "want {needle:?} in: {e}");
@@ -332,7 +306,7 @@ fn config_validation_errors_are_clear() {
 
 #[test]
 fn module_matching_follows_peft() {
-    let m = tiny();
+    let m = tiny_llama_config();
     let names = |v: &[&str]| TargetModules::Names(v.iter().map(|s| s.to_string()).collect());
     let t = |c: LoraConfig| c.targets(&m).unwrap();
     // Suffix match on a dot boundary, exact names, all-linear, PEFT's llama default (q, v).
@@ -435,7 +409,7 @@ fn regex_subset_agrees_with_python() {
 
 #[test]
 fn init_distributions_and_seeded_repeatability() {
-    let m = tiny();
+    let m = tiny_llama_config();
     let cfg = LoraConfig::new(8, 16.0);
     let h = init_host_adapter(&m, &cfg, 42).unwrap();
     assert_eq!(h, init_host_adapter(&m, &cfg, 42).unwrap(), "same seed, same values");
@@ -479,7 +453,7 @@ fn init_distributions_and_seeded_repeatability() {
 #[test]
 fn init_on_the_gpu_downloads_to_the_host_init() {
     let ctx = gpu();
-    let m = tiny();
+    let m = tiny_llama_config();
     let cfg = LoraConfig::new(4, 8.0);
     let set = lora::init_lora_set(&ctx, &m, &cfg, 9).unwrap();
     let got = block_on(HostAdapter::download(&ctx, &cfg, &set)).unwrap();
@@ -493,11 +467,11 @@ fn init_on_the_gpu_downloads_to_the_host_init() {
 #[test]
 fn native_save_and_load_write_pefts_folder() {
     let ctx = gpu();
-    let m = tiny();
+    let m = tiny_llama_config();
     let (cfg, set) = peft::adapter_from_bytes(
         &ctx,
         &text("dev/adapter_init/adapter_config.json"),
-        &fixture("dev/adapter_init/adapter_model.safetensors"),
+        &tiny_llama_fixture("dev/adapter_init/adapter_model.safetensors"),
         &m,
         "dev/adapter_init",
     )
@@ -505,7 +479,7 @@ fn native_save_and_load_write_pefts_folder() {
     let dir = std::env::temp_dir().join(format!("qlora-lora-peft-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     peft::save_adapter(&ctx, &dir, &cfg, &m, &set).unwrap();
-    assert_eq!(peft::strip_checksum(&std::fs::read(dir.join("adapter_model.safetensors")).unwrap()), fixture("dev/adapter_init/adapter_model.safetensors"));
+    assert_eq!(peft::strip_checksum(&std::fs::read(dir.join("adapter_model.safetensors")).unwrap()), tiny_llama_fixture("dev/adapter_init/adapter_model.safetensors"));
     assert!(!dir.join("adapter_model.safetensors.tmp").exists());
     let (cfg2, set2) = peft::load_adapter(&ctx, &dir, &m).unwrap();
     assert_eq!(cfg2, cfg);
@@ -555,15 +529,15 @@ fn merge_equals_w0_plus_s_b_a_in_f64() {
 #[test]
 fn merge_into_the_nf4_base_dequantizes_first() {
     // The QLoRA reference's NF4 base (bitsandbytes' files) with the trained adapter_final.
-    let m = tiny();
+    let m = tiny_llama_config();
     let adapter = host_adapter_from_bytes(
         &text("dev/adapter_final/adapter_config.json"),
-        &fixture("dev/adapter_final/adapter_model.safetensors"),
+        &tiny_llama_fixture("dev/adapter_final/adapter_model.safetensors"),
         &m,
         "dev/adapter_final",
     )
     .unwrap();
-    let bytes = fixture("dev_qlora/base_nf4_weights.safetensors");
+    let bytes = tiny_llama_fixture("dev_qlora/base_nf4_weights.safetensors");
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let mut base = Vec::new();
     let mut dequantized = HashMap::new();

@@ -12,7 +12,7 @@ use qlora_webgpu::io::{HostLayer, HostModel, HostTensor, HostWeight};
 use qlora_webgpu::lora::{init_lora_set, LoraConfig};
 use qlora_webgpu::ops::adamw::AdamW;
 use qlora_webgpu::train::memory::{plan, RunShape};
-use qlora_webgpu::train::trainer::{Model, TokenBatch, TrainOpts, Trainer};
+use qlora_webgpu::train::trainer::{Model, TrainOpts, Trainer};
 use qlora_webgpu::train::{DataPosition, Schedule, ScheduleKind};
 use std::rc::Rc;
 
@@ -67,7 +67,7 @@ fn plan_covers_the_measured_peak() {
         let mut rng = Rng::new(2);
         let ids: Vec<u32> = (0..b * t).map(|_| rng.below(cfg.vocab) as u32).collect();
         let targets: Vec<i32> = (0..b * t).map(|i| if i % t + 1 < t { ids[i + 1] as i32 } else { -100 }).collect();
-        let batch = [TokenBatch { ids, targets, batch: b, seg: None }];
+        let batch = [qlora_webgpu::data::dataset::Batch::new(ids, targets, b, None).unwrap()];
         // One step holds the most: the AdamW moments appear in it.
         block_on(trainer.step(&batch, DataPosition { epoch: 0, index: 1 })).unwrap();
         let measured = ctx.pool_stats().peak_in_use as u64;

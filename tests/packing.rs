@@ -9,45 +9,11 @@ mod common;
 use common::*;
 use qlora_webgpu::autograd::Tape;
 use qlora_webgpu::data::dataset::{collate, collate_packed, pack, Example, PackedRow, IGNORE};
-use qlora_webgpu::gpu::{GpuContext, RowShards};
+use qlora_webgpu::gpu::GpuContext;
 use qlora_webgpu::lora::{init_lora_set, InitLoraWeights, LoraConfig};
-use qlora_webgpu::model::llama::{ForwardOpts, InputEmbedding, LayerWeights, LlamaConfig, LlamaWeights, LoraSet};
-use qlora_webgpu::ops::lora::Frozen;
+use qlora_webgpu::model::llama::{ForwardOpts, LoraSet};
 use qlora_webgpu::train::trainer::Model;
 use std::rc::Rc;
-
-fn tiny_model(ctx: &Rc<GpuContext>, seed: u64) -> Rc<Model> {
-    let c = LlamaConfig {
-        hidden: 32,
-        intermediate: 48,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        head_dim: 8,
-        vocab: 64,
-        rms_eps: 1e-5,
-        rope_theta: 10000.0,
-        tied: true,
-        sliding_window: None,
-    };
-    let mut rng = Rng::new(seed);
-    let mut up2 = |n: usize, shape: &[usize], s: f64| up(ctx, &rng.vec(n, s), shape);
-    let ones = |ctx: &GpuContext| ctx.upload_f32(&vec![1.0; c.hidden], &[c.hidden]).unwrap();
-    let layers = (0..c.layers)
-        .map(|_| LayerWeights {
-            attn_norm: ones(ctx),
-            proj: std::array::from_fn(|m| {
-                let (o, i) = c.proj_shape(m);
-                Frozen::F32(up2(o * i, &[o, i], 0.2))
-            }),
-            bias: Default::default(),
-            mlp_norm: ones(ctx),
-        })
-        .collect();
-    let embed = InputEmbedding::Device(RowShards::from_tensor(up2(c.vocab * c.hidden, &[c.vocab, c.hidden], 0.5)));
-    let w = LlamaWeights { embed, layers, final_norm: ones(ctx), lm_head: None };
-    Rc::new(Model::new(ctx, c, w, None, 32).unwrap())
-}
 
 /// Examples of the given lengths: random ids below 64, a "prompt" of the first third not
 /// counted (-100), as a chat example's labels are.
@@ -83,7 +49,7 @@ fn best_fit_decreasing_keeps_every_example_whole_and_once() {
     // The packed batch counts exactly the tokens the examples count unpacked.
     let refs: Vec<&PackedRow> = rows.iter().collect();
     let p = collate_packed(&refs, 0).unwrap();
-    assert_eq!(p.batch.n_tokens, ex.iter().map(Example::n_counted).sum::<usize>());
+    assert_eq!(p.n_tokens(), ex.iter().map(Example::n_counted).sum::<usize>());
     assert!(pack(&examples(&[17], 2), 16).is_err());
 }
 
@@ -99,7 +65,7 @@ fn loss_and_grads(ctx: &Rc<GpuContext>, model: &Model, set: &LoraSet, ids: &[u32
 #[test]
 fn packed_batch_gives_the_unpacked_loss_and_lora_gradients() {
     let ctx = gpu();
-    let model = tiny_model(&ctx, 3);
+    let model = small_random_model(&ctx, 3, 0.2);
     let mut lc = LoraConfig::new(4, 8.0);
     lc.lora_dropout = 0.0;
     lc.init_lora_weights = InitLoraWeights::NoInit; // B != 0: A's gradients are not zero
@@ -116,9 +82,9 @@ fn packed_batch_gives_the_unpacked_loss_and_lora_gradients() {
     assert!(rows.len() < ex.len() && rows.iter().any(|r| r.starts.len() >= 3), "several examples share a row");
     let rrefs: Vec<&PackedRow> = rows.iter().collect();
     let p = collate_packed(&rrefs, 0).unwrap();
-    assert_eq!(p.batch.n_tokens, u.n_tokens);
+    assert_eq!(p.n_tokens(), u.n_tokens());
     for checkpoint in [false, true] {
-        let (lp, gp) = loss_and_grads(&ctx, &model, &set, &p.batch.ids, &p.batch.targets, p.batch.batch, Some(&p.seg), checkpoint);
+        let (lp, gp) = loss_and_grads(&ctx, &model, &set, &p.ids, &p.targets, p.batch, p.seg.as_deref(), checkpoint);
         let loss_rel = (lp - lu).abs() / lu.abs();
         // Achieved: 0 (the same f32 sum over the same rows of the loss); bound: 8 f32 ulps.
         assert!(loss_rel <= 1e-6, "loss packed {lp} vs unpacked {lu}: relative {loss_rel:e}");
@@ -137,7 +103,7 @@ fn packed_batch_gives_the_unpacked_loss_and_lora_gradients() {
     // Without the segment starts (plain causal over the packed rows, positions running on) the
     // loss differs: the test can see a boundary being crossed.
     let mut tape = Tape::new(false);
-    let l = model.loss_packed(&mut tape, &ctx, &set, &p.batch.ids, &p.batch.targets, p.batch.batch, None, ForwardOpts::default()).unwrap();
+    let l = model.loss_packed(&mut tape, &ctx, &set, &p.ids, &p.targets, p.batch, None, ForwardOpts::default()).unwrap();
     let l = read(&ctx, l.value())[0] as f64;
     assert!((l - lu).abs() / lu > 1e-3, "causal attention across examples gives {l}, unpacked {lu}");
 }

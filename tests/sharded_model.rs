@@ -281,7 +281,7 @@ fn a_model_that_cannot_fit_is_refused_before_anything_is_uploaded() {
 
 /// (losses, final adapter tensors) of `steps` trainer steps on the reference batch.
 fn trainer_run(ctx: &Rc<GpuContext>, host: &HostModel, b: &Batch, steps: usize, seg: Option<Vec<u32>>) -> (Vec<f64>, Vec<Vec<f32>>) {
-    use qlora_webgpu::train::trainer::{Model, TokenBatch, TrainOpts, Trainer};
+    use qlora_webgpu::train::trainer::{Model, TrainOpts, Trainer};
     use qlora_webgpu::gpu::block_on;
     use qlora_webgpu::train::{DataPosition, Schedule, ScheduleKind};
     let cfg = host.config.to_llama();
@@ -296,7 +296,7 @@ fn trainer_run(ctx: &Rc<GpuContext>, host: &HostModel, b: &Batch, steps: usize, 
         seed: 0,
     };
     let mut trainer = Trainer::new(ctx.clone(), model, lora_cfg, set, opts);
-    let batch = [TokenBatch { ids: b.ids.clone(), targets: b.targets.clone(), batch: b.batch, seg }];
+    let batch = [qlora_webgpu::data::dataset::Batch::new(b.ids.clone(), b.targets.clone(), b.batch, seg).unwrap()];
     let losses = (0..steps).map(|i| block_on(trainer.step(&batch, DataPosition { epoch: 0, index: i as u64 + 1 })).unwrap().loss).collect();
     let params = trainer.set.params().iter().map(|p| read(ctx, &p.value)).collect();
     (losses, params)
@@ -309,7 +309,7 @@ fn a_batch_over_the_binding_runs_as_micro_batches_and_a_sequence_in_mlp_chunks()
     let b = reference_batch();
     let (l1, p1) = trainer_run(&ctx, &host, &b, 5, None);
     let cfg = host.config.to_llama();
-    let batch = qlora_webgpu::train::trainer::TokenBatch { ids: b.ids.clone(), targets: b.targets.clone(), batch: b.batch, seg: None };
+    let batch = qlora_webgpu::data::dataset::Batch::new(b.ids.clone(), b.targets.clone(), b.batch, None).unwrap();
     let rows = b.batch * b.seq;
     // 16 KiB: the batch's hidden-width rows (48 x 64 x 4 = 12 KiB) fit, its MLP activation
     // (48 x 160 x 4 = 30 KiB) does not: one micro-batch whose MLP runs in two chunks of 24 rows

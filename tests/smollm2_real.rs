@@ -23,7 +23,7 @@ use qlora_webgpu::gpu::{block_on, GpuContext};
 use qlora_webgpu::io::gguf::{load_gguf, GgufModel};
 use qlora_webgpu::model::llama::{self, KvCache, LoraSet};
 use qlora_webgpu::quant::nf4::quantize_nf4;
-use qlora_webgpu::train::trainer::{eval_loss, Model, TokenBatch};
+use qlora_webgpu::train::trainer::{eval_loss, Model};
 use serde_json::Value;
 use smollm2_gguf::{fixture_json, smollm2_gguf};
 use std::rc::Rc;
@@ -40,7 +40,7 @@ fn gguf() -> GgufModel {
 /// transformers' causal-LM loss of the paragraph: mean NLL of the n-1 next-token predictions.
 fn paragraph_loss(ctx: &Rc<GpuContext>, model: &Model, para: &[u32]) -> f64 {
     let targets: Vec<i32> = (0..para.len()).map(|i| if i + 1 < para.len() { para[i + 1] as i32 } else { -100 }).collect();
-    block_on(eval_loss(ctx, model, &LoraSet::default(), &[TokenBatch { ids: para.to_vec(), targets, batch: 1, seg: None }])).unwrap()
+    block_on(eval_loss(ctx, model, &LoraSet::default(), &[qlora_webgpu::data::dataset::Batch::new(para.to_vec(), targets, 1, None).unwrap()])).unwrap()
 }
 
 // Bounds: at most 10x the achieved figure (lavapipe, Mesa 22.3.6 llvmpipe; the same figures on

@@ -2,7 +2,7 @@
 //! GGUF) against ids saved by transformers (tests/fixtures/tokenizer_ref.json), round trips,
 //! incremental decoding, and the GGUF-metadata path built from the same vocabulary and merges.
 
-use qlora_webgpu::data::{GgufTokenizerSpec, SpecialTokenIds, Tokenizer};
+use qlora_webgpu::data::{GgufTokenizer, SpecialTokenIds, Tokenizer};
 use serde_json::Value;
 use std::sync::OnceLock;
 
@@ -39,7 +39,7 @@ fn ids(v: &Value) -> Vec<u32> {
 
 /// The GGUF metadata of the fixture tokenizer, as a GGUF carries it: tokens by id, merges as
 /// "a b" strings, type 3 for the special added tokens, 1 for the rest.
-fn gguf_spec(pre: &str) -> GgufTokenizerSpec {
+fn gguf_spec(pre: &str) -> GgufTokenizer {
     let j = tokenizer_json();
     let vocab = j["model"]["vocab"].as_object().unwrap();
     let mut tokens = vec![String::new(); vocab.len()];
@@ -57,7 +57,7 @@ fn gguf_spec(pre: &str) -> GgufTokenizerSpec {
         .iter()
         .map(|m| format!("{} {}", m[0].as_str().unwrap(), m[1].as_str().unwrap()))
         .collect();
-    GgufTokenizerSpec {
+    GgufTokenizer {
         model: "gpt2".into(),
         pre: Some(pre.into()),
         tokens,
@@ -67,7 +67,8 @@ fn gguf_spec(pre: &str) -> GgufTokenizerSpec {
         eos: Some(2),
         unk: Some(0),
         pad: Some(2),
-        add_bos: false,
+        add_bos: Some(false),
+        ..Default::default()
     }
 }
 
@@ -261,7 +262,7 @@ fn gguf_spec_encodes_like_tokenizer_json() {
 #[test]
 fn gguf_add_bos_prepends_bos() {
     let mut spec = gguf_spec("smollm");
-    spec.add_bos = true;
+    spec.add_bos = Some(true);
     let tok = Tokenizer::from_gguf(&spec).unwrap();
     let plain = tok.encode("Hello", false).unwrap();
     let with = tok.encode("Hello", true).unwrap();

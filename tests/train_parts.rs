@@ -15,7 +15,7 @@ use qlora_webgpu::autograd::{Param, ParamId, Tape};
 use qlora_webgpu::gpu::{block_on, GpuContext, Tensor};
 use qlora_webgpu::lora::peft::adapter_from_bytes;
 use qlora_webgpu::lora::{self, param_id, peft_key, HostAdapter, LoraConfig, TargetModules};
-use qlora_webgpu::model::llama::{LlamaConfig, LoraModule, LoraSet, TARGETS};
+use qlora_webgpu::model::llama::{LoraModule, LoraSet, TARGETS};
 use qlora_webgpu::ops::adamw::{self, AdamW};
 use qlora_webgpu::ops::cross_entropy;
 use qlora_webgpu::ops::lora::LoraRun;
@@ -27,31 +27,6 @@ use qlora_webgpu::train::{
 };
 use safetensors::SafeTensors;
 use std::collections::HashMap;
-
-fn fixture(rel: &str) -> Vec<u8> {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama").join(rel);
-    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
-fn tiny() -> LlamaConfig {
-    LlamaConfig {
-        hidden: 64,
-        intermediate: 160,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        head_dim: 16,
-        vocab: 49152,
-        rms_eps: 1e-5,
-        rope_theta: 10000.0,
-        tied: true,
-        sliding_window: None,
-    }
-}
-
-fn f32s(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
-}
 
 #[test]
 fn schedules_follow_transformers_formulas() {
@@ -168,16 +143,16 @@ fn peft_params() -> Vec<(String, ParamId)> {
 #[test]
 fn optimizer_reproduces_the_reference_first_adamw_step() {
     let ctx = gpu();
-    let model = tiny();
+    let model = tiny_llama_config();
     let (cfg, set) = adapter_from_bytes(
         &ctx,
-        &String::from_utf8(fixture("dev/adapter_init/adapter_config.json")).unwrap(),
-        &fixture("dev/adapter_init/adapter_model.safetensors"),
+        &String::from_utf8(tiny_llama_fixture("dev/adapter_init/adapter_config.json")).unwrap(),
+        &tiny_llama_fixture("dev/adapter_init/adapter_model.safetensors"),
         &model,
         "dev/adapter_init",
     )
     .unwrap();
-    let gbytes = fixture("dev/grads_init.safetensors");
+    let gbytes = tiny_llama_fixture("dev/grads_init.safetensors");
     let grads_file = SafeTensors::deserialize(&gbytes).unwrap();
     assert_eq!(grads_file.len(), 28);
     let mut grads = HashMap::new();
@@ -197,7 +172,7 @@ fn optimizer_reproduces_the_reference_first_adamw_step() {
     assert_eq!(opt.step_count(), 1);
     assert!(opt.state().values().all(|s| s.t == 1));
     let after = block_on(HostAdapter::download(&ctx, &cfg, &set)).unwrap();
-    let wbytes = fixture("dev/adapter_after_step1.safetensors");
+    let wbytes = tiny_llama_fixture("dev/adapter_after_step1.safetensors");
     let want_file = SafeTensors::deserialize(&wbytes).unwrap();
     let (mut worst_rel, mut worst_abs, mut exact, mut total) = (0f64, 0f64, 0usize, 0usize);
     let mut worst_formula = 0f64;
@@ -440,7 +415,7 @@ fn random_grads(ctx: &GpuContext, set: &LoraSet, rng: &mut Rng, skip: Option<Par
 #[test]
 fn checkpoint_round_trip_and_exact_resume() {
     let ctx = gpu();
-    let model = tiny();
+    let model = tiny_llama_config();
     // "all-linear" is saved as the list of the seven projections (as PEFT saves it), so the
     // round trip is exact with the list form.
     let all: Vec<String> = TARGETS.iter().map(|s| s.to_string()).collect();

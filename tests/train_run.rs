@@ -6,56 +6,19 @@
 
 mod common;
 use common::*;
-use qlora_webgpu::gpu::{block_on, GpuContext, RowShards};
+use qlora_webgpu::gpu::{block_on, GpuContext};
 use qlora_webgpu::lora::config::{InitLoraWeights, LoraConfig};
 use qlora_webgpu::lora::HostAdapter;
-use qlora_webgpu::model::llama::{LayerWeights, LlamaConfig, LlamaWeights};
 use qlora_webgpu::ops::adamw::AdamW;
-use qlora_webgpu::ops::lora::Frozen;
 use qlora_webgpu::train::checkpoint::{load_checkpoint, save_checkpoint};
-use qlora_webgpu::train::trainer::{Model, TokenBatch, TrainOpts, Trainer};
+use qlora_webgpu::train::trainer::{Model, TrainOpts, Trainer};
+use qlora_webgpu::data::dataset::Batch;
 use qlora_webgpu::train::{DataPosition, Schedule, ScheduleKind};
 use std::rc::Rc;
 
-fn tiny_cfg() -> LlamaConfig {
-    LlamaConfig {
-        hidden: 32,
-        intermediate: 48,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        head_dim: 8,
-        vocab: 64,
-        rms_eps: 1e-5,
-        rope_theta: 10000.0,
-        tied: true,
-        sliding_window: None,
-    }
-}
 
-fn tiny_model(ctx: &Rc<GpuContext>, seed: u64) -> Rc<Model> {
-    let c = tiny_cfg();
-    let mut rng = Rng::new(seed);
-    let mut up2 = |n: usize, shape: &[usize], s: f64| up(ctx, &rng.vec(n, s), shape);
-    let ones = |ctx: &GpuContext| ctx.upload_f32(&vec![1.0; c.hidden], &[c.hidden]).unwrap();
-    let layers = (0..c.layers)
-        .map(|_| LayerWeights {
-            attn_norm: ones(ctx),
-            proj: std::array::from_fn(|m| {
-                let (o, i) = c.proj_shape(m);
-                Frozen::F32(up2(o * i, &[o, i], 0.1))
-            }),
-            bias: Default::default(),
-            mlp_norm: ones(ctx),
-        })
-        .collect();
-    let w = LlamaWeights { embed: qlora_webgpu::model::llama::InputEmbedding::Device(RowShards::from_tensor(up2(c.vocab * c.hidden, &[c.vocab, c.hidden], 0.5))), layers, final_norm: ones(ctx), lm_head: None };
-    Rc::new(Model::new(ctx, c, w, None, 32).unwrap())
-}
 
-/// A sequence following a fixed rule (next = 5·t + 3 mod V) from a random start, as a batch of
-/// one row with targets shifted.
-fn pattern_batch(rng: &mut Rng, rows: usize, len: usize, v: usize) -> TokenBatch {
+fn pattern_batch(rng: &mut Rng, rows: usize, len: usize, v: usize) -> Batch {
     let mut ids = Vec::new();
     let mut targets = Vec::new();
     for _ in 0..rows {
@@ -72,7 +35,7 @@ fn pattern_batch(rng: &mut Rng, rows: usize, len: usize, v: usize) -> TokenBatch
         }
         ids.extend(row);
     }
-    TokenBatch { ids, targets, batch: rows, seg: None }
+    Batch::new(ids, targets, rows, None).unwrap()
 }
 
 fn lora_cfg(dropout: f64) -> LoraConfig {
@@ -93,7 +56,7 @@ fn opts(steps: u64, lr: f64) -> TrainOpts {
 }
 
 /// The micro-batches of step k (a pure function of the position, as a data loader is).
-fn data_at(pos: u64) -> Vec<TokenBatch> {
+fn data_at(pos: u64) -> Vec<Batch> {
     let mut rng = Rng::new(1000 + pos);
     vec![pattern_batch(&mut rng, 2, 9, 64), pattern_batch(&mut rng, 1, 12, 64)]
 }
@@ -117,7 +80,7 @@ fn run(t: &mut Trainer, until: u64) -> Vec<f64> {
 #[test]
 fn resume_from_a_checkpoint_continues_exactly() {
     let ctx = gpu();
-    let model = tiny_model(&ctx, 3);
+    let model = small_random_model(&ctx, 3, 0.1);
     let mut whole = new_trainer(&ctx, &model, 20);
     let all = run(&mut whole, 20);
 
@@ -144,11 +107,11 @@ fn resume_from_a_checkpoint_continues_exactly() {
 #[test]
 fn training_lowers_the_validation_loss() {
     let ctx = gpu();
-    let model = tiny_model(&ctx, 5);
+    let model = small_random_model(&ctx, 5, 0.1);
     let mut t = new_trainer(&ctx, &model, 40);
     t.state.schedule = Schedule::new(ScheduleKind::Constant, 1e-2, 0, 40);
     let mut rng = Rng::new(77);
-    let val: Vec<TokenBatch> = (0..3).map(|_| pattern_batch(&mut rng, 2, 10, 64)).collect();
+    let val: Vec<Batch> = (0..3).map(|_| pattern_batch(&mut rng, 2, 10, 64)).collect();
     let before = block_on(t.eval_loss(&val)).unwrap();
     run(&mut t, 40);
     let after = block_on(t.eval_loss(&val)).unwrap();
@@ -159,7 +122,7 @@ fn training_lowers_the_validation_loss() {
 #[test]
 fn a_non_finite_loss_stops_the_step_and_changes_nothing() {
     let ctx = gpu();
-    let model = tiny_model(&ctx, 9);
+    let model = small_random_model(&ctx, 9, 0.1);
     let mut t = new_trainer(&ctx, &model, 10);
     run(&mut t, 2);
     let good = block_on(t.checkpoint()).unwrap();

@@ -7,4 +7,4 @@ pub mod dataset;
 pub mod tokenizer;
 
 pub use chat::{ChatContext, ChatTemplate, Message};
-pub use tokenizer::{GgufTokenizerSpec, IncrementalDecoder, SpecialTokenIds, Tokenizer};
+pub use tokenizer::{GgufTokenizer, IncrementalDecoder, SpecialTokenIds, Tokenizer};

@@ -25,11 +25,11 @@ pub struct SpecialTokenIds {
     pub pad: Option<u32>,
 }
 
-/// The tokenizer metadata of a GGUF file, as plain values (the GGUF reader fills it):
-/// `tokenizer.ggml.model`, `.pre`, `.tokens`, `.token_type`, `.merges`, `.bos_token_id`,
-/// `.eos_token_id`, `.unknown_token_id`, `.padding_token_id`, `.add_bos_token`.
-#[derive(Debug, Clone, Default)]
-pub struct GgufTokenizerSpec {
+/// The tokenizer metadata of a GGUF file, as plain values (`io::gguf`'s reader fills it from
+/// `tokenizer.ggml.*` and `tokenizer.chat_template`); [`GgufTokenizer::build`] makes the
+/// tokenizer.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GgufTokenizer {
     /// `tokenizer.ggml.model`; only `"gpt2"` (byte-level BPE) is supported.
     pub model: String,
     /// `tokenizer.ggml.pre`: the pre-tokenizer's name (`"smollm"`, `"gpt2"`, `"default"`,
@@ -40,6 +40,8 @@ pub struct GgufTokenizerSpec {
     /// `tokenizer.ggml.token_type` by id: 1 normal, 2 unknown, 3 control, 4 user-defined,
     /// 5 unused, 6 byte. Empty means all normal.
     pub token_types: Vec<i32>,
+    /// `tokenizer.ggml.scores`, empty when absent (SentencePiece models; not used by BPE).
+    pub scores: Vec<f32>,
     /// `tokenizer.ggml.merges`: `"left right"` strings in merge-rank order.
     pub merges: Vec<String>,
     /// `tokenizer.ggml.bos_token_id`.
@@ -50,8 +52,20 @@ pub struct GgufTokenizerSpec {
     pub unk: Option<u32>,
     /// `tokenizer.ggml.padding_token_id`.
     pub pad: Option<u32>,
-    /// `tokenizer.ggml.add_bos_token`: `encode(text, true)` prepends bos.
-    pub add_bos: bool,
+    /// `tokenizer.ggml.add_bos_token`: `encode(text, true)` prepends bos (absent: false).
+    pub add_bos: Option<bool>,
+    /// `tokenizer.ggml.add_eos_token`.
+    pub add_eos: Option<bool>,
+    /// `tokenizer.chat_template`.
+    pub chat_template: Option<String>,
+}
+
+impl GgufTokenizer {
+    /// The tokenizer these fields describe (byte-level BPE rebuilt as the equivalent
+    /// tokenizer.json): [`Tokenizer::from_gguf`].
+    pub fn build(&self) -> Result<Tokenizer> {
+        Tokenizer::from_gguf(self)
+    }
 }
 
 /// GPT-2's split regex, as the `tokenizers` ByteLevel pre-tokenizer applies it with
@@ -159,7 +173,7 @@ impl Tokenizer {
     }
 
     /// Builds the tokenizer a GGUF file describes (see [`Tokenizer::gguf_tokenizer_json`]).
-    pub fn from_gguf(spec: &GgufTokenizerSpec) -> Result<Self> {
+    pub fn from_gguf(spec: &GgufTokenizer) -> Result<Self> {
         let json = Self::gguf_tokenizer_json(spec)?;
         let bytes = serde_json::to_vec(&json).map_err(|e| Error::format(GGUF_FILE, e.to_string()))?;
         let inner = tokenizers::Tokenizer::from_bytes(&bytes)
@@ -181,7 +195,7 @@ impl Tokenizer {
     /// single digits for `"smollm"`, transformers does not, and we follow transformers);
     /// `"llama-bpe"`: Llama 3's split regex, then byte-level without regex (Llama 3's own
     /// tokenizer.json). Other names are an error.
-    pub fn gguf_tokenizer_json(spec: &GgufTokenizerSpec) -> Result<Value> {
+    pub fn gguf_tokenizer_json(spec: &GgufTokenizer) -> Result<Value> {
         if spec.model != "gpt2" {
             return Err(Error::format(
                 GGUF_FILE,
@@ -270,7 +284,7 @@ impl Tokenizer {
         };
 
         let seq = |id: &str, type_id: u32| json!({"Sequence": {"id": id, "type_id": type_id}});
-        let post_processor = match (spec.add_bos, spec.bos) {
+        let post_processor = match (spec.add_bos.unwrap_or(false), spec.bos) {
             (true, Some(bos)) => {
                 let bos_s = &spec.tokens[bos as usize];
                 let bos_t = |type_id: u32| json!({"SpecialToken": {"id": bos_s, "type_id": type_id}});

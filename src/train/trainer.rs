@@ -3,11 +3,11 @@
 //! the state a checkpoint needs to resume bit for bit (step, RNG, data position).
 
 use crate::autograd::{Tape, Var};
+use crate::data::dataset::Batch;
 use crate::gpu::GpuContext;
 use crate::lora::config::LoraConfig;
 use crate::model::llama::{self, ForwardOpts, LlamaConfig, LlamaWeights, LoraSet};
 use crate::ops::adamw::AdamW;
-use crate::ops::cross_entropy::IGNORE_INDEX;
 use crate::ops::rope::{self, RopeTables};
 use crate::rng::SplitMix64;
 use crate::train::{train_step, Checkpoint, DataPosition, LoraOptimizer, Schedule, StepReport, TrainState};
@@ -63,7 +63,7 @@ impl Model {
     }
 
     /// [`Model::loss`] of a packed batch (sequence packing) when `seg` (B*T segment starts, see
-    /// `data::dataset::PackedBatch`) is given: position ids restart at each example (RoPE tables
+    /// `data::dataset::Batch::seg`) is given: position ids restart at each example (RoPE tables
     /// built for them) and attention stays within each example. None: `loss`.
     #[allow(clippy::too_many_arguments)]
     pub fn loss_packed(
@@ -97,72 +97,6 @@ impl Model {
         }
         let packing = llama::Packing { seg: ctx.upload_u32(seg, &[batch, seq])?, rope: Rc::new(RopeTables::new(ctx, &self.inv_freq, &pos)?) };
         llama::forward_loss_packed(tape, ctx, &self.cfg, &self.weights, lora, ids, targets, batch, &self.rope, Some(&packing), opts)
-    }
-}
-
-/// A micro-batch of token ids with next-token targets already shifted (target[b, t] is the label
-/// of position t + 1; -100 where nothing is scored), B sequences of T tokens, row-major.
-#[derive(Clone, Debug, PartialEq)]
-pub struct TokenBatch {
-    /// Ids (B*T).
-    pub ids: Vec<u32>,
-    /// Targets (B*T), -100 = ignored.
-    pub targets: Vec<i32>,
-    /// B.
-    pub batch: usize,
-    /// Sequence packing: segment starts (B*T), each position's example start in its row
-    /// (`data::dataset::PackedBatch::seg`); None for one example per row.
-    pub seg: Option<Vec<u32>>,
-}
-
-impl TokenBatch {
-    /// Targets that count (not -100).
-    pub fn n_tokens(&self) -> usize {
-        self.targets.iter().filter(|&&t| t != IGNORE_INDEX).count()
-    }
-
-    /// The batch as consecutive runs of whole sequences whose widest activation that is not
-    /// chunked (one (rows, width) f32 tensor: the hidden size or the query width,
-    /// `LlamaConfig::activation_width`) fits `max_binding` bytes, leaving out runs without a
-    /// counted target. The MLP's wider (rows, intermediate) tensors run in row chunks inside each
-    /// layer (`llama::mlp_chunk_rows`); the rest is not sharded: a batch too large for one
-    /// binding is run as several micro-batches, which gives the step of the whole batch
-    /// (gradient accumulation weights each by its counted tokens), and `Error::Limit` says how
-    /// long a sequence may be when one sequence alone does not fit.
-    pub fn split_to_fit(&self, cfg: &LlamaConfig, max_binding: u64) -> Result<Vec<TokenBatch>> {
-        let b = self.batch.max(1);
-        let t = self.ids.len() / b;
-        let width = cfg.activation_width() as u64;
-        let per_seq = t as u64 * width * 4;
-        if per_seq * b as u64 <= max_binding {
-            return Ok(vec![self.clone()]);
-        }
-        let fit = (max_binding / per_seq.max(1)) as usize;
-        if fit == 0 {
-            return Err(Error::Limit {
-                op: "training",
-                msg: format!(
-                    "a sequence of {t} tokens needs activations of {per_seq} bytes ({t} x {width} x 4, the hidden or query \
-                     width), over the device's largest storage binding of {max_binding} bytes; sequences of at most {} tokens \
-                     fit (a smaller max length)",
-                    max_binding / (width * 4)
-                ),
-            });
-        }
-        let mut out = Vec::new();
-        for s0 in (0..b).step_by(fit) {
-            let s1 = (s0 + fit).min(b);
-            let part = TokenBatch {
-                ids: self.ids[s0 * t..s1 * t].to_vec(),
-                targets: self.targets[s0 * t..s1 * t].to_vec(),
-                batch: s1 - s0,
-                seg: self.seg.as_ref().map(|g| g[s0 * t..s1 * t].to_vec()),
-            };
-            if part.n_tokens() > 0 {
-                out.push(part);
-            }
-        }
-        Ok(out)
     }
 }
 
@@ -224,7 +158,7 @@ impl Trainer {
     /// concatenated batch, with one mean over all its counted tokens). `data_after` is where the
     /// data stream stands once these batches are consumed (saved in checkpoints). A NaN or
     /// infinite loss returns an error and changes nothing.
-    pub async fn step(&mut self, micro: &[TokenBatch], data_after: DataPosition) -> Result<StepReport> {
+    pub async fn step(&mut self, micro: &[Batch], data_after: DataPosition) -> Result<StepReport> {
         if micro.is_empty() {
             return Err(Error::Invalid("a training step needs at least one micro-batch".into()));
         }
@@ -234,7 +168,7 @@ impl Trainer {
             split.extend(b.split_to_fit(&self.model.cfg, self.ctx.max_binding())?);
         }
         let micro = &split[..];
-        let tokens: Vec<usize> = micro.iter().map(TokenBatch::n_tokens).collect();
+        let tokens: Vec<usize> = micro.iter().map(Batch::n_tokens).collect();
         if tokens.iter().sum::<usize>() == 0 {
             return Err(Error::Invalid(format!("step {}: no target token counts in this batch (all labels are -100)", self.state.step + 1)));
         }
@@ -264,12 +198,12 @@ impl Trainer {
 
     /// Mean loss over every counted token of `batches` (no dropout, nothing recorded): the
     /// validation loss; perplexity is its exp.
-    pub async fn eval_loss(&self, batches: &[TokenBatch]) -> Result<f64> {
+    pub async fn eval_loss(&self, batches: &[Batch]) -> Result<f64> {
         eval_loss(&self.ctx, &self.model, &self.set, batches).await
     }
 
     /// [`eval_loss_with`] under the adapter being trained.
-    pub async fn eval_loss_with(&self, batches: &[TokenBatch], progress: impl FnMut(usize, usize) -> bool) -> Result<Option<f64>> {
+    pub async fn eval_loss_with(&self, batches: &[Batch], progress: impl FnMut(usize, usize) -> bool) -> Result<Option<f64>> {
         eval_loss_with(&self.ctx, &self.model, &self.set, batches, progress).await
     }
 
@@ -280,7 +214,7 @@ impl Trainer {
 }
 
 /// Token-weighted mean loss of `batches` under adapter `set` (inference: no dropout).
-pub async fn eval_loss(ctx: &Rc<GpuContext>, model: &Model, set: &LoraSet, batches: &[TokenBatch]) -> Result<f64> {
+pub async fn eval_loss(ctx: &Rc<GpuContext>, model: &Model, set: &LoraSet, batches: &[Batch]) -> Result<f64> {
     eval_loss_with(ctx, model, set, batches, |_, _| true).await.map(|l| l.unwrap_or(f64::NAN))
 }
 
@@ -290,7 +224,7 @@ pub async fn eval_loss_with(
     ctx: &Rc<GpuContext>,
     model: &Model,
     set: &LoraSet,
-    batches: &[TokenBatch],
+    batches: &[Batch],
     mut progress: impl FnMut(usize, usize) -> bool,
 ) -> Result<Option<f64>> {
     let (mut sum, mut n) = (0.0f64, 0usize);

@@ -330,7 +330,7 @@ pub fn check_model_fits(name: &str, config: &ModelConfig, quant: BaseQuant, info
 /// wider of the hidden size and the query width, in f32 (`LlamaConfig::activation_width`: the
 /// MLP's intermediate tensors run in row chunks, the output layer never holds all logits, and a
 /// batch whose activations exceed one binding runs as several micro-batches of whole sequences:
-/// `TokenBatch::split_to_fit`). The message says which length would fit.
+/// `Batch::split_to_fit`). The message says which length would fit.
 pub fn check_training_fits(config: &ModelConfig, cfg: &TrainConfig, info: &GpuInfo, limit: u64) -> Result<()> {
     let c = config.to_llama();
     let width = c.activation_width() as u64;

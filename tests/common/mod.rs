@@ -150,3 +150,71 @@ impl Drop for Lowered<'_> {
         self.0.set_max_binding(u64::MAX);
     }
 }
+
+/// Bytes of a file under tests/fixtures/tiny-llama (panics naming the path when absent).
+pub fn tiny_llama_fixture(rel: &str) -> Vec<u8> {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama").join(rel);
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// The tiny reference Llama's architecture (tests/fixtures/tiny-llama/manifest.json,
+/// model_config): 2 layers, hidden 64, intermediate 160, 4 heads / 2 kv heads of 16, SmolLM2's
+/// 49,152-token vocabulary, tied embeddings.
+pub fn tiny_llama_config() -> qlora_webgpu::model::llama::LlamaConfig {
+    qlora_webgpu::model::llama::LlamaConfig {
+        hidden: 64,
+        intermediate: 160,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 16,
+        vocab: 49152,
+        rms_eps: 1e-5,
+        rope_theta: 10000.0,
+        tied: true,
+        sliding_window: None,
+    }
+}
+
+/// Little-endian f32 values of raw tensor bytes.
+pub fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+/// A small random Llama (2 layers, hidden 32, intermediate 48, 4 heads / 2 kv heads of 8,
+/// vocabulary 64, tied) with f32 weights drawn from `seed` (projections scaled by `proj_scale`,
+/// embeddings by 0.5, unit norms), RoPE tables for 32 positions.
+pub fn small_random_model(ctx: &Rc<GpuContext>, seed: u64, proj_scale: f64) -> Rc<qlora_webgpu::train::trainer::Model> {
+    use qlora_webgpu::gpu::RowShards;
+    use qlora_webgpu::model::llama::{InputEmbedding, LayerWeights, LlamaConfig, LlamaWeights};
+    let c = LlamaConfig {
+        hidden: 32,
+        intermediate: 48,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 8,
+        vocab: 64,
+        rms_eps: 1e-5,
+        rope_theta: 10000.0,
+        tied: true,
+        sliding_window: None,
+    };
+    let mut rng = Rng::new(seed);
+    let mut up2 = |n: usize, shape: &[usize], s: f64| up(ctx, &rng.vec(n, s), shape);
+    let ones = |ctx: &GpuContext| ctx.upload_f32(&vec![1.0; c.hidden], &[c.hidden]).unwrap();
+    let layers = (0..c.layers)
+        .map(|_| LayerWeights {
+            attn_norm: ones(ctx),
+            proj: std::array::from_fn(|m| {
+                let (o, i) = c.proj_shape(m);
+                qlora_webgpu::ops::lora::Frozen::F32(up2(o * i, &[o, i], proj_scale))
+            }),
+            bias: Default::default(),
+            mlp_norm: ones(ctx),
+        })
+        .collect();
+    let embed = InputEmbedding::Device(RowShards::from_tensor(up2(c.vocab * c.hidden, &[c.vocab, c.hidden], 0.5)));
+    let w = LlamaWeights { embed, layers, final_norm: ones(ctx), lm_head: None };
+    Rc::new(qlora_webgpu::train::trainer::Model::new(ctx, c, w, None, 32).unwrap())
+}

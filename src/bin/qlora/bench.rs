@@ -12,7 +12,7 @@ use qlora_webgpu::gpu::{block_on, GpuContext};
 use qlora_webgpu::io::{HostLayer, HostModel, HostTensor, HostWeight};
 use qlora_webgpu::lora::{init_lora_set, LoraConfig};
 use qlora_webgpu::ops::adamw::AdamW;
-use qlora_webgpu::train::trainer::{Model, TokenBatch, TrainOpts, Trainer};
+use qlora_webgpu::train::trainer::{Model, TrainOpts, Trainer};
 use qlora_webgpu::rng::SplitMix64;
 use qlora_webgpu::train::{DataPosition, Schedule, ScheduleKind};
 use std::path::PathBuf;
@@ -150,7 +150,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let mut rng = SplitMix64::new(7);
         let ids: Vec<u32> = (0..b * t).map(|_| rng.below(cfg.vocab as u64) as u32).collect();
         let targets: Vec<i32> = (0..b * t).map(|i| if i % t + 1 < t { ids[i + 1] as i32 } else { -100 }).collect();
-        let batch = [TokenBatch { ids, targets, batch: b, seg: None }];
+        let batch = [qlora_webgpu::data::dataset::Batch::new(ids, targets, b, None)?];
         let mut times = Vec::new();
         for k in 0..=a.steps {
             let t0 = Instant::now();

@@ -78,7 +78,7 @@ fn jsonl(examples: &[Example]) -> String {
     s
 }
 
-/// Writes the recipe into `dir` (created; files in it are replaced).
+/// Writes the recipe into `dir` (created; files in it are replaced) and says what it wrote.
 pub fn emit(dir: &Path, r: &Recipe, ctx: &GpuContext) -> Result<()> {
     let cfg = r.cfg;
     std::fs::create_dir_all(dir.join(ADAPTER_INIT)).with_context(|| format!("{}: cannot create the recipe folder", dir.display()))?;
@@ -186,6 +186,18 @@ pub fn emit(dir: &Path, r: &Recipe, ctx: &GpuContext) -> Result<()> {
         .replace("@STEPS@", &cfg.steps.to_string())
         .replace("@NOTES@", &if notes.is_empty() { String::new() } else { format!("\n## This run\n\n{}", notes.trim_end()) });
     write_atomic(&dir.join(README), readme.as_bytes())?;
+    eprintln!(
+        "recipe   {} written in {} (nothing trained): {}, {}, {}/, {}; run it with `python {}` or `accelerate launch --config_file {} {}`",
+        SCRIPT,
+        dir.display(),
+        DATA,
+        ACCELERATE,
+        ADAPTER_INIT,
+        README,
+        dir.join(SCRIPT).display(),
+        dir.join(ACCELERATE).display(),
+        dir.join(SCRIPT).display()
+    );
     Ok(())
 }
 

@@ -46,7 +46,6 @@ pub const SAMPLES: &str = "samples.md";
 /// Every training flag; a TOML file given with `--config` holds the same keys (snake_case), and
 /// a flag given on the command line wins over the file.
 #[derive(Args, Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TrainArgs {
     /// The base model: a .gguf file or a Hugging Face folder.
     pub model: Option<PathBuf>,
@@ -98,16 +97,11 @@ pub struct TrainArgs {
     /// Start from this PEFT adapter folder (its config replaces the LoRA flags).
     #[arg(long, value_name = "DIR")]
     pub init_adapter: Option<PathBuf>,
-    /// QLoRA: hold the frozen base projections in 4-bit NormalFloat (bitsandbytes' NF4), with
-    /// double quantization unless --bnb-4bit-use-double-quant false.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
-    pub qlora: Option<bool>,
-    /// Double-quantize the NF4 block scales [default: true].
-    #[arg(long, value_name = "BOOL")]
-    pub bnb_4bit_use_double_quant: Option<bool>,
-    /// NF4 block size [default: 64].
-    #[arg(long, value_name = "N")]
-    pub bnb_4bit_blocksize: Option<usize>,
+    /// QLoRA flags (--qlora, --bnb-4bit-use-double-quant, --bnb-4bit-blocksize), as the other
+    /// commands take them.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub quant: QuantArgs,
 
     /// Optimizer steps [default: 100, or from --epochs].
     #[arg(long)]
@@ -205,10 +199,19 @@ impl TrainArgs {
     pub fn merged(self) -> Result<TrainArgs> {
         let Some(path) = self.config.clone() else { return Ok(self) };
         let text = String::from_utf8(common::read(&path)?).with_context(|| format!("{}: not UTF-8", path.display()))?;
-        let file: TrainArgs = toml::from_str(&text).map_err(|e| {
-            let line = e.span().map_or(0, |s| text[..s.start.min(text.len())].lines().count().max(1));
-            anyhow::anyhow!("{}: line {line}: {}", path.display(), qlora_webgpu::error::quote(e.message().trim()))
-        })?;
+        let at_line = |start: usize| text[..start.min(text.len())].lines().count().max(1);
+        let file: TrainArgs = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: line {}: {}", path.display(), e.span().map_or(0, |s| at_line(s.start)), qlora_webgpu::error::quote(e.message().trim())))?;
+        // serde's `flatten` (the QLoRA flags) rules out `deny_unknown_fields`: keys are checked here.
+        let known = match serde_json::to_value(TrainArgs::default())? {
+            Value::Object(m) => m,
+            _ => unreachable!("a struct serializes to an object"),
+        };
+        let table: toml::Table = toml::from_str(&text)?;
+        if let Some(k) = table.keys().find(|k| !known.contains_key(*k)) {
+            let line = text.lines().position(|l| l.trim_start().starts_with(k.as_str())).map_or(0, |i| i + 1);
+            bail!("{}: line {line}: unknown field `{k}` (the keys are the flags' long names with underscores)", path.display());
+        }
         let mut m = to_map(&file);
         // Paths in the file are relative to the file.
         let base = path.parent().unwrap_or(Path::new("."));
@@ -378,7 +381,6 @@ fn targets_text(l: &LoraConfig, model: &LoadedModel) -> Result<String> {
     Ok(if layers == t.len() { what } else { format!("{what} in {layers} of {} layers", t.len()) })
 }
 
-/// Runs `qlora train`.
 /// A byte size: a number with an optional K, M or G suffix (binary units), e.g. 7.5G.
 fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
@@ -392,10 +394,10 @@ fn parse_size(s: &str) -> Option<u64> {
     (x.is_finite() && x > 0.0 && x * mul < 1e18).then(|| (x * mul) as u64)
 }
 
-pub fn run(args: TrainArgs) -> Result<i32> {
-    // First thing, so that Ctrl-C at any moment ends the run in order: before training starts
-    // nothing has been written and the run exits at the next check; during training the step in
-    // flight finishes and a checkpoint is written. A second Ctrl-C exits at once.
+/// Ctrl-C at any moment ends the run in order: before training starts nothing has been written
+/// and the run exits at the next check; during training the step in flight finishes and a
+/// checkpoint is written. A second Ctrl-C exits at once.
+fn handle_ctrl_c() -> Result<()> {
     ctrlc::set_handler(|| {
         if STOP.swap(true, Ordering::SeqCst) {
             eprintln!("\nsecond Ctrl-C: exiting without a checkpoint");
@@ -403,65 +405,41 @@ pub fn run(args: TrainArgs) -> Result<i32> {
         }
         eprintln!("\nCtrl-C: finishing this step, then writing a checkpoint (Ctrl-C again to quit now)");
     })?;
-    let args = args.merged()?;
-    let model_path = args.model.clone().context("no model: give MODEL (a .gguf file or a Hugging Face folder) or `model` in --config")?;
-    let data_path = args.data.clone().context("no training data: give --data FILE.jsonl or `data` in --config")?;
-    let out = args.out_dir();
-    let format = Format::parse(args.format.as_deref().unwrap_or("auto"))?;
-    let data = Dataset::from_jsonl_file(&data_path, format)?;
-    let val_data = args.val_data.as_ref().map(|p| Dataset::from_jsonl_file(p, format)).transpose()?;
-    let cfg = args.train_config(data.len())?;
-    let quant = QuantArgs { qlora: args.qlora, bnb_4bit_use_double_quant: args.bnb_4bit_use_double_quant, bnb_4bit_blocksize: args.bnb_4bit_blocksize }.quant()?;
-    let prompts = args.prompts.as_ref().map(|p| common::read_prompts(p)).transpose()?;
-    let sample_tokens = args.sample_tokens.unwrap_or(64);
+    Ok(())
+}
 
-    // The effective settings, kept with the run (and compared on --resume).
-    let mut eff = args.clone();
-    eff.steps = Some(cfg.steps);
-    eff.epochs = None;
-    let run_toml = toml::to_string(&Value::Object(to_map(&eff)))?;
-    let now_map = to_map(&eff);
-    let settings = Value::Object(RESUME_KEYS.iter().filter_map(|k| now_map.get(*k).map(|v| (k.to_string(), v.clone()))).collect());
-    let ck_dir = out.join(CHECKPOINT_DIR);
-    if args.resume && args.emit_recipe.is_some() {
-        bail!("--emit-recipe with --resume: a recipe starts a run (from its initial adapter); emit it without --resume");
-    }
-    if args.resume {
-        if !ck_dir.is_dir() {
-            bail!("--resume: {} has no checkpoint (run without --resume to start)", out.display());
-        }
-        let saved_path = out.join(RUN_CONFIG);
-        let saved = qlora_webgpu::io::files::read_regular(&saved_path).map_err(|e| anyhow::anyhow!("--resume: {e}"))?;
-        let saved = String::from_utf8(saved).map_err(|_| anyhow::anyhow!("--resume: {}: not UTF-8 text", saved_path.display()))?;
-        let saved: toml::Table = toml::from_str(&saved).map_err(|e| {
-            let line = e.span().map_or(0, |s| saved[..s.start.min(saved.len())].lines().count().max(1));
-            anyhow::anyhow!("--resume: {}: line {line}: {}", saved_path.display(), qlora_webgpu::error::quote(e.message().trim()))
-        })?;
-        let saved: Value = serde_json::to_value(saved)?;
-        let now = Value::Object(to_map(&eff));
-        let diff: Vec<String> = RESUME_KEYS
-            .iter()
-            .filter(|k| saved.get(**k) != now.get(**k))
-            .map(|k| format!("{k}: {} -> {}", saved.get(*k).unwrap_or(&Value::Null), now.get(*k).unwrap_or(&Value::Null)))
-            .collect();
-        if !diff.is_empty() {
-            bail!("--resume: these settings differ from the saved run's ({}): {}", out.join(RUN_CONFIG).display(), diff.join("; "));
-        }
-    }
+/// "key: saved -> now" for each of [`RESUME_KEYS`] whose value differs.
+fn settings_diff(saved: &Value, now: &Value) -> Vec<String> {
+    RESUME_KEYS
+        .iter()
+        .filter(|k| saved.get(**k) != now.get(**k))
+        .map(|k| format!("{k}: {} -> {}", saved.get(*k).unwrap_or(&Value::Null), now.get(*k).unwrap_or(&Value::Null)))
+        .collect()
+}
 
-    let ctx = block_on(GpuContext::new())?;
-    let gi = ctx.info();
-    eprintln!("gpu      {} ({}, {})", gi.name, gi.backend, gi.device_type);
-    let t_load = Instant::now();
-    // With --qlora each projection is quantized as it is read: the model is never all f32 here.
-    let src = common::open_model_with(
-        &model_path,
-        match quant {
-            BaseQuant::F32 => None,
-            BaseQuant::Nf4 { blocksize, double_quant } => Some((blocksize, double_quant)),
-        },
-    )?;
-    let mut cfg = cfg;
+/// --resume: the output folder has a checkpoint and its saved settings (train_config.toml) are
+/// this run's in every key of [`RESUME_KEYS`].
+fn check_resumable(out: &Path, now: &Value) -> Result<()> {
+    if !out.join(CHECKPOINT_DIR).is_dir() {
+        bail!("--resume: {} has no checkpoint (run without --resume to start)", out.display());
+    }
+    let saved_path = out.join(RUN_CONFIG);
+    let saved = qlora_webgpu::io::files::read_regular(&saved_path).map_err(|e| anyhow::anyhow!("--resume: {e}"))?;
+    let saved = String::from_utf8(saved).map_err(|_| anyhow::anyhow!("--resume: {}: not UTF-8 text", saved_path.display()))?;
+    let saved: toml::Table = toml::from_str(&saved).map_err(|e| {
+        let line = e.span().map_or(0, |s| saved[..s.start.min(saved.len())].lines().count().max(1));
+        anyhow::anyhow!("--resume: {}: line {line}: {}", saved_path.display(), qlora_webgpu::error::quote(e.message().trim()))
+    })?;
+    let diff = settings_diff(&serde_json::to_value(saved)?, now);
+    if !diff.is_empty() {
+        bail!("--resume: these settings differ from the saved run's ({}): {}", saved_path.display(), diff.join("; "));
+    }
+    Ok(())
+}
+
+/// The run's memory plan within `--max-memory` (7 GiB by default), printed; it may turn on
+/// per-layer recomputation to fit.
+fn plan_memory(args: &TrainArgs, cfg: &TrainConfig, src: &session::ModelSource, quant: BaseQuant, model_path: &Path) -> Result<memory::MemoryPlan> {
     let budget = match &args.max_memory {
         Some(m) => parse_size(m).with_context(|| format!("--max-memory {m:?}: expected a size such as 6G, 7.5G or 512M"))?,
         None => 7 << 30,
@@ -495,133 +473,35 @@ pub fn run(args: TrainArgs) -> Result<i32> {
             _ => "",
         }
     );
-    cfg.grad_checkpoint = plan.grad_checkpoint;
-    let pos = common::positions_for(&src, cfg.max_len + sample_tokens + 256);
-    let model = src.upload(&ctx, quant, pos)?;
-    let (pb_bytes, rest) = model.model.weights.device_bytes();
-    eprintln!(
-        "model    {} ({} layers, hidden {}), base {} : projections {}, embeddings and norms {}; loaded in {:.1} s",
-        model.name,
-        model.model.cfg.layers,
-        model.model.cfg.hidden,
-        quant.name(),
-        mib(pb_bytes as u64),
-        mib(rest as u64),
-        t_load.elapsed().as_secs_f64()
-    );
-    let init = args.init_adapter.as_ref().map(|d| common::open_adapter(d, &model)).transpose()?;
-    if let (Some(h), Some(true)) = (&init, args.use_dora) {
-        if !h.config.use_dora {
-            bail!(
-                "--use-dora: the --init-adapter {} is a plain LoRA adapter (use_dora false in its config), and its \
-                 config replaces the LoRA flags; start without --init-adapter to train DoRA",
-                args.init_adapter.as_ref().unwrap().display()
-            );
-        }
-    }
-    let mut sess = if args.resume {
-        let (ck, saved) = load_checkpoint_with(&ck_dir, &model.model.cfg).map_err(|e| anyhow::anyhow!("--resume: {e}"))?;
-        let diff: Vec<String> = RESUME_KEYS
-            .iter()
-            .filter(|k| saved.get(**k) != settings.get(**k))
-            .map(|k| format!("{k}: {} -> {}", saved.get(*k).unwrap_or(&Value::Null), settings.get(*k).unwrap_or(&Value::Null)))
-            .collect();
-        if !diff.is_empty() {
-            bail!("--resume: the checkpoint {} was written by a run with other settings: {}", ck_dir.display(), qlora_webgpu::error::quote(&diff.join("; ")));
-        }
-        TrainSession::resume(&ctx, &model, &data, cfg.clone(), &ck).map_err(|e| anyhow::anyhow!("--resume from {}: {e}", ck_dir.display()))?
-    } else {
-        TrainSession::new(&ctx, &model, &data, cfg.clone(), init.as_ref())?
-    };
-    if let Some(dir) = &args.emit_recipe {
-        let r = crate::recipe::Recipe {
-            model_path: &model_path,
-            data_path: &data_path,
-            data: &data,
-            val_data: val_data.as_ref(),
-            cfg: &cfg,
-            quant,
-            model: &model,
-            sess: &sess,
-            eval_every: args.eval_every,
-        };
-        crate::recipe::emit(dir, &r, &ctx)?;
-        eprintln!(
-            "recipe   {} written in {} (nothing trained): {}, {}, {}/, {}; run it with `python {}` or `accelerate launch --config_file {} {}`",
-            crate::recipe::SCRIPT,
-            dir.display(),
-            crate::recipe::DATA,
-            crate::recipe::ACCELERATE,
-            crate::recipe::ADAPTER_INIT,
-            crate::recipe::README,
-            dir.join(crate::recipe::SCRIPT).display(),
-            dir.join(crate::recipe::ACCELERATE).display(),
-            dir.join(crate::recipe::SCRIPT).display()
-        );
-        return Ok(0);
-    }
-    let st = sess.data_stats();
-    let (n_train, n_val) = sess.split_sizes();
-    if let Some(rows) = sess.packed_rows() {
-        eprintln!("packing  {n_train} training examples in {rows} rows of at most {} tokens", cfg.max_len);
-    }
-    eprintln!(
-        "data     {}: {} examples ({} training, {} validation{}), {} tokens, {} counted by the loss, longest {}{}",
-        data_path.display(),
-        st.examples,
-        n_train,
-        n_val,
-        val_data.as_ref().map(|v| format!(" + {} in {}", v.len(), v.file())).unwrap_or_default(),
-        st.tokens,
-        st.counted_tokens,
-        st.max_tokens,
-        if st.truncated > 0 { format!(", {} cut to {} tokens", st.truncated, cfg.max_len) } else { String::new() }
-    );
-    let l = sess.lora_config();
-    eprintln!(
-        "lora     r {} alpha {} dropout {}{} on {}; {} steps of batch {}x{}, lr {} {} (warmup {}), seed {}",
-        l.r, l.lora_alpha, l.lora_dropout, if l.use_dora { " DoRA" } else { "" }, targets_text(l, &model)?, cfg.steps, cfg.batch_size, cfg.grad_accum, cfg.lr, cfg.schedule.name(), cfg.warmup(), cfg.seed
-    );
+    Ok(plan)
+}
 
-    std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create the output folder", out.display()))?;
-    write_atomic(&out.join(RUN_CONFIG), run_toml.as_bytes())?;
-    let metrics_path = out.join(METRICS);
-    let (kept, tr, va) = if args.resume { metrics_upto(&metrics_path, sess.step_count())? } else { (String::new(), vec![], vec![]) };
-    std::fs::write(&metrics_path, kept)?;
-    let metrics = std::fs::OpenOptions::new().append(true).open(&metrics_path)?;
-    let mut run = Run { settings: settings.clone(), ctx: ctx.clone(), model: &model, out: out.clone(), metrics, train_points: tr, val_points: va };
+/// How often the loop evaluates and saves.
+struct Every {
+    /// Steps between validation losses (and at the last step).
+    eval: u64,
+    /// Steps between checkpoints + adapter files (and at the last step, and on Ctrl-C).
+    save: u64,
+    /// Whether there is validation data.
+    has_val: bool,
+}
 
-    let before = match &prompts {
-        Some(p) if !args.resume => {
-            eprintln!("answering {} prompts before training...", p.len());
-            Some(answers(&ctx, &model, &qlora_webgpu::model::llama::LoraSet::default(), p, sample_tokens)?)
-        }
-        _ => None,
-    };
-
-    // --val-data: tokenized once, with the run's encoding options.
-    let val_set = val_data.as_ref().map(|v| session::EvalSet::new(&model, v, cfg.encode_options(), cfg.batch_size)).transpose()?;
-    let val_loss = |s: &TrainSession| -> Result<Option<f64>> {
-        match &val_set {
-            Some(v) => Ok(Some(block_on(v.loss(&ctx, &model, s.lora_set()))?)),
-            None => Ok(block_on(s.validation_loss())?),
-        }
-    };
-    let has_val = val_data.is_some() || n_val > 0;
-    let eval_every = args.eval_every.unwrap_or((cfg.steps / 10).max(1));
-    let save_every = args.save_every.unwrap_or(50).max(1);
-    if sess.step_count() == 0 && has_val {
-        if let Some(v) = val_loss(&sess)? {
-            run.val_points.push((0, v));
-            run.metrics.write_all(metrics_line(json!({"step": 0, "val_loss": v, "val_ppl": v.exp()})).as_bytes())?;
-        }
-    }
-
-    if STOP.load(Ordering::SeqCst) && !args.resume && sess.step_count() == 0 {
-        eprintln!("stopped  by Ctrl-C before the first step: no checkpoint written");
-        return Ok(EXIT_INTERRUPTED);
-    }
-
+/// The training loop: steps with a progress bar, the metrics log, validation, checkpoints and
+/// Ctrl-C. Returns (stopped by Ctrl-C, steps run, input tokens, seconds).
+#[allow(clippy::too_many_arguments)]
+fn train_steps(
+    sess: &mut TrainSession,
+    run: &mut Run,
+    cfg: &TrainConfig,
+    n_train: usize,
+    every: &Every,
+    val_loss: &dyn Fn(&TrainSession) -> Result<Option<f64>>,
+    ck_dir: &Path,
+    out: &Path,
+    resume: bool,
+) -> Result<(bool, u64, usize, f64)> {
+    let (eval_every, save_every, has_val) = (every.eval, every.save, every.has_val);
+    let ctx = run.ctx.clone();
     let pb = ProgressBar::new(cfg.steps);
     pb.set_style(ProgressStyle::with_template("{bar:28} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")?);
     pb.set_position(sess.step_count());
@@ -630,7 +510,7 @@ pub fn run(args: TrainArgs) -> Result<i32> {
     let mut tokens_total = 0usize;
     let mut interrupted = false;
     // The step of the last checkpoint and adapter on disk (for the message of a failed step).
-    let mut saved_step = if args.resume { Some(sess.step_count()) } else { None };
+    let mut saved_step = if resume { Some(sess.step_count()) } else { None };
     // A failed step, evaluation or save (a NaN loss, a lost device, out of GPU memory): the
     // message says what the files on disk hold; files are written atomically, so they are whole.
     let failed = |e: &dyn std::fmt::Display, saved_step: Option<u64>| {
@@ -694,14 +574,199 @@ pub fn run(args: TrainArgs) -> Result<i32> {
         }
     }
     pb.finish_and_clear();
-    let steps_run = sess.step_count() - start_step;
+    Ok((interrupted, sess.step_count() - start_step, tokens_total, t0.elapsed().as_secs_f64()))
+}
+
+/// Prints the answers before (when there are) and after training and writes them to `path`
+/// (Markdown).
+fn write_samples(path: &Path, prompts: &[(String, Prompt)], before: Option<&[String]>, after: &[String]) -> Result<()> {
+    let mut md = String::from("# Sample answers before and after training\n\n");
+    println!();
+    for (i, (shown, _)) in prompts.iter().enumerate() {
+        println!("### {shown}");
+        md.push_str(&format!("## {shown}\n\n"));
+        if let Some(b) = before {
+            println!("before: {}", b[i]);
+            md.push_str(&format!("**before:** {}\n\n", b[i]));
+        }
+        println!("after:  {}\n", after[i]);
+        md.push_str(&format!("**after:** {}\n\n", after[i]));
+    }
+    write_atomic(path, md.as_bytes())?;
+    Ok(())
+}
+
+/// The packing, data and LoRA lines printed before training.
+fn print_summary(sess: &TrainSession, model: &LoadedModel, cfg: &TrainConfig, data_path: &Path, val_data: Option<&Dataset>) -> Result<()> {
+    let st = sess.data_stats();
+    let (n_train, n_val) = sess.split_sizes();
+    if let Some(rows) = sess.packed_rows() {
+        eprintln!("packing  {n_train} training examples in {rows} rows of at most {} tokens", cfg.max_len);
+    }
+    eprintln!(
+        "data     {}: {} examples ({} training, {} validation{}), {} tokens, {} counted by the loss, longest {}{}",
+        data_path.display(),
+        st.examples,
+        n_train,
+        n_val,
+        val_data.map(|v| format!(" + {} in {}", v.len(), v.file())).unwrap_or_default(),
+        st.tokens,
+        st.counted_tokens,
+        st.max_tokens,
+        if st.truncated > 0 { format!(", {} cut to {} tokens", st.truncated, cfg.max_len) } else { String::new() }
+    );
+    let l = sess.lora_config();
+    eprintln!(
+        "lora     r {} alpha {} dropout {}{} on {}; {} steps of batch {}x{}, lr {} {} (warmup {}), seed {}",
+        l.r, l.lora_alpha, l.lora_dropout, if l.use_dora { " DoRA" } else { "" }, targets_text(l, model)?, cfg.steps, cfg.batch_size, cfg.grad_accum, cfg.lr, cfg.schedule.name(), cfg.warmup(), cfg.seed
+    );
+    Ok(())
+}
+
+/// Runs `qlora train`.
+pub fn run(args: TrainArgs) -> Result<i32> {
+    // First thing, so that Ctrl-C at any moment ends the run in order.
+    handle_ctrl_c()?;
+    let args = args.merged()?;
+    let model_path = args.model.clone().context("no model: give MODEL (a .gguf file or a Hugging Face folder) or `model` in --config")?;
+    let data_path = args.data.clone().context("no training data: give --data FILE.jsonl or `data` in --config")?;
+    let out = args.out_dir();
+    let format = Format::parse(args.format.as_deref().unwrap_or("auto"))?;
+    let data = Dataset::from_jsonl_file(&data_path, format)?;
+    let val_data = args.val_data.as_ref().map(|p| Dataset::from_jsonl_file(p, format)).transpose()?;
+    let cfg = args.train_config(data.len())?;
+    let quant = args.quant.quant()?;
+    let prompts = args.prompts.as_ref().map(|p| common::read_prompts(p)).transpose()?;
+    let sample_tokens = args.sample_tokens.unwrap_or(64);
+
+    // The effective settings, kept with the run (and compared on --resume).
+    let mut eff = args.clone();
+    eff.steps = Some(cfg.steps);
+    eff.epochs = None;
+    let run_toml = toml::to_string(&Value::Object(to_map(&eff)))?;
+    let now_map = to_map(&eff);
+    let settings = Value::Object(RESUME_KEYS.iter().filter_map(|k| now_map.get(*k).map(|v| (k.to_string(), v.clone()))).collect());
+    let ck_dir = out.join(CHECKPOINT_DIR);
+    if args.resume && args.emit_recipe.is_some() {
+        bail!("--emit-recipe with --resume: a recipe starts a run (from its initial adapter); emit it without --resume");
+    }
+    if args.resume {
+        check_resumable(&out, &Value::Object(now_map.clone()))?;
+    }
+
+    let ctx = block_on(GpuContext::new())?;
+    let gi = ctx.info();
+    eprintln!("gpu      {} ({}, {})", gi.name, gi.backend, gi.device_type);
+    let t_load = Instant::now();
+    // With --qlora each projection is quantized as it is read: the model is never all f32 here.
+    let src = common::open_model_with(
+        &model_path,
+        match quant {
+            BaseQuant::F32 => None,
+            BaseQuant::Nf4 { blocksize, double_quant } => Some((blocksize, double_quant)),
+        },
+    )?;
+    let mut cfg = cfg;
+    let plan = plan_memory(&args, &cfg, &src, quant, &model_path)?;
+    cfg.grad_checkpoint = plan.grad_checkpoint;
+    let pos = common::positions_for(&src, cfg.max_len + sample_tokens + 256);
+    let model = src.upload(&ctx, quant, pos)?;
+    let (pb_bytes, rest) = model.model.weights.device_bytes();
+    eprintln!(
+        "model    {} ({} layers, hidden {}), base {} : projections {}, embeddings and norms {}; loaded in {:.1} s",
+        model.name,
+        model.model.cfg.layers,
+        model.model.cfg.hidden,
+        quant.name(),
+        mib(pb_bytes as u64),
+        mib(rest as u64),
+        t_load.elapsed().as_secs_f64()
+    );
+    let init = args.init_adapter.as_ref().map(|d| common::open_adapter(d, &model)).transpose()?;
+    if let (Some(h), Some(true)) = (&init, args.use_dora) {
+        if !h.config.use_dora {
+            bail!(
+                "--use-dora: the --init-adapter {} is a plain LoRA adapter (use_dora false in its config), and its \
+                 config replaces the LoRA flags; start without --init-adapter to train DoRA",
+                args.init_adapter.as_ref().unwrap().display()
+            );
+        }
+    }
+    let mut sess = if args.resume {
+        let (ck, saved) = load_checkpoint_with(&ck_dir, &model.model.cfg).map_err(|e| anyhow::anyhow!("--resume: {e}"))?;
+        let diff = settings_diff(&saved, &settings);
+        if !diff.is_empty() {
+            bail!("--resume: the checkpoint {} was written by a run with other settings: {}", ck_dir.display(), qlora_webgpu::error::quote(&diff.join("; ")));
+        }
+        TrainSession::resume(&ctx, &model, &data, cfg.clone(), &ck).map_err(|e| anyhow::anyhow!("--resume from {}: {e}", ck_dir.display()))?
+    } else {
+        TrainSession::new(&ctx, &model, &data, cfg.clone(), init.as_ref())?
+    };
+    if let Some(dir) = &args.emit_recipe {
+        let r = crate::recipe::Recipe {
+            model_path: &model_path,
+            data_path: &data_path,
+            data: &data,
+            val_data: val_data.as_ref(),
+            cfg: &cfg,
+            quant,
+            model: &model,
+            sess: &sess,
+            eval_every: args.eval_every,
+        };
+        crate::recipe::emit(dir, &r, &ctx)?;
+        return Ok(0);
+    }
+    let (n_train, n_val) = sess.split_sizes();
+    print_summary(&sess, &model, &cfg, &data_path, val_data.as_ref())?;
+
+    std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create the output folder", out.display()))?;
+    write_atomic(&out.join(RUN_CONFIG), run_toml.as_bytes())?;
+    let metrics_path = out.join(METRICS);
+    let (kept, tr, va) = if args.resume { metrics_upto(&metrics_path, sess.step_count())? } else { (String::new(), vec![], vec![]) };
+    std::fs::write(&metrics_path, kept)?;
+    let metrics = std::fs::OpenOptions::new().append(true).open(&metrics_path)?;
+    let mut run = Run { settings: settings.clone(), ctx: ctx.clone(), model: &model, out: out.clone(), metrics, train_points: tr, val_points: va };
+
+    let before = match &prompts {
+        Some(p) if !args.resume => {
+            eprintln!("answering {} prompts before training...", p.len());
+            Some(answers(&ctx, &model, &qlora_webgpu::model::llama::LoraSet::default(), p, sample_tokens)?)
+        }
+        _ => None,
+    };
+
+    // --val-data: tokenized once, with the run's encoding options.
+    let val_set = val_data.as_ref().map(|v| session::EvalSet::new(&model, v, cfg.encode_options(), cfg.batch_size)).transpose()?;
+    let val_loss = |s: &TrainSession| -> Result<Option<f64>> {
+        match &val_set {
+            Some(v) => Ok(Some(block_on(v.loss(&ctx, &model, s.lora_set()))?)),
+            None => Ok(block_on(s.validation_loss())?),
+        }
+    };
+    let has_val = val_data.is_some() || n_val > 0;
+    let save_every = args.save_every.unwrap_or(50).max(1);
+    if sess.step_count() == 0 && has_val {
+        if let Some(v) = val_loss(&sess)? {
+            run.val_points.push((0, v));
+            run.metrics.write_all(metrics_line(json!({"step": 0, "val_loss": v, "val_ppl": v.exp()})).as_bytes())?;
+        }
+    }
+
+    if STOP.load(Ordering::SeqCst) && !args.resume && sess.step_count() == 0 {
+        eprintln!("stopped  by Ctrl-C before the first step: no checkpoint written");
+        return Ok(EXIT_INTERRUPTED);
+    }
+
+    let every = Every { eval: args.eval_every.unwrap_or((cfg.steps / 10).max(1)), save: save_every, has_val };
+    let (interrupted, steps_run, tokens_total, secs) = train_steps(&mut sess, &mut run, &cfg, n_train, &every, &val_loss, &ck_dir, &out, args.resume)?;
     if steps_run > 0 {
         eprintln!(
             "trained  {} steps in {:.1} s ({:.2} s/step, {:.0} tokens/s), peak GPU memory {}",
             steps_run,
-            t0.elapsed().as_secs_f64(),
-            t0.elapsed().as_secs_f64() / steps_run as f64,
-            tokens_total as f64 / t0.elapsed().as_secs_f64(),
+            secs,
+            secs / steps_run as f64,
+            tokens_total as f64 / secs,
             mib(ctx.pool_stats().peak_in_use)
         );
     }
@@ -724,19 +789,7 @@ pub fn run(args: TrainArgs) -> Result<i32> {
     }
     if let Some(p) = &prompts {
         let after = answers(&ctx, &model, sess.lora_set(), p, sample_tokens)?;
-        let mut md = String::from("# Sample answers before and after training\n\n");
-        println!();
-        for (i, (shown, _)) in p.iter().enumerate() {
-            println!("### {shown}");
-            md.push_str(&format!("## {shown}\n\n"));
-            if let Some(b) = &before {
-                println!("before: {}", b[i]);
-                md.push_str(&format!("**before:** {}\n\n", b[i]));
-            }
-            println!("after:  {}\n", after[i]);
-            md.push_str(&format!("**after:** {}\n\n", after[i]));
-        }
-        write_atomic(&out.join(SAMPLES), md.as_bytes())?;
+        write_samples(&out.join(SAMPLES), p, before.as_deref(), &after)?;
     }
     eprintln!(
         "saved    adapter {} + {}, metrics {}, loss plot {}, checkpoint {} (all in {})",

@@ -11,6 +11,7 @@
 //! (seed, epoch, position) resumes the exact sequence.
 
 use crate::data::tokenizer::Tokenizer;
+use crate::model::llama::LlamaConfig;
 use crate::rng::SplitMix64;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -95,6 +96,13 @@ impl TokenizedDataset {
         }
         collate(&picked, pad_id)
     }
+
+    /// Every example once, in order, `batch_size` at a time (the last batch smaller): how
+    /// validation and evaluation sets are scored.
+    pub fn batches_in_order(&self, batch_size: usize, pad_id: u32) -> Result<Vec<Batch>> {
+        let bs = batch_size.max(1);
+        (0..self.len()).step_by(bs).map(|i| self.batch(&(i..(i + bs).min(self.len())).collect::<Vec<_>>(), pad_id)).collect()
+    }
 }
 
 /// How much of a data set [`split_indices`] holds out for validation.
@@ -133,8 +141,10 @@ pub fn split_indices(n: usize, split: Split, seed: u64) -> Result<(Vec<usize>, V
 /// The RNG stream of the validation split (epochs use streams 0, 1, 2, ...).
 const SPLIT_STREAM: u64 = u64::MAX;
 
-/// A batch for the model: `ids` (B, T) and `targets` (B, T) row-major, targets already shifted
-/// (`targets[b, t] = labels[b, t + 1]`, -100 at t = T_b − 1 and on padding).
+/// A batch for the model, the one batch type from the data set to the trainer: `ids` (B, T) and
+/// `targets` (B, T) row-major, targets already shifted (`targets[b, t] = labels[b, t + 1]`, -100
+/// at t = T_b − 1 and on padding), and with sequence packing the segment starts. The count of
+/// scored targets is computed once, when the batch is made.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Batch {
     /// Token ids (B*T), right-padded with the pad id.
@@ -143,10 +153,80 @@ pub struct Batch {
     pub targets: Vec<i32>,
     /// B.
     pub batch: usize,
-    /// T: the longest example of the batch.
+    /// T: the longest example (or packed row) of the batch.
     pub seq: usize,
-    /// Targets that are not -100.
-    pub n_tokens: usize,
+    /// Sequence packing ([`collate_packed`]): for each position (B*T), the row offset of its
+    /// example's first token (padding forms a segment of its own; position id = t − seg);
+    /// None for one example per row.
+    pub seg: Option<Vec<u32>>,
+    n_tokens: usize,
+}
+
+impl Batch {
+    /// A batch of `batch` rows from ids and shifted targets of equal length (a multiple of
+    /// `batch`), and segment starts of the same length for packed rows.
+    pub fn new(ids: Vec<u32>, targets: Vec<i32>, batch: usize, seg: Option<Vec<u32>>) -> Result<Batch> {
+        let n = ids.len();
+        if batch == 0 || n == 0 || targets.len() != n || n % batch != 0 || seg.as_ref().is_some_and(|g| g.len() != n) {
+            return Err(Error::Invalid(format!(
+                "a batch of {batch} rows needs ids ({n}), targets ({}) and segment starts ({}) of one length, a non-zero multiple of the rows",
+                targets.len(),
+                seg.as_ref().map_or("none".to_string(), |g| g.len().to_string())
+            )));
+        }
+        let n_tokens = targets.iter().filter(|&&t| t != IGNORE).count();
+        Ok(Batch { seq: n / batch, ids, targets, batch, seg, n_tokens })
+    }
+
+    /// Targets that count (not -100): the tokens the loss averages over.
+    pub fn n_tokens(&self) -> usize {
+        self.n_tokens
+    }
+
+    /// Rows `r0..r1` as a batch of their own.
+    pub fn rows(&self, r0: usize, r1: usize) -> Batch {
+        let t = self.seq;
+        let targets = self.targets[r0 * t..r1 * t].to_vec();
+        let n_tokens = targets.iter().filter(|&&x| x != IGNORE).count();
+        Batch {
+            ids: self.ids[r0 * t..r1 * t].to_vec(),
+            targets,
+            batch: r1 - r0,
+            seq: t,
+            seg: self.seg.as_ref().map(|g| g[r0 * t..r1 * t].to_vec()),
+            n_tokens,
+        }
+    }
+
+    /// The batch as consecutive runs of whole sequences whose widest activation that is not
+    /// chunked (one (rows, width) f32 tensor: the hidden size or the query width,
+    /// `LlamaConfig::activation_width`) fits `max_binding` bytes, leaving out runs without a
+    /// counted target. The MLP's wider (rows, intermediate) tensors run in row chunks inside each
+    /// layer (`llama::mlp_chunk_rows`); the rest is not sharded: a batch too large for one
+    /// binding is run as several micro-batches, which gives the step of the whole batch
+    /// (gradient accumulation weights each by its counted tokens), and `Error::Limit` says how
+    /// long a sequence may be when one sequence alone does not fit.
+    pub fn split_to_fit(&self, cfg: &LlamaConfig, max_binding: u64) -> Result<Vec<Batch>> {
+        let (b, t) = (self.batch, self.seq);
+        let width = cfg.activation_width() as u64;
+        let per_seq = t as u64 * width * 4;
+        if per_seq * b as u64 <= max_binding {
+            return Ok(vec![self.clone()]);
+        }
+        let fit = (max_binding / per_seq.max(1)) as usize;
+        if fit == 0 {
+            return Err(Error::Limit {
+                op: "training",
+                msg: format!(
+                    "a sequence of {t} tokens needs activations of {per_seq} bytes ({t} x {width} x 4, the hidden or query \
+                     width), over the device's largest storage binding of {max_binding} bytes; sequences of at most {} tokens \
+                     fit (a smaller max length)",
+                    max_binding / (width * 4)
+                ),
+            });
+        }
+        Ok((0..b).step_by(fit).map(|s0| self.rows(s0, (s0 + fit).min(b))).filter(|part| part.n_tokens > 0).collect())
+    }
 }
 
 /// The padding id of a tokenizer: its pad, else its eos, else 0 (any id does: padded positions
@@ -180,8 +260,7 @@ pub fn collate(examples: &[&Example], pad_id: u32) -> Result<Batch> {
         ids[row..row + e.ids.len()].copy_from_slice(&e.ids);
         targets[row..row + e.labels.len() - 1].copy_from_slice(&e.labels[1..]);
     }
-    let n_tokens = targets.iter().filter(|&&t| t != IGNORE).count();
-    Ok(Batch { ids, targets, batch: bsz, seq, n_tokens })
+    Batch::new(ids, targets, bsz, None)
 }
 
 /// One row of sequence packing (TRL's padding-free packing): several whole examples
@@ -237,20 +316,10 @@ pub fn pack(examples: &[Example], max_len: usize) -> Result<Vec<PackedRow>> {
     Ok(rows)
 }
 
-/// A packed batch: the [`Batch`] (targets shifted within each example, -100 at each example's
-/// last token, so every example counts exactly the tokens it counts unpacked) and the segment
-/// starts `seg` (B*T): for each position, the row offset of its example's first token (padding
-/// forms a segment of its own). Positions restart per example: position id = t − seg.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PackedBatch {
-    /// Ids and targets (B, T), T = the longest row.
-    pub batch: Batch,
-    /// Segment starts (B*T).
-    pub seg: Vec<u32>,
-}
-
-/// Stacks packed rows into a [`PackedBatch`] (right padding with `pad_id`).
-pub fn collate_packed(rows: &[&PackedRow], pad_id: u32) -> Result<PackedBatch> {
+/// Stacks packed rows into a [`Batch`] with segment starts (right padding with `pad_id`;
+/// targets shifted within each example, -100 at each example's last token, so every example
+/// counts exactly the tokens it counts unpacked).
+pub fn collate_packed(rows: &[&PackedRow], pad_id: u32) -> Result<Batch> {
     if rows.is_empty() || rows.iter().any(|r| r.ids.is_empty() || r.ids.len() != r.labels.len() || r.starts.first() != Some(&0)) {
         return Err(Error::Invalid("a packed batch needs at least one row, each non-empty with as many labels as ids".into()));
     }
@@ -275,6 +344,5 @@ pub fn collate_packed(rows: &[&PackedRow], pad_id: u32) -> Result<PackedBatch> {
         // Padding: a segment of its own.
         seg[row + r.ids.len()..row + seq].iter_mut().for_each(|x| *x = r.ids.len() as u32);
     }
-    let n_tokens = targets.iter().filter(|&&t| t != IGNORE).count();
-    Ok(PackedBatch { batch: Batch { ids, targets, batch: bsz, seq, n_tokens }, seg })
+    Batch::new(ids, targets, bsz, Some(seg))
 }

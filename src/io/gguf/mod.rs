@@ -11,4 +11,3 @@ pub use dequant::dequantize;
 pub use file::{GgmlType, GgufFile, GgufTensorInfo, GgufValue, DEFAULT_ALIGNMENT, GGUF_MAGIC};
 pub(crate) use llama::move_head_rows;
 pub use llama::{gguf_config, gguf_name, load_gguf, load_gguf_with, unpermute_rows, GgufModel};
-pub use tokenizer::GgufTokenizer;

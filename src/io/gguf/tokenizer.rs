@@ -1,59 +1,9 @@
 //! A GGUF model's tokenizer metadata (tokenizer.ggml.*, tokenizer.chat_template), read into
-//! [`GgufTokenizer`] and built into the library's tokenizer.
+//! `data::tokenizer::GgufTokenizer`, which builds the library's tokenizer.
 
 use super::llama::GgufModel;
+use crate::data::tokenizer::GgufTokenizer;
 use crate::{Error, Result};
-
-/// The tokenizer.ggml.* metadata of a GGUF model, for building a tokenizer.
-#[derive(Clone, Debug, PartialEq)]
-pub struct GgufTokenizer {
-    /// `tokenizer.ggml.model` ("gpt2" for byte-level BPE, "llama" for SentencePiece).
-    pub model: String,
-    /// `tokenizer.ggml.pre` (the pre-tokenizer, e.g. "smollm").
-    pub pre: Option<String>,
-    /// `tokenizer.ggml.tokens`, by id.
-    pub tokens: Vec<String>,
-    /// `tokenizer.ggml.token_type` (1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused,
-    /// 6 byte), empty when absent.
-    pub token_types: Vec<i32>,
-    /// `tokenizer.ggml.scores`, empty when absent.
-    pub scores: Vec<f32>,
-    /// `tokenizer.ggml.merges` ("a b" pairs, by rank), empty when absent.
-    pub merges: Vec<String>,
-    /// `tokenizer.ggml.bos_token_id`.
-    pub bos: Option<u32>,
-    /// `tokenizer.ggml.eos_token_id`.
-    pub eos: Option<u32>,
-    /// `tokenizer.ggml.unknown_token_id`.
-    pub unk: Option<u32>,
-    /// `tokenizer.ggml.padding_token_id`.
-    pub pad: Option<u32>,
-    /// `tokenizer.ggml.add_bos_token`.
-    pub add_bos: Option<bool>,
-    /// `tokenizer.ggml.add_eos_token`.
-    pub add_eos: Option<bool>,
-    /// `tokenizer.chat_template`.
-    pub chat_template: Option<String>,
-}
-
-impl GgufTokenizer {
-    /// The tokenizer these fields describe (byte-level BPE rebuilt as the equivalent
-    /// tokenizer.json, see `data::tokenizer`).
-    pub fn build(&self) -> Result<crate::data::tokenizer::Tokenizer> {
-        crate::data::tokenizer::Tokenizer::from_gguf(&crate::data::tokenizer::GgufTokenizerSpec {
-            model: self.model.clone(),
-            pre: self.pre.clone(),
-            tokens: self.tokens.clone(),
-            token_types: self.token_types.clone(),
-            merges: self.merges.clone(),
-            bos: self.bos,
-            eos: self.eos,
-            unk: self.unk,
-            pad: self.pad,
-            add_bos: self.add_bos.unwrap_or(false),
-        })
-    }
-}
 
 impl GgufModel {
     /// The tokenizer metadata; `file` names the file in errors (a key of the wrong type).

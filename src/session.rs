@@ -199,6 +199,28 @@ pub enum Prompt {
     Raw(String),
 }
 
+impl Prompt {
+    /// A prompt as JSON gives it (the browser package's `prompt` argument, a line of
+    /// `qlora train --prompts`): a string (one user message when `chat_template`, else raw
+    /// text), an array of `{role, content}` messages or `{"messages": [...]}`, or
+    /// `{"text": ...}` / `{"prompt": ...}` (raw text). The error says what was expected.
+    pub fn from_json(v: &serde_json::Value, chat_template: bool) -> std::result::Result<Prompt, String> {
+        use serde_json::Value;
+        let messages = |a: &Value| -> std::result::Result<Vec<Message>, String> {
+            serde_json::from_value::<Vec<Message>>(a.clone()).map_err(|e| format!("messages must be [{{role, content}}, ...] of strings ({e})"))
+        };
+        let raw = |o: &serde_json::Map<String, Value>| ["prompt", "text"].iter().find_map(|k| o.get(*k).and_then(Value::as_str).map(str::to_owned));
+        match v {
+            Value::String(s) if chat_template => Ok(Prompt::Chat(vec![Message::new("user", s)])),
+            Value::String(s) => Ok(Prompt::Raw(s.clone())),
+            Value::Array(_) => Ok(Prompt::Chat(messages(v)?)),
+            Value::Object(o) if o.contains_key("messages") => Ok(Prompt::Chat(messages(&o["messages"])?)),
+            Value::Object(o) if raw(o).is_some() => Ok(Prompt::Raw(raw(o).unwrap_or_default())),
+            _ => Err("expected a string, chat messages, {\"messages\": [...]}, {\"text\": ...} or {\"prompt\": ...}".into()),
+        }
+    }
+}
+
 /// A base model on the device with its tokenizer and chat template.
 pub struct LoadedModel {
     /// The file or folder it came from.

@@ -20,7 +20,6 @@ pub use api::*;
 #[cfg(target_arch = "wasm32")]
 mod api {
     use super::options;
-    use crate::data::chat::Message;
     use crate::data::dataset::{Dataset as JsonlDataset, Format};
     use crate::generate::{GenerationOutput, StopReason};
     use crate::gpu::{GpuContext, GpuInfo};
@@ -909,23 +908,11 @@ mod api {
     }
 
     fn parse_prompt(m: &LoadedModel, v: &JsValue) -> Result<Prompt, JsValue> {
-        if let Some(s) = v.as_string() {
-            return Ok(match m.template {
-                Some(_) => Prompt::Chat(vec![Message::new("user", s)]),
-                None => Prompt::Raw(s),
-            });
-        }
-        let j = from_js("prompt", v)?;
-        let messages = |a: &Value| -> Result<Vec<Message>, JsValue> {
-            serde_json::from_value::<Vec<Message>>(a.clone())
-                .map_err(|e| plain_error("invalid", format!("prompt: messages must be [{{role, content}}, ...] of strings ({e})")))
+        let j = match v.as_string() {
+            Some(text) => Value::String(text),
+            None => from_js("prompt", v)?,
         };
-        match &j {
-            Value::Array(_) => Ok(Prompt::Chat(messages(&j)?)),
-            Value::Object(o) if o.contains_key("messages") => Ok(Prompt::Chat(messages(&o["messages"])?)),
-            Value::Object(o) if o.get("text").is_some_and(Value::is_string) => Ok(Prompt::Raw(o["text"].as_str().unwrap_or("").to_owned())),
-            _ => Err(plain_error("invalid", "prompt: expected a string, chat messages, {messages: [...]} or {text: string}")),
-        }
+        Prompt::from_json(&j, m.template.is_some()).map_err(|e| plain_error("invalid", format!("prompt: {e}")))
     }
 
     async fn generate(inner: &ModelInner, set: &LoraSet, prompt: JsValue, options: JsValue, on_text: JsValue) -> Result<JsValue, JsValue> {

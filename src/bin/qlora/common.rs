@@ -166,22 +166,19 @@ pub fn read_prompts(path: &Path) -> Result<Vec<(String, Prompt)>> {
         }
         let at = || format!("{}: line {}", path.display(), i + 1);
         let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}: not JSON", at()))?;
-        if let Some(msgs) = v.get("messages").and_then(|m| m.as_array()) {
-            let mut m: Vec<Message> = Vec::new();
-            for x in msgs {
-                let role = x.get("role").and_then(|r| r.as_str()).with_context(|| format!("{}: a message without a role", at()))?;
-                let content = x.get("content").and_then(|r| r.as_str()).with_context(|| format!("{}: a message without content", at()))?;
-                m.push(Message::new(role, content));
-            }
-            if m.last().is_some_and(|x| x.role == "assistant") {
-                m.pop();
-            }
-            let shown = m.iter().rev().find(|x| x.role == "user").map(|x| x.content.clone()).with_context(|| format!("{}: no user message", at()))?;
-            out.push((shown, Prompt::Chat(m)));
-        } else if let Some(p) = v.get("prompt").or_else(|| v.get("text")).and_then(|p| p.as_str()) {
-            out.push((p.to_owned(), Prompt::Raw(p.to_owned())));
-        } else {
+        if v.is_string() {
             bail!("{}: expected {{\"messages\": [...]}}, {{\"prompt\": ...}} or {{\"text\": ...}}", at());
+        }
+        match Prompt::from_json(&v, true).map_err(|e| anyhow::anyhow!("{}: {e}", at()))? {
+            Prompt::Chat(mut m) => {
+                // A final assistant turn is dropped, so a training file works as prompts.
+                if m.last().is_some_and(|x| x.role == "assistant") {
+                    m.pop();
+                }
+                let shown = m.iter().rev().find(|x| x.role == "user").map(|x| x.content.clone()).with_context(|| format!("{}: no user message", at()))?;
+                out.push((shown, Prompt::Chat(m)));
+            }
+            Prompt::Raw(p) => out.push((p.clone(), Prompt::Raw(p))),
         }
     }
     if out.is_empty() {

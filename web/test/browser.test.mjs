@@ -24,25 +24,14 @@
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { promisify } from 'node:util';
 import { chromium } from 'playwright-core';
-import { startServer, REPO_ROOT } from '../serve.mjs';
-import { readSafetensors, compareAdapters } from './safetensors.mjs';
+import { launch, apiPage as openApiPage, pageLog, writeAdapter, nativeRun, compareWithNative, secs, CHROMIUM, MODEL_DIR, MODEL_FILES } from './page.mjs';
+import { readSafetensors } from './safetensors.mjs';
 import { ggufFromHfFolder } from './gguf.mjs';
 
-const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
-// DESIGN.md: Chromium headless with WebGPU on a machine without a GPU.
-const WEBGPU_FLAGS = [
-  '--headless=new', '--no-sandbox', '--enable-unsafe-webgpu', '--enable-features=Vulkan',
-  '--use-vulkan=swiftshader', '--use-webgpu-adapter=swiftshader', '--disable-gpu-sandbox',
-];
-const MODEL_DIR = path.join(REPO_ROOT, 'tests/fixtures/tiny-llama/model');
-const MODEL_FILES = ['config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json', 'chat_template.jinja'];
-const DATA = path.join(REPO_ROOT, 'data/pirate.jsonl');
 const STEPS = Number(process.env.QLORA_WEB_STEPS || 6);
 const QLORA_STEPS = Number(process.env.QLORA_WEB_QLORA_STEPS || 3);
 // Browser (SwiftShader, vec4 kernels) against native (lavapipe, subgroup kernels), relative
@@ -71,10 +60,7 @@ let tmp;
 let trained = null;
 
 before(async () => {
-  assert.ok(fs.existsSync(path.join(REPO_ROOT, 'web/pkg/qlora_webgpu.js')), 'web/pkg is missing: run scripts/build-web.sh first');
-  assert.ok(fs.existsSync(CHROMIUM), `no Chromium at ${CHROMIUM} (apt-get install chromium, or set CHROMIUM)`);
-  server = await startServer();
-  browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: WEBGPU_FLAGS });
+  ({ server, browser } = await launch());
   tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'qlora-web-'));
 });
 
@@ -83,12 +69,6 @@ after(async () => {
   server?.server.close();
   if (tmp) fs.rmSync(tmp, { recursive: true, force: true });
 });
-
-function pageLog(page, lines) {
-  page.on('console', (m) => lines.push(`[${m.type()}] ${m.text()}`));
-  page.on('pageerror', (e) => lines.push(`[pageerror] ${e.message}`));
-  page.on('worker', (w) => w.on('console', (m) => lines.push(`[worker ${m.type()}] ${m.text()}`)));
-}
 
 /** Waits until window.demo.phase is one of `phases`; an error shown by the page fails at once. */
 async function waitPhase(page, phases, timeout, lines) {
@@ -107,7 +87,6 @@ async function waitPhase(page, phases, timeout, lines) {
 
 const mean = (xs) => xs.reduce((a, b) => a + b, 0) / xs.length;
 const relDiff = (a, b) => Math.abs(a - b) / Math.abs(b);
-const secs = (t0) => `${((Date.now() - t0) / 1000).toFixed(0)} s`;
 
 /** Opens the demo page and waits for its GPU; asserts the matmul path the page reports. */
 async function openDemo(lines) {
@@ -155,50 +134,6 @@ async function downloadAdapter(page, dir) {
     assert.equal(dl.suggestedFilename(), name);
     await dl.saveAs(path.join(dir, name));
   }
-}
-
-/** Writes an adapter's two files ({adapterConfig, adapterModel: number[]}) into `dir`. */
-function writeAdapter(dir, files) {
-  fs.mkdirSync(dir, { recursive: true });
-  fs.writeFileSync(path.join(dir, 'adapter_config.json'), files.adapterConfig);
-  fs.writeFileSync(path.join(dir, 'adapter_model.safetensors'), Buffer.from(files.adapterModel));
-}
-
-/** examples/web_native.rs: the same run natively. Resolves to its final JSON line. */
-async function nativeRun(trainOpts, modelOpts, outDir, initDir, env = {}) {
-  const args = ['run', '-q', '-j1', '--example', 'web_native', '--', MODEL_DIR, DATA, outDir, JSON.stringify(trainOpts), JSON.stringify(modelOpts)];
-  if (initDir) args.push(initDir);
-  const { stdout } = await promisify(execFile)('cargo', args, { cwd: REPO_ROOT, maxBuffer: 1 << 24, timeout: 15 * 60e3, env: { ...process.env, ...env } });
-  return JSON.parse(stdout.trim().split('\n').pop());
-}
-
-/**
- * Compares a browser run with the native one: every step's loss within `bound.loss` relative,
- * the same adapter_config.json, the same tensors within `bound.adapter` (relative L2 per
- * tensor). Prints the achieved figures.
- */
-function compareWithNative(label, web, native, bound) {
-  assert.equal(web.losses.length, native.losses.length, `${label}: the same number of steps`);
-  const lossErr = web.losses.map((l, i) => relDiff(l, native.losses[i]));
-  const worstLoss = Math.max(...lossErr);
-  console.log(`# ${label}: browser losses ${web.losses.map((l) => l.toFixed(5)).join(' ')}`);
-  console.log(`# ${label}: native losses  ${native.losses.map((l) => l.toFixed(5)).join(' ')} (${native.adapter}, ${native.quant})`);
-  const webCfg = JSON.parse(fs.readFileSync(path.join(web.dir, 'adapter_config.json'), 'utf8'));
-  const natCfg = JSON.parse(fs.readFileSync(path.join(native.out, 'adapter_config.json'), 'utf8'));
-  assert.deepEqual(webCfg, natCfg, `${label}: adapter_config.json is the same`);
-  const cmp = compareAdapters(
-    readSafetensors(fs.readFileSync(path.join(web.dir, 'adapter_model.safetensors'))),
-    readSafetensors(fs.readFileSync(path.join(native.out, 'adapter_model.safetensors'))),
-    bound.adapter,
-  );
-  console.log(`# ${label}: worst step loss relative difference ${worstLoss.toExponential(2)} (bound ${bound.loss}); adapter: ${cmp.keys} tensors, ` +
-    `same keys and shapes; worst relative L2 error ${cmp.worstL2.toExponential(2)} (${cmp.worstL2Key}; bound ${bound.adapter}); ` +
-    `worst max|diff|/max|native| ${cmp.worstMax.toExponential(2)} (${cmp.worstMaxKey})`);
-  lossErr.forEach((e, i) => assert.ok(e <= bound.loss, `${label}: step ${i + 1} loss: browser ${web.losses[i]} vs native ${native.losses[i]}`));
-  assert.deepEqual(cmp.failures, [], `${label}: adapter values within ${bound.adapter} relative`);
-  // A and B of the 7 projections of both layers, and with DoRA a magnitude vector each.
-  assert.equal(cmp.keys, webCfg.use_dora ? 42 : 28, 'A and B (and DoRA magnitudes) of the 7 projections of both layers');
-  return webCfg;
 }
 
 test('the demo trains the tiny model in Chromium (SwiftShader) and exports the adapter the native path trains', { timeout: 20 * 60e3 }, async () => {
@@ -281,26 +216,10 @@ test('QLoRA in the demo (base weights NF4 + double quant) exports the adapter of
   compareWithNative('QLoRA nf4-dq', { losses: s.losses, dir: webDir }, native, BOUNDS.qlora);
 });
 
-/** A page of the server's origin without the demo (whose worker would open the GPU too), with the package loaded as window.q and the GPU as window.gpu. */
-async function apiPage(lines) {
-  const page = await browser.newPage();
-  pageLog(page, lines);
-  await page.goto(`${server.url}/web/README.md`);
-  await page.evaluate(async (files) => {
-    window.q = await import('./pkg/qlora_webgpu.js');
-    await window.q.default();
-    window.gpu = await window.q.Gpu.open();
-    window.hfFiles = {};
-    for (const f of files) window.hfFiles[f] = new Uint8Array(await (await fetch(`../tests/fixtures/tiny-llama/model/${f}`)).arrayBuffer());
-    window.pirate = await (await fetch('../data/pirate.jsonl')).text();
-  }, MODEL_FILES);
-  return page;
-}
-
 test('the package API in a page: Adapter.load reads the exported adapter back and answers as the demo did', { timeout: 300e3 }, async () => {
   assert.ok(trained, 'needs the adapter of the first test');
   const lines = [];
-  const page = await apiPage(lines);
+  const page = await openApiPage(browser, server, lines, {});
   const config = fs.readFileSync(path.join(trained.dir, 'adapter_config.json'), 'utf8');
   const weights = [...fs.readFileSync(path.join(trained.dir, 'adapter_model.safetensors'))];
   const r = await page.evaluate(async ({ config, weights, maxPositions }) => {
@@ -339,7 +258,7 @@ test('the package API in a page: Model.fromGguf loads the model the Hugging Face
   const gguf = ggufFromHfFolder(MODEL_DIR);
   console.log(`# GGUF of the tiny model (BF16, written by test/gguf.mjs): ${(gguf.length / 1048576).toFixed(1)} MiB`);
   const lines = [];
-  const page = await apiPage(lines);
+  const page = await openApiPage(browser, server, lines, {});
   await page.route('**/tiny-llama.gguf', (route) => route.fulfill({ body: gguf, contentType: 'application/octet-stream' }));
   const config = fs.readFileSync(path.join(trained.dir, 'adapter_config.json'), 'utf8');
   const weights = [...fs.readFileSync(path.join(trained.dir, 'adapter_model.safetensors'))];
@@ -383,7 +302,7 @@ test('the package API in a page: a run stopped by its progress callback exports 
   const stopAfter = 2;
   const resumeSteps = 2;
   const lines = [];
-  const page = await apiPage(lines);
+  const page = await openApiPage(browser, server, lines, {});
   const r = await page.evaluate(async ({ opts, modelOpts, stopAfter, resumeSteps }) => {
     const { q, gpu } = window;
     const model = q.Model.fromHuggingFace(gpu, window.hfFiles, modelOpts);
@@ -422,7 +341,7 @@ test('the package API in a page: a run stopped by its progress callback exports 
   // steps), then a run from the browser's exported adapter.
   const t1 = Date.now();
   const nativeStop = await nativeRun({ ...opts, steps: stopAfter }, modelOpts, path.join(tmp, 'native-stopped'));
-  const nativeResume = await nativeRun({ ...opts, steps: resumeSteps }, modelOpts, path.join(tmp, 'native-resumed'), stopDir);
+  const nativeResume = await nativeRun({ ...opts, steps: resumeSteps }, modelOpts, path.join(tmp, 'native-resumed'), {}, stopDir);
   console.log(`# native stop + resume: ${secs(t1)}`);
   compareWithNative('stopped (nf4)', { losses: r.stopped.losses, dir: stopDir }, nativeStop, BOUNDS.stopResume);
   compareWithNative('resumed (nf4)', { losses: r.resumedLosses, dir: resumeDir }, nativeResume, BOUNDS.stopResume);
@@ -436,7 +355,7 @@ test('the package API in a page: with the binding limit lowered to 1 MiB the sha
   const opts = { rank: 4, alpha: 8, steps: 2, lr: 0.005, batchSize: 2, maxLen: 64, seed: 11, schedule: 'constant', warmupSteps: 0, maxGradNorm: 1, dropout: 0 };
   const modelOpts = { quant: 'nf4-dq', maxPositions: 128, name: 'model' };
   const lines = [];
-  const page = await apiPage(lines);
+  const page = await openApiPage(browser, server, lines, {});
   const r = await page.evaluate(async ({ opts, modelOpts }) => {
     const { q, gpu } = window;
     gpu.setMaxBinding(1 << 20);
@@ -468,7 +387,7 @@ test('the package API in a page: with the binding limit lowered to 1 MiB the sha
   assert.match(r.tooBig.message, /use max length <= 64\b/);
   const webDir = path.join(tmp, 'browser-sharded');
   writeAdapter(webDir, r.files);
-  const native = await nativeRun(opts, modelOpts, path.join(tmp, 'native-sharded'), undefined, { QLORA_MAX_BINDING: '1M' });
+  const native = await nativeRun(opts, modelOpts, path.join(tmp, 'native-sharded'), { QLORA_MAX_BINDING: '1M' });
   compareWithNative('sharded (1 MiB binding, nf4-dq)', { losses: r.losses, dir: webDir }, native, BOUNDS.qlora);
 });
 
@@ -479,7 +398,7 @@ test('the package API in a page: DoRA (useDora) trains as natively', { timeout: 
   const opts = { rank: 4, alpha: 8, steps: 2, lr: 0.005, batchSize: 2, maxLen: 64, seed: 11, schedule: 'constant', warmupSteps: 0, maxGradNorm: 1, dropout: 0, useDora: true };
   const modelOpts = { maxPositions: 128, name: 'model' };
   const lines = [];
-  const page = await apiPage(lines);
+  const page = await openApiPage(browser, server, lines, {});
   const r = await page.evaluate(async ({ opts, modelOpts }) => {
     const { q, gpu } = window;
     const model = q.Model.fromHuggingFace(gpu, window.hfFiles, modelOpts);
@@ -502,7 +421,7 @@ test('the package API in a page: DoRA (useDora) trains as natively', { timeout: 
 
 test('the package API in a page: the "busy" and "callback" errors', { timeout: 600e3 }, async () => {
   const lines = [];
-  const page = await apiPage(lines);
+  const page = await openApiPage(browser, server, lines, {});
   const r = await page.evaluate(async () => {
     const { q, gpu } = window;
     const model = q.Model.fromHuggingFace(gpu, window.hfFiles, { maxPositions: 128 });

@@ -1,7 +1,7 @@
 // Shared pieces of the browser tests that open pages of their own (from_url, compat, stop,
 // device_loss, adapter_set, real_model): Chromium with WebGPU on SwiftShader, the demo's static server, a page with the
 // package loaded, the native run of the same options (examples/web_native.rs) and the
-// comparison of two adapters. browser.test.mjs keeps its own copies.
+// comparison of two adapters.
 
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
@@ -65,16 +65,21 @@ export function writeAdapter(dir, files) {
   fs.writeFileSync(path.join(dir, 'adapter_model.safetensors'), Buffer.from(files.adapterModel));
 }
 
-/** examples/web_native.rs: the same run natively (lavapipe). Resolves to its final JSON line. */
-export async function nativeRun(trainOpts, modelOpts, outDir, env = {}) {
+/**
+ * examples/web_native.rs: the same run natively (lavapipe), with extra environment `env`, from
+ * the adapter in `initDir` when given. Resolves to its final JSON line.
+ */
+export async function nativeRun(trainOpts, modelOpts, outDir, env = {}, initDir = undefined) {
   const args = ['run', '-q', '-j1', '--example', 'web_native', '--', MODEL_DIR, DATA, outDir, JSON.stringify(trainOpts), JSON.stringify(modelOpts)];
+  if (initDir) args.push(initDir);
   const { stdout } = await promisify(execFile)('cargo', args, { cwd: REPO_ROOT, maxBuffer: 1 << 24, timeout: 15 * 60e3, env: { ...process.env, ...env } });
   return JSON.parse(stdout.trim().split('\n').pop());
 }
 
 /**
  * A browser run against the native one: each step's loss within `bound.loss` relative, the same
- * adapter_config.json, each tensor within `bound.adapter` (relative L2). Prints the figures.
+ * adapter_config.json, each tensor within `bound.adapter` (relative L2), A and B (and DoRA's
+ * magnitude) of every target module of the tiny model's 2 layers. Prints the figures.
  */
 export function compareWithNative(label, web, native, bound) {
   assert.equal(web.losses.length, native.losses.length, `${label}: the same number of steps`);
@@ -87,11 +92,13 @@ export function compareWithNative(label, web, native, bound) {
     readSafetensors(fs.readFileSync(path.join(native.out, 'adapter_model.safetensors'))),
     bound.adapter,
   );
-  console.log(`# ${label}: browser losses ${web.losses.map((l) => l.toFixed(5)).join(' ')}; native ${native.losses.map((l) => l.toFixed(5)).join(' ')}; ` +
-    `worst loss relative difference ${Math.max(...lossErr).toExponential(2)} (bound ${bound.loss}); adapter ${cmp.keys} tensors, ` +
-    `worst relative L2 ${cmp.worstL2.toExponential(2)} (${cmp.worstL2Key}; bound ${bound.adapter})`);
+  console.log(`# ${label}: browser losses ${web.losses.map((l) => l.toFixed(5)).join(' ')}; native ${native.losses.map((l) => l.toFixed(5)).join(' ')} ` +
+    `(${native.adapter}, ${native.quant}); worst loss relative difference ${Math.max(...lossErr).toExponential(2)} (bound ${bound.loss}); adapter ${cmp.keys} tensors, ` +
+    `worst relative L2 ${cmp.worstL2.toExponential(2)} (${cmp.worstL2Key}; bound ${bound.adapter}); worst max|diff|/max|native| ${cmp.worstMax.toExponential(2)} (${cmp.worstMaxKey})`);
   lossErr.forEach((e, i) => assert.ok(e <= bound.loss, `${label}: step ${i + 1} loss: browser ${web.losses[i]} vs native ${native.losses[i]}`));
   assert.deepEqual(cmp.failures, [], `${label}: adapter values within ${bound.adapter} relative`);
+  const modules = Array.isArray(webCfg.target_modules) ? webCfg.target_modules.length : 7;
+  assert.equal(cmp.keys, 2 * modules * (webCfg.use_dora ? 3 : 2), `${label}: A and B (and DoRA magnitudes) of the target modules of both layers`);
   return webCfg;
 }
 

@@ -103,7 +103,12 @@ impl ModelSource {
     /// As [`ModelSource::from_gguf`], the projections quantized to NF4 (blocksize, double
     /// quantization) as they are read when `quantize` is given.
     pub fn from_gguf_with(name: &str, bytes: &[u8], quantize: Option<(usize, bool)>) -> Result<Self> {
-        let g = crate::io::gguf::load_gguf_with(name, bytes, quantize)?;
+        Self::from_gguf_model(name, crate::io::gguf::load_gguf_with(name, bytes, quantize)?)
+    }
+
+    /// A GGUF model already read (by [`crate::io::gguf::load_gguf_with`] or a
+    /// [`crate::io::gguf::GgufStream`]) with its tokenizer and chat template.
+    pub fn from_gguf_model(name: &str, g: crate::io::gguf::GgufModel) -> Result<Self> {
         let gt = g.tokenizer(name)?;
         let tokenizer = gt.build().map_err(|e| Error::format(name, format!("tokenizer from tokenizer.ggml.* metadata: {e}")))?;
         let template = match gt.chat_template.as_deref() {

@@ -162,14 +162,17 @@ mod api {
     /** The error kinds the library's errors carry (on the innermost `cause`). "device-lost": the
      *  GPU device is gone (driver reset, GPU process crash, `GPUDevice.destroy`): open a new `Gpu`
      *  and load the model again; `Training.keptAdapter()` still has the last completed step's
-     *  adapter. "fetch": `Model.fromUrl` could not download the file. */
-    export type ErrorKind = "webgpu-missing" | "no-adapter" | "device" | "device-lost" | "out-of-memory" | "limit" | "format" | "invalid" | "shape" | "busy" | "callback" | "fetch";
+     *  adapter. "fetch": `Model.fromUrl` could not download the file; "aborted": its `signal` abandoned the load. */
+    export type ErrorKind = "webgpu-missing" | "no-adapter" | "device" | "device-lost" | "out-of-memory" | "limit" | "format" | "invalid" | "shape" | "busy" | "callback" | "fetch" | "aborted";
     /** `Model.fromUrl`'s options: the model options, progress, caching. */
     export interface UrlModelOptions extends ModelOptions {
       /** Called as the download and the upload go: bytes, then tensors. */
       onProgress?: (p: LoadProgress) => void;
       /** Read from and store into the origin's Cache API storage (default true). */
       cache?: boolean;
+      /** Abandons the load when aborted (the download stops, nothing is cached; the promise
+       *  rejects with an error of kind "aborted"). */
+      signal?: AbortSignal;
     }
     /** A `Model.fromUrl` progress report. */
     export interface LoadProgress {
@@ -633,10 +636,27 @@ mod api {
         plain_error("fetch", format!("downloading {}: {what}", crate::error::quote(url)))
     }
 
-    /// Reads `url`'s bytes into one buffer in wasm memory (sized from Content-Length, so it is not
-    /// regrown), from the model cache when it holds the URL, else from the network (then stored
-    /// in the cache as it streams). Reports `download` progress. Returns (bytes, from cache).
-    async fn download(url: &str, use_cache: bool, progress: &dyn Fn(&Value)) -> Result<(Vec<u8>, bool), JsValue> {
+    /// Whether `signal` (an AbortSignal, or undefined) has been aborted.
+    fn aborted(signal: &JsValue) -> bool {
+        signal.is_object() && get(signal, "aborted").is_truthy()
+    }
+
+    fn abort_error(url: &str) -> JsValue {
+        plain_error("aborted", format!("loading {}: abandoned (the AbortSignal was aborted)", crate::error::quote(url)))
+    }
+
+    /// Streams `url`'s bytes to `sink` chunk by chunk (one chunk in wasm memory at a time), from
+    /// the model cache when it holds the URL, else from the network (the cache then stores its
+    /// own copy of the response, teed by the browser outside wasm memory). Reports `download`
+    /// progress; `signal` (an AbortSignal) abandons the download (and the cache's copy) at the
+    /// next chunk. Returns (bytes, from cache).
+    async fn download(
+        url: &str,
+        use_cache: bool,
+        signal: &JsValue,
+        progress: &dyn Fn(&Value),
+        sink: &mut dyn FnMut(&[u8]) -> Result<(), JsValue>,
+    ) -> Result<(usize, bool), JsValue> {
         let cache = if use_cache { model_cache().await } else { None };
         let key = JsValue::from_str(url);
         let mut from_cache = false;
@@ -650,13 +670,20 @@ mod api {
         }
         let mut put = None;
         if !from_cache {
-            resp = await_js(call(&js_sys::global(), "fetch", &[&key]).map_err(|e| {
+            let init = Object::new();
+            if signal.is_object() {
+                Reflect::set(&init, &"signal".into(), signal)?;
+            }
+            resp = await_js(call(&js_sys::global(), "fetch", &[&key, &init]).map_err(|e| {
                 let err = fetch_error(url, "fetch failed");
                 set_cause(&err, &e);
                 err
             })?)
             .await
             .map_err(|e| {
+                if aborted(signal) {
+                    return abort_error(url);
+                }
                 let err = fetch_error(url, "the request failed (network error, or the server does not allow this origin: CORS)");
                 set_cause(&err, &e);
                 err
@@ -677,17 +704,22 @@ mod api {
             .and_then(|v| v.trim().parse::<usize>().ok());
         let body = get(&resp, "body");
         let reader = call(&body, "getReader", &[]).map_err(|_| fetch_error(url, "the response has no body stream"))?;
-        let mut buf: Vec<u8> = Vec::new();
-        if let Some(n) = total {
-            buf.try_reserve_exact(n).map_err(|_| fetch_error(url, format!("{n} bytes do not fit in wasm memory")))?;
-        }
         let report = |done: usize| {
             progress(&json!({"phase": "download", "bytesDone": done, "bytesTotal": total, "fromCache": from_cache, "tensorsDone": 0, "tensorsTotal": 0}))
         };
         report(0);
-        let mut last = 0usize;
+        let (mut done, mut last) = (0usize, 0usize);
+        // One chunk at a time in wasm memory: this buffer is reused.
+        let mut chunk_buf: Vec<u8> = Vec::new();
         loop {
+            if aborted(signal) {
+                let _ = call(&reader, "cancel", &[]);
+                return Err(abort_error(url));
+            }
             let chunk = await_js(call(&reader, "read", &[])?).await.map_err(|e| {
+                if aborted(signal) {
+                    return abort_error(url);
+                }
                 let err = fetch_error(url, "the download broke off");
                 set_cause(&err, &e);
                 err
@@ -696,39 +728,45 @@ mod api {
                 break;
             }
             let v: Uint8Array = get(&chunk, "value").dyn_into().map_err(|_| fetch_error(url, "a chunk is not bytes"))?;
-            let at = buf.len();
             let n = v.length() as usize;
-            buf.try_reserve(n).map_err(|_| fetch_error(url, format!("{} bytes do not fit in wasm memory", at + n)))?;
-            buf.resize(at + n, 0);
-            v.copy_to(&mut buf[at..]);
-            if buf.len() - last >= 1 << 20 {
-                last = buf.len();
+            chunk_buf.clear();
+            chunk_buf.try_reserve(n).map_err(|_| fetch_error(url, format!("a {n}-byte chunk does not fit in wasm memory")))?;
+            chunk_buf.resize(n, 0);
+            v.copy_to(&mut chunk_buf);
+            if let Err(e) = sink(&chunk_buf) {
+                let _ = call(&reader, "cancel", &[]);
+                return Err(e);
+            }
+            done += n;
+            if done - last >= 1 << 20 {
+                last = done;
                 report(last);
             }
         }
         if let Some(n) = total {
-            if n != buf.len() && !from_cache {
-                return Err(fetch_error(url, format!("got {} bytes of the {n} announced", buf.len())));
+            if n != done && !from_cache {
+                return Err(fetch_error(url, format!("got {done} bytes of the {n} announced")));
             }
         }
-        report(buf.len());
+        report(done);
         if let Some(p) = put {
             // A failed store (quota) leaves the model loaded, just not cached.
             if let Err(e) = await_js(p).await {
                 web_sys::console::warn_2(&format!("qlora-webgpu: {url} was not cached").into(), &e);
             }
         }
-        Ok((buf, from_cache))
+        Ok((done, from_cache))
     }
 
     #[wasm_bindgen]
     impl Model {
-        /// Downloads a GGUF file from `url` (streamed into one buffer in wasm memory; a cached copy
-        /// in the origin's Cache API storage is read instead when there is one, and a download
-        /// is stored there) and loads it as `fromGguf` does. `onProgress` reports the bytes, then
-        /// the tensors as they reach the GPU. Peak wasm memory: the file once, plus the weights
-        /// as the host holds them while parsing (f32, or NF4 projections with a QLoRA `quant`);
-        /// the file's buffer is freed before the upload.
+        /// Downloads a GGUF file from `url` (a cached copy in the origin's Cache API storage is
+        /// read instead when there is one, and a download is stored there) and loads it as
+        /// `fromGguf` does, bit for bit. The file is streamed, never whole in wasm memory: the
+        /// header is parsed from its first bytes, each tensor is dequantized as soon as its bytes
+        /// are in and its bytes dropped; wasm memory holds the header, one chunk, the tensor being
+        /// received and the f32 weights the host keeps until the upload. `onProgress` reports
+        /// the bytes, then the tensors as they reach the GPU; `signal` abandons the load.
         #[wasm_bindgen(js_name = fromUrl, unchecked_return_type = "Promise<Model>")]
         pub fn from_url(
             gpu: &Gpu,
@@ -741,10 +779,12 @@ mod api {
             future_to_promise(async move {
                 let cb = callback("Model.fromUrl: onProgress", if options.is_object() { get(&options, "onProgress") } else { JsValue::UNDEFINED })?;
                 let use_cache = !options.is_object() || get(&options, "cache") != JsValue::FALSE;
+                let signal = if options.is_object() { get(&options, "signal") } else { JsValue::UNDEFINED };
                 let mut opts = from_js("UrlModelOptions", &options)?;
                 if let Some(m) = opts.as_object_mut() {
                     m.remove("cache");
                     m.remove("onProgress");
+                    m.remove("signal");
                 }
                 let thrown: RefCell<Option<JsValue>> = RefCell::new(None);
                 let progress = |v: &Value| {
@@ -756,14 +796,27 @@ mod api {
                         }
                     }
                 };
-                let (bytes, from_cache) = download(&url, use_cache, &progress).await?;
                 let name = model_name(&opts, url.rsplit('/').next().filter(|s| !s.is_empty()).unwrap_or(&url));
                 let name = name.split(['?', '#']).next().unwrap_or(&name).to_owned();
-                if !bytes.starts_with(b"GGUF") {
-                    return Err(plain_error("format", format!("{name}: not a GGUF file (Model.fromUrl loads GGUF files; {} bytes from {url})", bytes.len())));
+                // The GGUF file is parsed as it arrives: the header from its first bytes, then each
+                // tensor converted as soon as its bytes are in, and its bytes dropped.
+                let mut stream = crate::io::gguf::GgufStream::new(&name);
+                let mut head: Vec<u8> = Vec::with_capacity(4);
+                let mut sink = |b: &[u8]| -> Result<(), JsValue> {
+                    if head.len() < 4 {
+                        head.extend(b.iter().take(4 - head.len()));
+                        if head.len() == 4 && head != b"GGUF" {
+                            return Err(plain_error("format", format!("{name}: not a GGUF file (Model.fromUrl loads GGUF files; from {url})")));
+                        }
+                    }
+                    stream.push(b).map_err(|e| fail(format!("reading the GGUF file {name}"), e))
+                };
+                let (size, from_cache) = download(&url, use_cache, &signal, &progress, &mut sink).await?;
+                if head.len() < 4 {
+                    return Err(plain_error("format", format!("{name}: not a GGUF file (Model.fromUrl loads GGUF files; {size} bytes from {url})")));
                 }
-                let src = ModelSource::from_gguf(&name, &bytes).map_err(|e| fail(format!("reading the GGUF file {name}"), e))?;
-                drop(bytes);
+                let g = stream.finish(None).map_err(|e| fail(format!("reading the GGUF file {name}"), e))?;
+                let src = ModelSource::from_gguf_model(&name, g).map_err(|e| fail(format!("reading the GGUF file {name}"), e))?;
                 let (quant, max_positions, _) = options::model_options(&opts, &src.host.config).map_err(|e| fail(format!("loading {name}"), e))?;
                 options::check_model_fits(&name, &src.host.config, quant, &info, ctx.max_binding()).map_err(|e| fail(format!("loading {name}"), e))?;
                 let m = src

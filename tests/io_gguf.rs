@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use qlora_webgpu::io::gguf::{dequantize, GgufFile, GgufValue, GgmlType};
+use qlora_webgpu::io::gguf::{dequantize, GgufFile, GgufModel, GgufStream, GgufValue, GgmlType};
 use qlora_webgpu::io::{load_gguf, HostModel};
 use qlora_webgpu::model::config::{Architecture, ModelConfig, RopeScaling};
 use qlora_webgpu::Error;
@@ -101,6 +101,8 @@ struct Writer {
     kv: Vec<(String, Val)>,
     tensors: Vec<Tensor>,
     alignment: u64,
+    /// Lay the data out in the reverse order of the tensor infos (offsets decreasing).
+    data_reversed: bool,
 }
 
 impl Writer {
@@ -129,8 +131,17 @@ impl Writer {
             v.put(&mut b);
         }
         let al = self.alignment as usize;
+        let mut order: Vec<usize> = (0..self.tensors.len()).collect();
+        if self.data_reversed {
+            order.reverse();
+        }
+        let mut offsets = vec![0usize; self.tensors.len()];
         let mut offset = 0usize;
-        for t in &self.tensors {
+        for &i in &order {
+            offsets[i] = offset;
+            offset += self.tensors[i].data.len().div_ceil(al) * al;
+        }
+        for (t, &offset) in self.tensors.iter().zip(&offsets) {
             put_str(&mut b, &t.name);
             b.extend((t.ne.len() as u32).to_le_bytes());
             for d in &t.ne {
@@ -138,12 +149,11 @@ impl Writer {
             }
             b.extend(t.ty.to_le_bytes());
             b.extend((offset as u64).to_le_bytes());
-            offset += t.data.len().div_ceil(al) * al;
         }
         b.resize(b.len().div_ceil(al) * al, 0);
         let start = b.len();
-        for t in &self.tensors {
-            b.extend(&t.data);
+        for &i in &order {
+            b.extend(&self.tensors[i].data);
             b.resize(b.len().div_ceil(al) * al, 0);
         }
         (b, start)
@@ -836,6 +846,80 @@ fn rope_freqs_from_a_gguf_give_the_llama3_inv_freq() {
         w.tensor(&name, &shape, ty, random_data(&mut rng, ty, n));
     }
     assert_mentions(&load_err(&w.bytes()), &["rope_freqs.weight", "at 3"]);
+}
+
+/// `bytes` fed to a [`GgufStream`] in chunks of 1 to `max` bytes (random sizes), then finished.
+/// Also returns the most bytes the stream held once the header was parsed.
+fn stream_load(name: &str, bytes: &[u8], rng: &mut Rng, max: usize) -> Result<(GgufModel, usize), Error> {
+    let mut s = GgufStream::new(name);
+    let (mut at, mut held) = (0, 0);
+    while at < bytes.len() {
+        let end = (at + 1 + (rng.next() as usize) % max).min(bytes.len());
+        s.push(&bytes[at..end])?;
+        if s.header().is_some() {
+            held = held.max(s.buffered());
+        }
+        at = end;
+    }
+    let (done, total) = s.tensors_done();
+    let m = s.finish(None)?;
+    assert!(total > 1 && done == total, "every tensor converted when the last byte is in: {done} of {total}");
+    Ok((m, held))
+}
+
+#[test]
+fn streamed_gguf_in_random_chunks_gives_the_whole_file_model() {
+    // The tiny model in both layouts, with rope_freqs.weight, and with its data laid out in the
+    // reverse order of the tensor infos (the stream reads the data section front to back).
+    let mut files: Vec<(&str, Vec<u8>)> = vec![("tied", tiny_gguf(false, 3).0), ("untied", tiny_gguf(true, 4).0)];
+    let mut rng = Rng(29);
+    for reversed in [false, true] {
+        let mut w = Writer::new();
+        w.data_reversed = reversed;
+        llama_metadata(&mut w);
+        let factors: Vec<f32> = (0..HEAD_DIM / 2).map(|i| 1.0 + i as f32 / 8.0).collect();
+        w.tensor("rope_freqs.weight", &[HEAD_DIM / 2], F32, factors.iter().flat_map(|v| v.to_le_bytes()).collect());
+        for (name, shape, ty) in tiny_layout(true) {
+            let n: usize = shape.iter().product();
+            w.tensor(&name, &shape, ty, random_data(&mut rng, ty, n));
+        }
+        w.tensor("unused.weight", &[4], F32, vec![0; 16]);
+        files.push((if reversed { "rope_freqs, data reversed" } else { "rope_freqs" }, w.bytes()));
+    }
+    for (label, bytes) in &files {
+        let g = GgufFile::parse("x.gguf", bytes).unwrap();
+        let largest = g.tensors().iter().map(|t| t.nbytes).max().unwrap();
+        let want = load_gguf("x.gguf", bytes).unwrap();
+        for max in [7, 300, 5000, bytes.len()] {
+            let (got, held) = stream_load("x.gguf", bytes, &mut rng, max).unwrap();
+            assert_eq!(got.model.config, want.model.config, "{label}, chunks up to {max}");
+            for (name, _) in want.model.config.tensor_shapes() {
+                assert!(same_bits(&got.model.get_f32(&name).unwrap(), &want.model.get_f32(&name).unwrap()), "{label}: {name}");
+            }
+            assert_eq!(got.model, want.model, "{label}");
+            assert_eq!((&got.metadata, &got.tensor_types, got.version), (&want.metadata, &want.tensor_types, want.version));
+            assert_eq!(got.tokenizer("x.gguf").unwrap(), want.tokenizer("x.gguf").unwrap());
+            // After the header: at most one tensor's bytes held (of a file of bytes.len()).
+            assert!(held <= largest, "{label}: held {held} bytes, the largest tensor has {largest}");
+        }
+        if label.starts_with("rope") {
+            assert!(want.model.config.rope_freq_factors.is_some());
+            assert_eq!(want.model.unused, vec!["unused.weight".to_owned()]);
+        }
+    }
+    // A file cut short: the whole-file loader's error, in the header or in the data.
+    let (bytes, _) = tiny_gguf(false, 3);
+    let g = GgufFile::parse("x.gguf", &bytes).unwrap();
+    let start = g.header().data_start as usize;
+    for cut in [60, start - 5, start + 100, bytes.len() - 40] {
+        let streamed = err_of(stream_load("x.gguf", &bytes[..cut], &mut rng, 300).map(|(g, _)| g.version));
+        let whole = err_of(load_gguf("x.gguf", &bytes[..cut]).map(|g| g.version));
+        assert_eq!(streamed, whole, "cut at {cut}");
+    }
+    // Not a GGUF file: the same error once 64 KiB (or the end) are in.
+    let mut bad = bytes.clone();
+    bad[0] = b'X';
+    assert_eq!(err_of(stream_load("x.gguf", &bad, &mut rng, 300).map(|(g, _)| g.version)), err_of(load_gguf("x.gguf", &bad).map(|g| g.version)));
 }
 
 // ------------------------------------------------------------------------------- bad files

@@ -2,7 +2,9 @@
 // model and the training run live in worker.js. `window.demo` exposes the page's state (the
 // browser test reads it): gpu, model, options, losses, stepMs, answers, adapter, error,
 // memoryPlan (bytes the run is planned to need), memory (what it used), stopped (what a Stop
-// kept), statusLog (every status text shown, in order).
+// kept), statusLog (every status text shown, in order). Tests only: `testHold` set to 'reading',
+// 'loading' or 'export' holds that phase open until Stop is pressed (at most a minute), so that a test can
+// press Stop in a phase that is otherwise too short to click in.
 
 import { drawLossChart } from './chart.js';
 
@@ -293,6 +295,9 @@ async function readFiles(list) {
       bytes.set(value, at);
       at += value.length;
       done += value.length;
+      if (state.testHold === 'reading') {
+        for (const t0 = Date.now(); !state.stopAsked && Date.now() - t0 < 60e3;) await new Promise((r) => setTimeout(r, 20));
+      }
       if (state.stopAsked) {
         await reader.cancel();
         return null;
@@ -380,9 +385,9 @@ async function startTraining() {
     return;
   }
   const quant = chooseQuant(files, files.length ? null : modelUrl);
-  worker.postMessage({ type: 'load', files: modelFiles, url: files.length ? null : modelUrl, quant, maxPositions: Math.max(maxLen, 256) + maxNewTokens },
+  worker.postMessage({ type: 'load', files: modelFiles, url: files.length ? null : modelUrl, quant, maxPositions: Math.max(maxLen, 256) + maxNewTokens, testHold: state.testHold || null },
     modelFiles.map((f) => f.bytes));
-  worker.postMessage({ type: 'train', dataset, options, prompt: $('prompt').value, maxNewTokens, initAdapter });
+  worker.postMessage({ type: 'train', dataset, options, prompt: $('prompt').value, maxNewTokens, initAdapter, testHold: state.testHold || null });
   setPhase('loading', `Loading the model onto the GPU (${quant === 'f32' ? 'f32 base' : 'NF4 base: QLoRA'})…`);
 }
 

@@ -6,7 +6,12 @@
 // kept, and the GPU memory used), 'error' (with the error's cause chain as plain data, since an
 // Error's `cause` may not survive postMessage). Stop ends the phase that runs: an answer after
 // the current token, a held-out evaluation at once (abandoned), training after the current step,
-// a load when it is done; the adapter of the steps done is exported.
+// a download from a URL at once (abandoned: nothing loaded or cached), a load from files when it
+// is done (it stays loaded); the adapter of the steps done is exported, and a Stop while it is
+// written lets the writing finish (the adapter is offered) and says so.
+// `testHold` (tests only, sent with 'load' and 'train'): 'loading' or 'export' holds that phase
+// open until a Stop arrives (at most a minute), so that a test can press Stop in it whatever the
+// machine's speed (a load from files then goes on: it is one synchronous call).
 
 import init, { Gpu, Model, Dataset, Training, Adapter, version } from './pkg/qlora_webgpu.js';
 
@@ -14,6 +19,10 @@ let gpu = null;
 let model = null;
 let modelKey = null;
 let stopRequested = false;
+/** The URL download in flight (Stop aborts it). */
+let loadAbort = null;
+/** A Stop abandoned the load: the 'train' message queued behind it does nothing. */
+let loadAbandoned = false;
 /** The training run in flight (for the adapter kept on the host when the GPU is lost). */
 let running = null;
 
@@ -51,6 +60,12 @@ function phase(name, text) {
 /** Lets the messages sent meanwhile (a Stop) arrive: a load runs synchronously. */
 const tick = () => new Promise((r) => setTimeout(r, 0));
 
+/** Tests only: holds the phase `name` open until Stop is pressed (at most a minute). */
+async function testHold(hold, name) {
+  if (hold !== name) return;
+  for (const t0 = Date.now(); !stopRequested && Date.now() - t0 < 60e3;) await new Promise((r) => setTimeout(r, 20));
+}
+
 async function heldOutLoss(training, which) {
   return training.validationLoss((done, total) => {
     postMessage({ type: 'eval-progress', which, done, total });
@@ -72,6 +87,8 @@ async function handle(msg) {
     }
     case 'load': {
       stopRequested = false;
+      loadAbandoned = false;
+      await testHold(msg.testHold, 'loading');
       const key = JSON.stringify([msg.url || msg.files.map((f) => [f.name, f.bytes.byteLength]), msg.quant, msg.maxPositions]);
       if (model && key === modelKey) {
         postMessage({ type: 'model', info: model.info, cached: true });
@@ -83,7 +100,18 @@ async function handle(msg) {
       const gguf = msg.files.find((f) => f.name.toLowerCase().endsWith('.gguf'));
       const t0 = performance.now();
       if (msg.url) {
-        model = await Model.fromUrl(gpu, msg.url, { ...opts, onProgress: (p) => postMessage({ type: 'load-progress', progress: p }) });
+        loadAbort = new AbortController();
+        try {
+          model = await Model.fromUrl(gpu, msg.url, { ...opts, signal: loadAbort.signal, onProgress: (p) => postMessage({ type: 'load-progress', progress: p }) });
+        } catch (e) {
+          if (!chain(e).some((c) => c.kind === 'aborted')) throw e;
+          loadAbandoned = true;
+          modelKey = null;
+          postMessage({ type: 'done', steps: 0, stopped: 'Stopped while downloading the model: the download was abandoned (nothing was loaded or cached). Train loads it again.' });
+          return;
+        } finally {
+          loadAbort = null;
+        }
       } else if (gguf) {
         model = Model.fromGguf(gpu, gguf.name, new Uint8Array(gguf.bytes), opts);
       } else {
@@ -96,6 +124,10 @@ async function handle(msg) {
       return;
     }
     case 'train': {
+      if (loadAbandoned) {
+        loadAbandoned = false;
+        return;
+      }
       // A Stop sent while the model loaded (synchronously) arrives here.
       await tick();
       if (stopRequested) {
@@ -113,10 +145,18 @@ async function handle(msg) {
       const end = async (stopped) => {
         let adapter = false;
         if (training.stepCount > 0) {
+          const stoppedBefore = stopRequested;
           phase('export', 'Writing the adapter files…');
+          await testHold(msg.testHold, 'export');
           const files = await training.exportAdapter();
           postMessage({ type: 'adapter', config: files.adapterConfig, model: files.adapterModel }, [files.adapterModel.buffer]);
           adapter = true;
+          // A Stop while the files were written: they are finished (a few host-side copies; the
+          // trained adapter is what the run is for), and the page says so.
+          if (stopRequested && !stoppedBefore) {
+            stopped = `Stopped while writing the adapter files: the writing was finished, so the adapter after step ${training.stepCount} ` +
+              `of ${training.totalSteps} is offered below (the run itself was complete).`;
+          }
         }
         postMessage({ type: 'done', steps: training.stepCount, totalSteps: training.totalSteps, trainMs, stopped, adapter, memory: training.gpuMemory });
         free();
@@ -195,6 +235,7 @@ onmessage = (ev) => {
   const msg = ev.data;
   if (msg.type === 'stop') {
     stopRequested = true;
+    if (loadAbort) loadAbort.abort();
     return;
   }
   queue = queue.then(() => handle(msg)).catch((e) => (isDeviceLost(e) ? afterDeviceLoss(msg.type, e) : fail(msg.type, e)));

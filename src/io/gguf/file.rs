@@ -247,9 +247,11 @@ impl GgufTensorInfo {
     }
 }
 
-/// A validated GGUF file borrowed from its bytes.
+/// A GGUF file's header: metadata and tensor infos, owned (no tensor data). Parsed from the
+/// whole file by [`GgufFile::parse`], or from the file's first bytes by
+/// [`GgufHeader::parse_prefix`] (a streamed download).
 #[derive(Clone, Debug)]
-pub struct GgufFile<'a> {
+pub struct GgufHeader {
     file: String,
     /// Format version (2 or 3).
     pub version: u32,
@@ -259,22 +261,58 @@ pub struct GgufFile<'a> {
     meta_index: HashMap<String, usize>,
     tensors: Vec<GgufTensorInfo>,
     tensor_index: HashMap<String, usize>,
+    /// Where the data section starts, bytes from the start of the file.
+    pub data_start: u64,
+}
+
+/// What [`GgufHeader::parse_prefix`] made of the bytes it was given.
+#[derive(Clone, Debug)]
+pub enum HeaderParse {
+    /// The header is not complete: at least this many bytes from the start of the file are
+    /// needed (more may be, once they are read).
+    NeedMore(usize),
+    /// The whole header.
+    Done(GgufHeader),
+}
+
+/// A validated GGUF file borrowed from its bytes.
+#[derive(Clone, Debug)]
+pub struct GgufFile<'a> {
+    /// Format version (2 or 3).
+    pub version: u32,
+    /// `general.alignment` (or 32).
+    pub alignment: u64,
+    header: GgufHeader,
     data: &'a [u8],
 }
 
 /// A bounds-checked little-endian cursor naming the file in its errors.
+/// With `partial` (the bytes are a prefix of the file), running out of bytes records in `short`
+/// how many bytes from the start would be needed and fails; the caller then asks for more.
 struct Reader<'a> {
     file: &'a str,
     b: &'a [u8],
     pos: usize,
+    partial: bool,
+    short: Option<usize>,
 }
 
 impl<'a> Reader<'a> {
     fn remaining(&self) -> usize {
         self.b.len() - self.pos
     }
+    /// In a prefix, `n` more bytes than are left: records the need; true when that is the case
+    /// (the caller then fails with any error: [`GgufHeader::parse_prefix`] reports the need).
+    fn need(&mut self, n: u64) -> bool {
+        if self.partial {
+            let want = (self.pos as u64).saturating_add(n);
+            self.short = Some(usize::try_from(want).unwrap_or(usize::MAX));
+        }
+        self.partial
+    }
     fn take(&mut self, n: usize, what: &dyn Fn() -> String) -> Result<&'a [u8]> {
         if n > self.remaining() {
+            self.need(n as u64);
             return Err(Error::format(
                 self.file,
                 format!(
@@ -301,6 +339,7 @@ impl<'a> Reader<'a> {
     fn string(&mut self, what: &dyn Fn() -> String) -> Result<String> {
         let len = self.u64(what)?;
         if len > self.remaining() as u64 {
+            self.need(len);
             return Err(Error::format(
                 self.file,
                 format!(
@@ -356,6 +395,7 @@ impl<'a> Reader<'a> {
                 }
                 let max = (self.remaining() / Self::min_size(et)) as u64;
                 if count > max {
+                    self.need(count.saturating_mul(Self::min_size(et) as u64));
                     return Err(Error::format(
                         self.file,
                         format!(
@@ -394,8 +434,51 @@ impl<'a> GgufFile<'a> {
     /// another tensor's). Counts and lengths read from the file are checked against the bytes
     /// left before anything is allocated for them.
     pub fn parse(file: &str, bytes: &'a [u8]) -> Result<Self> {
+        let mut r = Reader { file, b: bytes, pos: 0, partial: false, short: None };
+        let header = GgufHeader::read(&mut r)?;
         let fail = |what: String| Error::format(file, what);
-        let mut r = Reader { file, b: bytes, pos: 0 };
+        let start = header.data_start;
+        let data: &[u8] = usize::try_from(start).ok().and_then(|s| bytes.get(s..)).unwrap_or(&[]);
+        for t in &header.tensors {
+            let end = t.offset.checked_add(t.nbytes as u64);
+            if end.is_none_or(|e| e > data.len() as u64) {
+                return Err(fail(format!(
+                    "tensor `{}`: data at [{}, {}) of the data section runs past the end of the file (the data section has {} bytes): truncated tensor data",
+                    t.name,
+                    t.offset,
+                    end.map_or("overflow".into(), |e| e.to_string()),
+                    data.len()
+                )));
+            }
+        }
+        Ok(GgufFile { version: header.version, alignment: header.alignment, header, data })
+    }
+
+    /// The header (metadata and tensor infos).
+    pub fn header(&self) -> &GgufHeader {
+        &self.header
+    }
+}
+
+impl GgufHeader {
+    /// Parses the header from the first bytes of a GGUF file (`file` names it in errors), with
+    /// the checks of [`GgufFile::parse`] that do not need the tensor data: `NeedMore(n)` when
+    /// `prefix` ends inside the header (n: the least length that can get further). An error is
+    /// an error of the file whatever follows, except that a count or length too large for the
+    /// bytes given is taken for a need of more bytes: at the end of the file
+    /// [`GgufFile::parse`]'s error applies (see [`crate::io::gguf::GgufStream::finish`]).
+    pub fn parse_prefix(file: &str, prefix: &[u8]) -> Result<HeaderParse> {
+        let mut r = Reader { file, b: prefix, pos: 0, partial: true, short: None };
+        match Self::read(&mut r) {
+            Ok(h) => Ok(HeaderParse::Done(h)),
+            Err(_) if r.short.is_some() => Ok(HeaderParse::NeedMore(r.short.unwrap_or(usize::MAX).max(prefix.len() + 1))),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn read(r: &mut Reader) -> Result<Self> {
+        let file = r.file;
+        let fail = |what: String| Error::format(file, what);
         let magic = r.array::<4>(&|| "the magic".into())?;
         if magic != GGUF_MAGIC {
             return Err(fail(format!("bad magic {magic:02x?}, expected \"GGUF\": not a GGUF file")));
@@ -414,7 +497,8 @@ impl<'a> GgufFile<'a> {
         // Each kv takes at least 8 (key length) + 4 (type) + 1 bytes; each tensor info at least
         // 8 (name length) + 4 (n_dims) + 4 (type) + 8 (offset).
         if kv_count > (r.remaining() / 13) as u64 {
-            return Err(fail(format!("metadata count {kv_count} cannot fit in a {}-byte file", bytes.len())));
+            r.need(kv_count.saturating_mul(13));
+            return Err(fail(format!("metadata count {kv_count} cannot fit in a {}-byte file", r.b.len())));
         }
         let mut metadata = Vec::with_capacity(kv_count as usize);
         let mut meta_index = HashMap::new();
@@ -428,7 +512,8 @@ impl<'a> GgufFile<'a> {
             metadata.push((key, value));
         }
         if tensor_count > (r.remaining() / 24) as u64 {
-            return Err(fail(format!("tensor count {tensor_count} cannot fit in a {}-byte file", bytes.len())));
+            r.need(tensor_count.saturating_mul(24));
+            return Err(fail(format!("tensor count {tensor_count} cannot fit in a {}-byte file", r.b.len())));
         }
         let alignment = match meta_index.get("general.alignment").map(|&i| &metadata[i].1) {
             None => DEFAULT_ALIGNMENT,
@@ -478,20 +563,7 @@ impl<'a> GgufFile<'a> {
             }
             infos.push(GgufTensorInfo { name, dims, ty, offset, nbytes });
         }
-        let start = (r.pos as u64).div_ceil(alignment).saturating_mul(alignment);
-        let data: &[u8] = usize::try_from(start).ok().and_then(|s| bytes.get(s..)).unwrap_or(&[]);
-        for t in &infos {
-            let end = t.offset.checked_add(t.nbytes as u64);
-            if end.is_none_or(|e| e > data.len() as u64) {
-                return Err(fail(format!(
-                    "tensor `{}`: data at [{}, {}) of the data section runs past the end of the file (the data section has {} bytes): truncated tensor data",
-                    t.name,
-                    t.offset,
-                    end.map_or("overflow".into(), |e| e.to_string()),
-                    data.len()
-                )));
-            }
-        }
+        let data_start = (r.pos as u64).div_ceil(alignment).saturating_mul(alignment);
         let mut order: Vec<usize> = (0..infos.len()).filter(|&i| infos[i].nbytes > 0).collect();
         order.sort_by_key(|&i| infos[i].offset);
         for w in order.windows(2) {
@@ -500,16 +572,7 @@ impl<'a> GgufFile<'a> {
                 return Err(fail(format!("tensor `{}`: data overlaps that of tensor `{}`", b.name, a.name)));
             }
         }
-        Ok(GgufFile {
-            file: file.to_owned(),
-            version,
-            alignment,
-            metadata,
-            meta_index,
-            tensors: infos,
-            tensor_index,
-            data,
-        })
+        Ok(GgufHeader { file: file.to_owned(), version, alignment, metadata, meta_index, tensors: infos, tensor_index, data_start })
     }
 
     /// The name this file has in errors.
@@ -532,11 +595,34 @@ impl<'a> GgufFile<'a> {
     pub fn tensor(&self, name: &str) -> Option<&GgufTensorInfo> {
         self.tensor_index.get(name).map(|&i| &self.tensors[i])
     }
+}
+
+impl<'a> GgufFile<'a> {
+    /// The name this file has in errors.
+    pub fn file(&self) -> &str {
+        self.header.file()
+    }
+    /// Every metadata key-value pair, in file order.
+    pub fn metadata(&self) -> &[(String, GgufValue)] {
+        self.header.metadata()
+    }
+    /// The metadata value of `key`.
+    pub fn get(&self, key: &str) -> Option<&GgufValue> {
+        self.header.get(key)
+    }
+    /// Every tensor info, in file order.
+    pub fn tensors(&self) -> &[GgufTensorInfo] {
+        self.header.tensors()
+    }
+    /// The info of tensor `name`.
+    pub fn tensor(&self, name: &str) -> Option<&GgufTensorInfo> {
+        self.header.tensor(name)
+    }
     /// The raw bytes of tensor `name`.
     pub fn tensor_data(&self, name: &str) -> Result<&'a [u8]> {
         let t = self
             .tensor(name)
-            .ok_or_else(|| Error::format(&self.file, format!("missing tensor `{name}`")))?;
+            .ok_or_else(|| Error::format(self.file(), format!("missing tensor `{name}`")))?;
         let off = t.offset as usize; // checked against the data length in parse
         Ok(&self.data[off..off + t.nbytes])
     }
@@ -545,12 +631,22 @@ impl<'a> GgufFile<'a> {
     pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>> {
         let data = self.tensor_data(name)?;
         let t = self.tensor(name).expect("found above");
-        dequantize(t.ty, data).ok_or_else(|| {
+        t.to_f32(self.file(), data)
+    }
+}
+
+impl GgufTensorInfo {
+    /// This tensor's `data` (its `nbytes` bytes) dequantized to f32, row-major in its PyTorch
+    /// shape; `file` names the file in errors. An unsupported type is an error naming the tensor
+    /// and type.
+    pub fn to_f32(&self, file: &str, data: &[u8]) -> Result<Vec<f32>> {
+        dequantize(self.ty, data).ok_or_else(|| {
             Error::format(
-                &self.file,
+                file,
                 format!(
-                    "tensor `{name}`: type {} is not supported (supported: {})",
-                    t.ty.describe(),
+                    "tensor `{}`: type {} is not supported (supported: {})",
+                    self.name,
+                    self.ty.describe(),
                     GgmlType::SUPPORTED.iter().filter_map(|t| t.name()).collect::<Vec<_>>().join(", ")
                 ),
             )

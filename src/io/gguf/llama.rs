@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::io::{HostModel, HostTensor, HostWeight, TensorSource};
 use crate::model::config::{names, Architecture, ModelConfig, RopeScaling};
 use crate::{Error, Result};
-use super::file::{GgmlType, GgufFile, GgufValue};
+use super::file::{GgmlType, GgufFile, GgufHeader, GgufTensorInfo, GgufValue};
 
 /// Undoes llama.cpp's q/k row permutation for a (rows, cols) row-major `w` with `n_head` heads.
 ///
@@ -98,23 +98,68 @@ impl GgufModel {
     }
 }
 
+/// Where [`GgufSource`] gets a tensor's f32 values: converted from the whole file's bytes as
+/// asked for, or converted earlier as a stream brought each tensor's bytes (by llama.cpp name).
+pub(super) enum TensorData<'g, 'a> {
+    File(&'g GgufFile<'a>),
+    Converted(BTreeMap<String, Vec<f32>>),
+}
+
 struct GgufSource<'g, 'a> {
-    g: &'g GgufFile<'a>,
+    h: &'g GgufHeader,
+    data: TensorData<'g, 'a>,
     /// (n_head for attn_q, n_head for attn_k) when llama.cpp permuted their rows.
     permuted: Option<(usize, usize)>,
     used: BTreeSet<String>,
 }
 
+/// (n_head for attn_q, n_head for attn_k) when llama.cpp permuted their rows ("llama" files).
+pub(super) fn permuted_heads(config: &ModelConfig) -> Option<(usize, usize)> {
+    (config.architecture != Architecture::Qwen2).then_some((config.num_attention_heads, config.num_key_value_heads))
+}
+
+/// One tensor's bytes (`data`, its `nbytes`) as the host model holds them: dequantized to f32,
+/// the q/k rows of a permuted file (`permuted`) restored to the Hugging Face order, a token
+/// embedding or output layer in a quantized type other than Q8_0 rounded to f16. The whole-file
+/// loader and the streamed one ([`super::GgufStream`]) both convert with this.
+pub(super) fn convert_tensor(file: &str, info: &GgufTensorInfo, data: &[u8], permuted: Option<(usize, usize)>) -> Result<Vec<f32>> {
+    let gname = info.name.as_str();
+    let mut data = info.to_f32(file, data)?;
+    if let Some((nq, nk)) = permuted {
+        let heads = if gname.contains(".attn_q.") {
+            Some(nq)
+        } else if gname.contains(".attn_k.") {
+            Some(nk)
+        } else {
+            None
+        };
+        if let Some(n) = heads {
+            let rows = info.shape().first().copied().unwrap_or(0);
+            data = unpermute_rows(&data, rows, n).ok_or_else(|| {
+                Error::format(file, format!("tensor `{gname}`: {rows} rows do not split into {n} heads of even size"))
+            })?;
+        }
+    }
+    // A token embedding or output layer quantized in a type other than Q8_0 (Q4_K, Q6_K, ...:
+    // values that need more than 16 bits to be exact) is rounded to f16, so it is held in
+    // 16 bits on the device instead of 32 (a Q8_0 table stays exact, in 8 bits).
+    let table = gname == "token_embd.weight" || gname == "output.weight";
+    if table && !matches!(info.ty.name(), Some("F32" | "F16" | "BF16" | "Q8_0")) {
+        data.iter_mut().for_each(|v| *v = crate::gpu::round_f16(*v));
+    }
+    Ok(data)
+}
+
 impl TensorSource for GgufSource<'_, '_> {
     fn present(&self) -> (String, &'static str, usize) {
         let field = if self.permuted.is_some() { "llama.block_count" } else { "qwen2.block_count" };
-        (self.g.file().to_owned(), field, self.g.tensors().len())
+        (self.h.file().to_owned(), field, self.h.tensors().len())
     }
     fn fetch(&mut self, name: &str, shape: &[usize], _projection: bool) -> Result<HostWeight> {
-        let file = self.g.file();
+        let file = self.h.file();
         let gname = gguf_name(name).ok_or_else(|| Error::Invalid(format!("no GGUF name for `{name}`")))?;
         let info = self
-            .g
+            .h
             .tensor(&gname)
             .ok_or_else(|| Error::format(file, format!("missing tensor `{gname}` (Hugging Face `{name}`)")))?;
         if info.shape() != shape {
@@ -127,31 +172,35 @@ impl TensorSource for GgufSource<'_, '_> {
                 ),
             ));
         }
-        let mut data = self.g.tensor_f32(&gname)?;
-        if let Some((nq, nk)) = self.permuted {
-            let heads = if gname.contains(".attn_q.") {
-                Some(nq)
-            } else if gname.contains(".attn_k.") {
-                Some(nk)
-            } else {
-                None
-            };
-            if let Some(n) = heads {
-                data = unpermute_rows(&data, shape[0], n).ok_or_else(|| {
-                    Error::format(file, format!("tensor `{gname}`: {} rows do not split into {n} heads of even size", shape[0]))
-                })?;
-            }
-        }
-        // A token embedding or output layer quantized in a type other than Q8_0 (Q4_K, Q6_K, ...:
-        // values that need more than 16 bits to be exact) is rounded to f16, so it is held in
-        // 16 bits on the device instead of 32 (a Q8_0 table stays exact, in 8 bits).
-        let table = name == crate::model::config::names::EMBED || name == crate::model::config::names::LM_HEAD;
-        if table && !matches!(info.ty.name(), Some("F32" | "F16" | "BF16" | "Q8_0")) {
-            data.iter_mut().for_each(|v| *v = crate::gpu::round_f16(*v));
-        }
+        let data = match &mut self.data {
+            TensorData::File(g) => convert_tensor(file, info, g.tensor_data(&gname)?, self.permuted)?,
+            TensorData::Converted(m) => m
+                .remove(&gname)
+                .ok_or_else(|| Error::Invalid(format!("tensor `{gname}` of {file} was not converted while streaming")))?,
+        };
         self.used.insert(gname);
         Ok(HostWeight::F32(HostTensor { shape: shape.to_vec(), data }))
     }
+}
+
+/// The model of a parsed header whose tensors `data` gives (the whole file, or a stream's
+/// converted tensors): the host model built (projections quantized when `quantize` says), the
+/// tensors it did not use listed, the metadata kept.
+pub(super) fn assemble(h: &GgufHeader, config: ModelConfig, data: TensorData, quantize: Option<(usize, bool)>) -> Result<GgufModel> {
+    let permuted = permuted_heads(&config);
+    let mut src = GgufSource { h, data, permuted, used: BTreeSet::new() };
+    let mut model = HostModel::build_with(config, &mut src, quantize)?;
+    if h.tensor("rope_freqs.weight").is_some() {
+        src.used.insert("rope_freqs.weight".into());
+    }
+    model.unused = h.tensors().iter().map(|t| t.name.clone()).filter(|n| !src.used.contains(n)).collect();
+    model.unused.sort();
+    Ok(GgufModel {
+        model,
+        version: h.version,
+        metadata: h.metadata().iter().cloned().collect(),
+        tensor_types: h.tensors().iter().map(|t| (t.name.clone(), t.ty)).collect(),
+    })
 }
 
 /// Reads a Llama-family GGUF model (`general.architecture` "llama" — Llama, SmolLM2, Mistral
@@ -172,30 +221,29 @@ pub fn load_gguf(file: &str, bytes: &[u8]) -> Result<GgufModel> {
 pub fn load_gguf_with(file: &str, bytes: &[u8], quantize: Option<(usize, bool)>) -> Result<GgufModel> {
     let g = GgufFile::parse(file, bytes)?;
     let config = gguf_config(&g)?;
-    let permuted = (config.architecture != Architecture::Qwen2)
-        .then_some((config.num_attention_heads, config.num_key_value_heads));
-    let mut src = GgufSource { g: &g, permuted, used: BTreeSet::new() };
-    let mut model = HostModel::build_with(config, &mut src, quantize)?;
-    if g.tensor("rope_freqs.weight").is_some() {
-        src.used.insert("rope_freqs.weight".into());
-    }
-    model.unused = g
-        .tensors()
-        .iter()
-        .map(|t| t.name.clone())
-        .filter(|n| !src.used.contains(n))
-        .collect();
-    model.unused.sort();
-    Ok(GgufModel {
-        model,
-        version: g.version,
-        metadata: g.metadata().iter().cloned().collect(),
-        tensor_types: g.tensors().iter().map(|t| (t.name.clone(), t.ty)).collect(),
-    })
+    assemble(g.header(), config, TensorData::File(&g), quantize)
 }
 
 /// The [`ModelConfig`] of a GGUF file's metadata (see [`load_gguf`]).
 pub fn gguf_config(g: &GgufFile) -> Result<ModelConfig> {
+    let mut config = header_config(g.header())?;
+    if g.tensor("rope_freqs.weight").is_some() {
+        config.rope_freq_factors = Some(check_rope_factors(g.file(), g.tensor_f32("rope_freqs.weight")?)?);
+    }
+    Ok(config)
+}
+
+/// `rope_freqs.weight`'s values, checked: positive finite factors.
+pub(super) fn check_rope_factors(file: &str, factors: Vec<f32>) -> Result<Vec<f32>> {
+    if let Some((i, f)) = factors.iter().enumerate().find(|(_, f)| !(f.is_finite() && **f > 0.0)) {
+        return Err(Error::format(file, format!("tensor `rope_freqs.weight`: value {f} at {i} is not a positive finite factor")));
+    }
+    Ok(factors)
+}
+
+/// [`gguf_config`] from the header alone: `rope_freq_factors` is left to the caller (it needs
+/// `rope_freqs.weight`'s data; its shape is checked here).
+pub(super) fn header_config(g: &GgufHeader) -> Result<ModelConfig> {
     let file = g.file();
     let arch_v = g
         .get("general.architecture")
@@ -305,7 +353,6 @@ pub fn gguf_config(g: &GgufFile) -> Result<ModelConfig> {
             ))
         }
     };
-    let mut rope_freq_factors = None;
     if let Some(t) = g.tensor("rope_freqs.weight") {
         if rope_scaling.is_some() {
             return Err(Error::format(file, "both rope.scaling.type and a rope_freqs.weight tensor: not supported"));
@@ -316,11 +363,6 @@ pub fn gguf_config(g: &GgufFile) -> Result<ModelConfig> {
                 format!("tensor `rope_freqs.weight`: shape {:?}, expected [{}]", t.shape(), head_dim / 2),
             ));
         }
-        let factors = g.tensor_f32("rope_freqs.weight")?;
-        if let Some((i, f)) = factors.iter().enumerate().find(|(_, f)| !(f.is_finite() && **f > 0.0)) {
-            return Err(Error::format(file, format!("tensor `rope_freqs.weight`: value {f} at {i} is not a positive finite factor")));
-        }
-        rope_freq_factors = Some(factors);
     }
     let embd = g
         .tensor("token_embd.weight")
@@ -357,7 +399,7 @@ pub fn gguf_config(g: &GgufFile) -> Result<ModelConfig> {
         rms_norm_eps,
         rope_theta,
         rope_scaling,
-        rope_freq_factors,
+        rope_freq_factors: None,
         tie_word_embeddings: g.tensor("output.weight").is_none(),
         max_position_embeddings: uint("context_length")?,
         bos_token_id: token("tokenizer.ggml.bos_token_id")?,

@@ -5,9 +5,11 @@
 mod dequant;
 mod file;
 mod llama;
+mod stream;
 mod tokenizer;
 
 pub use dequant::dequantize;
-pub use file::{GgmlType, GgufFile, GgufTensorInfo, GgufValue, DEFAULT_ALIGNMENT, GGUF_MAGIC};
+pub use file::{GgmlType, GgufFile, GgufHeader, GgufTensorInfo, HeaderParse, GgufValue, DEFAULT_ALIGNMENT, GGUF_MAGIC};
 pub(crate) use llama::move_head_rows;
 pub use llama::{gguf_config, gguf_name, load_gguf, load_gguf_with, unpermute_rows, GgufModel};
+pub use stream::GgufStream;

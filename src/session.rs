@@ -20,7 +20,7 @@ use crate::model::llama::{self, KvCache, LoraSet};
 use crate::ops::adamw::AdamW;
 use crate::train::checkpoint::Checkpoint;
 use crate::train::trainer::{Model, TrainOpts, Trainer};
-use crate::train::{Schedule, ScheduleKind};
+use crate::train::{Schedule, ScheduleKind, TrainState};
 use crate::{Error, Result};
 use std::rc::Rc;
 
@@ -538,10 +538,8 @@ impl TrainConfig {
     fn opts(&self) -> TrainOpts {
         TrainOpts {
             adamw: AdamW { lr: self.lr, beta1: self.betas.0, beta2: self.betas.1, eps: self.eps, weight_decay: self.weight_decay },
-            schedule: Schedule::new(self.schedule, self.lr, self.warmup(), self.steps),
-            max_grad_norm: self.max_grad_norm,
             grad_checkpoint: self.grad_checkpoint,
-            seed: self.seed,
+            start: TrainState::start(self.seed, Schedule::new(self.schedule, self.lr, self.warmup(), self.steps), self.max_grad_norm),
         }
     }
 }
@@ -627,8 +625,8 @@ impl TrainSession {
         cmp("beta2", bits(hp.beta2), bits(o.adamw.beta2));
         cmp("eps", bits(hp.eps), bits(o.adamw.eps));
         cmp("weight_decay", bits(hp.weight_decay), bits(o.adamw.weight_decay));
-        cmp("schedule", s.schedule.kind.name().to_owned(), o.schedule.kind.name().to_owned());
-        cmp("max_grad_norm", format!("{:?}", s.max_grad_norm.map(f32::to_bits)), format!("{:?}", o.max_grad_norm.map(f32::to_bits)));
+        cmp("schedule", s.schedule.kind.name().to_owned(), o.start.schedule.kind.name().to_owned());
+        cmp("max_grad_norm", format!("{:?}", s.max_grad_norm.map(f32::to_bits)), format!("{:?}", o.start.max_grad_norm.map(f32::to_bits)));
         if s.step > cfg.steps {
             diff.push(format!("step {} is past the run's {} steps", s.step, cfg.steps));
         }
@@ -644,7 +642,7 @@ impl TrainSession {
         }
         let mut trainer = Trainer::resume(ctx.clone(), model.model.clone(), ck, cfg.grad_checkpoint)?;
         // The same schedule unless the run was extended (more steps): then it spans the new end.
-        trainer.state.schedule = cfg.opts().schedule;
+        trainer.state.schedule = cfg.opts().start.schedule;
         let pos = ck.state.data;
         Self::with_trainer(model, data, cfg, trainer, Some(pos))
     }

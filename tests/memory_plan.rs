@@ -58,10 +58,8 @@ fn plan_covers_the_measured_peak() {
         let model = Rc::new(Model::new(&ctx, cfg.clone(), weights, None, t).unwrap());
         let opts = TrainOpts {
             adamw: AdamW { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
-            schedule: Schedule::new(ScheduleKind::Constant, 1e-4, 0, 10),
-            max_grad_norm: Some(1.0),
             grad_checkpoint: checkpoint,
-            seed: 0,
+            start: qlora_webgpu::train::TrainState::start(0, Schedule::new(ScheduleKind::Constant, 1e-4, 0, 10), Some(1.0)),
         };
         let mut trainer = Trainer::new(ctx.clone(), model, lora, set, opts);
         let mut rng = Rng::new(2);

@@ -290,10 +290,8 @@ fn trainer_run(ctx: &Rc<GpuContext>, host: &HostModel, b: &Batch, steps: usize, 
     let (lora_cfg, set) = load_adapter(ctx, &fixtures().join("dev/adapter_init"), &cfg).unwrap();
     let opts = TrainOpts {
         adamw: AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
-        schedule: Schedule::new(ScheduleKind::Constant, 1e-3, 0, steps as u64),
-        max_grad_norm: None,
         grad_checkpoint: false,
-        seed: 0,
+        start: qlora_webgpu::train::TrainState::start(0, Schedule::new(ScheduleKind::Constant, 1e-3, 0, steps as u64), None),
     };
     let mut trainer = Trainer::new(ctx.clone(), model, lora_cfg, set, opts);
     let batch = [qlora_webgpu::data::dataset::Batch::new(b.ids.clone(), b.targets.clone(), b.batch, seg).unwrap()];

@@ -48,10 +48,8 @@ fn lora_cfg(dropout: f64) -> LoraConfig {
 fn opts(steps: u64, lr: f64) -> TrainOpts {
     TrainOpts {
         adamw: AdamW { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 },
-        schedule: Schedule::new(ScheduleKind::Cosine, lr, 3, steps),
-        max_grad_norm: Some(1.0),
         grad_checkpoint: false,
-        seed: 42,
+        start: qlora_webgpu::train::TrainState::start(42, Schedule::new(ScheduleKind::Cosine, lr, 3, steps), Some(1.0)),
     }
 }
 

@@ -103,6 +103,14 @@ pub struct TrainState {
     pub max_grad_norm: Option<f32>,
 }
 
+impl TrainState {
+    /// The state before the first step of a run: its RNG from `seed` (data order, dropout
+    /// seeds), the schedule and the clipping threshold, at the start of the data.
+    pub fn start(seed: u64, schedule: Schedule, max_grad_norm: Option<f32>) -> TrainState {
+        TrainState { step: 0, rng: SplitMix64::new(seed), data: DataPosition::default(), schedule, max_grad_norm }
+    }
+}
+
 /// The optimizer state on the host: hyperparameters, steps taken, and per parameter (m, v, t).
 #[derive(Clone, Debug, PartialEq)]
 pub struct HostOptimizer {

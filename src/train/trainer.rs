@@ -9,8 +9,7 @@ use crate::lora::config::LoraConfig;
 use crate::model::llama::{self, ForwardOpts, LlamaConfig, LlamaWeights, LoraSet};
 use crate::ops::adamw::AdamW;
 use crate::ops::rope::{self, RopeTables};
-use crate::rng::SplitMix64;
-use crate::train::{train_step, Checkpoint, DataPosition, LoraOptimizer, Schedule, StepReport, TrainState};
+use crate::train::{train_step, Checkpoint, DataPosition, LoraOptimizer, StepReport, TrainState};
 use crate::{Error, Result};
 use std::rc::Rc;
 
@@ -100,19 +99,17 @@ impl Model {
     }
 }
 
-/// Hyperparameters of a run that are not the adapter's.
+/// How a run starts, besides its adapter: AdamW's hyperparameters, per-layer recomputation, and
+/// the state before the first step (seed, learning-rate schedule and clipping, which then live
+/// in [`TrainState`] and its checkpoints).
 #[derive(Clone, Copy, Debug)]
 pub struct TrainOpts {
     /// AdamW hyperparameters (lr is taken from the schedule each step).
     pub adamw: AdamW,
-    /// Learning-rate schedule.
-    pub schedule: Schedule,
-    /// Clip the global gradient norm to this, if set.
-    pub max_grad_norm: Option<f32>,
     /// Recompute each decoder layer in backward (less memory, same gradients).
     pub grad_checkpoint: bool,
-    /// The run's seed (data order, dropout masks).
-    pub seed: u64,
+    /// Step 0: [`TrainState::start`].
+    pub start: TrainState,
 }
 
 /// A training run in memory.
@@ -132,14 +129,7 @@ pub struct Trainer {
 impl Trainer {
     /// A fresh run from an initial adapter.
     pub fn new(ctx: Rc<GpuContext>, model: Rc<Model>, lora_cfg: LoraConfig, set: LoraSet, opts: TrainOpts) -> Self {
-        let state = TrainState {
-            step: 0,
-            rng: SplitMix64::new(opts.seed),
-            data: DataPosition::default(),
-            schedule: opts.schedule,
-            max_grad_norm: opts.max_grad_norm,
-        };
-        Trainer { ctx, model, lora_cfg, set, opt: LoraOptimizer::new(opts.adamw), state, grad_checkpoint: opts.grad_checkpoint }
+        Trainer { ctx, model, lora_cfg, set, opt: LoraOptimizer::new(opts.adamw), state: opts.start, grad_checkpoint: opts.grad_checkpoint }
     }
 
     /// A run resumed from a checkpoint: the adapter, optimizer moments, step, RNG and data

@@ -14,7 +14,7 @@ use qlora_webgpu::lora::{init_lora_set, LoraConfig};
 use qlora_webgpu::ops::adamw::AdamW;
 use qlora_webgpu::train::trainer::{Model, TrainOpts, Trainer};
 use qlora_webgpu::rng::SplitMix64;
-use qlora_webgpu::train::{DataPosition, Schedule, ScheduleKind};
+use qlora_webgpu::train::{DataPosition, Schedule, ScheduleKind, TrainState};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Instant;
@@ -141,10 +141,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let set = init_lora_set(&ctx, &cfg, &lora, 0)?;
         let opts = TrainOpts {
             adamw: AdamW { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
-            schedule: Schedule::new(ScheduleKind::Constant, 1e-4, 0, 1000),
-            max_grad_norm: Some(1.0),
             grad_checkpoint: a.grad_checkpoint,
-            seed: 0,
+            start: TrainState::start(0, Schedule::new(ScheduleKind::Constant, 1e-4, 0, 1000), Some(1.0)),
         };
         let mut trainer = Trainer::new(ctx.clone(), model, lora, set, opts);
         let mut rng = SplitMix64::new(7);

@@ -72,9 +72,26 @@ mod api {
         let _ = Reflect::set(obj, &JsValue::from_str(key), v);
     }
 
+    /// The message of `e` in the browser: the library's, but with the package's options and
+    /// remedies where its text names the command line's (a lost device, out of memory).
+    fn browser_message(e: &(dyn std::error::Error + 'static)) -> String {
+        match e.downcast_ref::<crate::Error>() {
+            Some(crate::Error::DeviceLost(d)) => format!(
+                "the GPU device was lost ({d}); everything on it is gone. Try: train again (the package opens the GPU anew; \
+                 Training.keptAdapter holds the adapter after the last completed step); if it recurs, update the GPU driver \
+                 or close other tabs and programs using the GPU"
+            ),
+            Some(crate::Error::OutOfMemory(d)) => format!(
+                "the GPU ran out of memory ({d}). Try: a smaller batchSize or maxLen, gradCheckpoint: true, a lower rank \
+                 or fewer targetModules, an NF4 base (quant \"nf4-dq\"), or close other tabs and programs using the GPU"
+            ),
+            _ => e.to_string(),
+        }
+    }
+
     /// A JavaScript Error for `e`, its `source()` chain as nested `cause`s.
     fn error_chain(e: &(dyn std::error::Error + 'static)) -> js_sys::Error {
-        let err = js_sys::Error::new(&e.to_string());
+        let err = js_sys::Error::new(&browser_message(e));
         if let Some(src) = e.source() {
             set(&err, "cause", &error_chain(src));
         }

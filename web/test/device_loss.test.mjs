@@ -76,6 +76,9 @@ test('the GPU device lost mid-training: the page says so, keeps the last step\'s
   assert.equal(s.lost.keptStep, LOSE_AFTER);
   assert.equal(s.keptStep, LOSE_AFTER);
   assert.equal(s.chain.at(-1).kind, 'device-lost', JSON.stringify(s.chain));
+  // The library's message names the package's remedies, not the command line's.
+  assert.match(s.chain.at(-1).message, /the GPU device was lost .*Training\.keptAdapter/, JSON.stringify(s.chain));
+  assert.doesNotMatch(s.error, /--resume/, 'no command-line advice in the page');
   assert.match(s.error, /The GPU was lost/);
   assert.match(s.error, new RegExp(`The adapter after step ${LOSE_AFTER} is kept: download it below`));
   assert.match(s.error, /Press Train to start again/);

@@ -6,7 +6,8 @@
 // 8 storage buffers per stage, 16 KiB workgroup storage, 128 invocations a workgroup: 128 along
 // x and y, 64 along z; the device asked for and the device got are both checked, and the device
 // refuses a 256-invocation kernel); the tiny model trains there with the adapter of the native
-// run of the same options (QLORA_MAX_BINDING=128M there).
+// run of the same options (QLORA_MAX_BINDING=128M and QLORA_COMPAT_LIMITS=1 there: wgpu holds
+// the native device to the same limits, tests/compat_limits.rs).
 // Run: cd web && node --test test/compat.test.mjs
 
 import { test, before, after } from 'node:test';
@@ -106,6 +107,6 @@ test('Gpu.open({compatibility: true}): compatibility-mode limits, and the tiny m
   assert.equal(i.maxComputeWorkgroupStorageSize, 16384);
   const webDir = path.join(tmp, 'browser-compat');
   writeAdapter(webDir, r.files);
-  const native = await nativeRun(opts, modelOpts, path.join(tmp, 'native-compat'), { QLORA_MAX_BINDING: '128M' });
+  const native = await nativeRun(opts, modelOpts, path.join(tmp, 'native-compat'), { QLORA_MAX_BINDING: '128M', QLORA_COMPAT_LIMITS: '1' });
   compareWithNative('compatibility limits (f32 base)', { losses: r.losses, dir: webDir }, native, BOUND);
 });

@@ -28,7 +28,7 @@
 // These entry points use `rparams` (binding 0, like `params` of adamw_step: an entry point binds
 // only the variables it uses) and bindings 5 to 8.
 
-const WG: u32 = 256u;
+const WG: u32 = 128u;
 // Elements each invocation of sumsq_partial squares (mirrored by adamw::PER in Rust).
 const PER: u32 = 8u;
 

@@ -32,7 +32,7 @@
 // ce_chunk_backward: one invocation per element of a recomputed or saved chunk (Nc, Vc), in
 //                    place: chunk = (exp(chunk - lse[row]) - (v0 + col == target)) * dloss / count.
 
-const WG: u32 = 256u;
+const WG: u32 = 128u;
 const IGNORE: i32 = -100;
 // Start of the running max: finite, so exp(M0 - M0) stays defined when a lane saw no element.
 const M0: f32 = -3.0e38;

@@ -12,15 +12,15 @@
 //                      z, out (rows, N) flat (n = rows * N elements). Forward: y = (m/n) * z
 //                      (offset 0); dropout's base correction (m/n - 1) * (xd W0^T) (offset 1,
 //                      accumulated). Backward: dz = g * m/n, and g * (m/n - 1). Writes out (= or +=).
-//                      ceil(n / 256) workgroups of 256 (split over x and y past 65535).
+//                      ceil(n / WG) workgroups of WG (split over x and y past 65535).
 //   dora_magnitude_grad: dmag[c] = sum_i g[i, c] * z[i, c] / norm[c]  (z the unscaled output
 //                      xd W0^T + s (xd A^T) B^T saved by the forward); writes dmag (=).
-//                      Workgroups of 64 columns x 4 row lanes, a fixed-order reduction over the
+//                      Workgroups of 64 columns x WG / 64 row lanes, a fixed-order reduction over the
 //                      lanes (no float atomics: deterministic); ceil(N / 64) workgroups.
 
-const WG: u32 = 256u;
+const WG: u32 = 128u;
 const COLS: u32 = 64u;   // columns per dora_magnitude_grad workgroup
-const LANES: u32 = 4u;   // row lanes per dora_magnitude_grad workgroup (WG / COLS)
+const LANES: u32 = WG / COLS;   // row lanes per dora_magnitude_grad workgroup
 
 // One parameter block for the three entry points (fields unused by an entry are 0).
 struct Params {

@@ -11,10 +11,10 @@
 // add_bias_forward has no backward kernel: a bias here is frozen (dinp = dout, nothing saved),
 // and the projection biases it serves never train under LoRA.
 //
-// Dispatch: ceil(N / 256) workgroups of 256 invocations, split over x and y when above 65535
+// Dispatch: ceil(N / WG) workgroups of WG invocations, split over x and y when above 65535
 // (flat workgroup index = wid.x + wid.y * 65535).
 
-const WG: u32 = 256u;
+const WG: u32 = 128u;
 
 struct Params {
     n: u32,

@@ -29,7 +29,7 @@
 //                     invocations striding over the C columns; writes dtable rows of occurring
 //                     ids (=), the others are zero from the clear.
 
-const WG: u32 = 256u;
+const WG: u32 = 128u;
 
 struct Params {
     n: u32,        // tokens (forward) / distinct ids U (backward) / rows to widen

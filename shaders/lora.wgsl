@@ -7,9 +7,9 @@
 // integer mixer; src/ops/lora.rs has the same function on the CPU, so the masks are identical.
 // The matmuls of the LoRA linear (x·A^T, ·B^T and their gradients) run on shaders/matmul.wgsl.
 //
-// Dispatch: ceil(N / 256) workgroups of 256 (split over x and y past 65535).
+// Dispatch: ceil(N / WG) workgroups of WG (split over x and y past 65535).
 
-const WG: u32 = 256u;
+const WG: u32 = 128u;
 
 struct Params {
     n: u32,

@@ -12,7 +12,7 @@
 // rmsnorm_backward_weight: one invocation per column c, looping over rows (no float atomics,
 //                          deterministic); writes dweight (=). Skipped when the norm is frozen.
 
-const WG: u32 = 256u;
+const WG: u32 = 128u;
 
 struct Params {
     n_rows: u32,

@@ -15,7 +15,7 @@
 //   flat index = (wid.x + wid.y * 65535) * WG + lid, dispatched as groups_2d(ceil(N / WG)).
 //   Both write out (=). Nothing is saved for backward but the tables.
 
-const WG: u32 = 256u;
+const WG: u32 = 128u;
 
 struct Params {
     n_pairs: u32,  // B * T * H * half

@@ -14,7 +14,7 @@
 //                  Backward needs gate and up (the inputs), nothing else is saved.
 // swiglu_backward: same geometry; writes dgate (=) and dup (=) in one pass.
 
-const WG: u32 = 256u;
+const WG: u32 = 128u;
 
 struct Params {
     n: u32,

@@ -258,18 +258,24 @@ mod api {
         get(&info, "isFallbackAdapter").is_truthy() || get(a, "isFallbackAdapter").is_truthy()
     }
 
-    /// The largest workgroup the kernels use (invocations, and along x).
-    const KERNEL_WORKGROUP: u32 = 256;
+    /// The largest workgroup the kernels use (invocations, and along x): compatibility mode's
+    /// limit (tests/shaders.rs checks every entry point against it).
+    const KERNEL_WORKGROUP: u32 = 128;
 
     /// Compatibility mode's default limits (WebGPU's compatibility-mode tier, as Chromium gives a
-    /// compatibility-mode device): (limit, value). The workgroup invocation and size limits
-    /// (128 there) are left at the adapter's: the kernels use workgroups of 256.
-    const COMPAT_LIMITS: [(&str, f64); 5] = [
+    /// compatibility-mode device): (limit, value). The workgroup limits are those of gpuweb's
+    /// compatibility-mode proposal (proposals/compatibility-mode.md, "Lower limits": 128
+    /// invocations, 128 along x and y; z 64 as in core); every kernel fits them.
+    const COMPAT_LIMITS: [(&str, f64); 9] = [
         ("maxStorageBufferBindingSize", 134217728.0),
         ("maxBufferSize", 268435456.0),
         ("maxStorageBuffersPerShaderStage", 8.0),
         ("maxComputeWorkgroupStorageSize", 16384.0),
         ("maxUniformBufferBindingSize", 16384.0),
+        ("maxComputeInvocationsPerWorkgroup", KERNEL_WORKGROUP as f64),
+        ("maxComputeWorkgroupSizeX", 128.0),
+        ("maxComputeWorkgroupSizeY", 128.0),
+        ("maxComputeWorkgroupSizeZ", 64.0),
     ];
 
     /// Makes `adapter.limits` (what wgpu reads and then requests for the device) a plain copy
@@ -317,7 +323,7 @@ mod api {
             }
         }
         if let Some(a) = request_adapter(gpu, &compat_opts).await {
-            // The kernels use workgroups of 256 invocations (compatibility mode guarantees 128).
+            // The kernels use workgroups of at most 128 invocations (compatibility mode's guarantee).
             let lim = get(&a, "limits");
             let fits = ["maxComputeInvocationsPerWorkgroup", "maxComputeWorkgroupSizeX"]
                 .iter()

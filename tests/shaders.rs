@@ -1,5 +1,6 @@
 //! Every WGSL file parses and validates with naga (so a WGSL mistake fails here with its file and
-//! line, not as a device panic), stays within WebGPU's default limits, and its workgroup-size
+//! line, not as a device panic), keeps its workgroups within WebGPU compatibility mode's limits
+//! (128 invocations; 128, 128, 64 per dimension), and its workgroup-size
 //! constant equals the Rust constant the launches use. Files are validated with empty naga
 //! capabilities (core WebGPU), except those in `shaders::NEEDS_SUBGROUPS`, which get exactly the
 //! subgroup capability and operations they use (and must fail without them).
@@ -41,12 +42,52 @@ fn module(file: &str, src: &'static str) -> naga::Module {
 #[test]
 fn every_shader_parses_and_validates() {
     for (file, src) in shaders::ALL {
-        let m = module(file, src);
-        for ep in &m.entry_points {
-            let [x, y, z] = ep.workgroup_size;
-            assert!(x * y * z <= 256, "shaders/{file}: {} uses {} invocations (> 256, WebGPU's default)", ep.name, x * y * z);
-        }
+        module(file, src);
     }
+}
+
+/// WebGPU compatibility mode's compute limits (gpuweb proposals/compatibility-mode.md, "Lower
+/// limits"): maxComputeInvocationsPerWorkgroup 128 and maxComputeWorkgroupSizeX/Y 128 (core:
+/// 256); maxComputeWorkgroupSizeZ 64 (as core). src/web.rs holds a compatibility-mode device
+/// to these, so a kernel over them fails there.
+const COMPAT_INVOCATIONS: u32 = 128;
+const COMPAT_SIZE: [u32; 3] = [128, 128, 64];
+
+/// The entry points of `m` whose workgroup (naga's evaluated `workgroup_size`) is over
+/// compatibility mode's limits, as "name: x x y x z".
+fn over_compat_limits(m: &naga::Module) -> Vec<String> {
+    m.entry_points
+        .iter()
+        .filter(|ep| ep.stage == naga::ShaderStage::Compute)
+        .filter(|ep| {
+            let s = ep.workgroup_size;
+            s.iter().map(|&d| d as u64).product::<u64>() > COMPAT_INVOCATIONS as u64
+                || s.iter().zip(COMPAT_SIZE).any(|(&d, max)| d > max)
+        })
+        .map(|ep| format!("{}: {} x {} x {}", ep.name, ep.workgroup_size[0], ep.workgroup_size[1], ep.workgroup_size[2]))
+        .collect()
+}
+
+#[test]
+fn every_kernel_fits_compatibility_mode_workgroup_limits() {
+    for (file, src) in shaders::ALL {
+        let m = module(file, src);
+        let over = over_compat_limits(&m);
+        assert!(
+            over.is_empty(),
+            "shaders/{file}: workgroups over compatibility mode's {COMPAT_INVOCATIONS} invocations / {COMPAT_SIZE:?}: {over:?}"
+        );
+    }
+    // The check catches what it exists for: 256-invocation kernels (core's default), and 65 along
+    // z (within 128 invocations, over the per-dimension limit); 128 along x and 64 along z pass.
+    let wg = |size: &str| naga::front::wgsl::parse_str(&format!("@compute @workgroup_size({size})\nfn k() {{}}\n")).unwrap();
+    assert_eq!(over_compat_limits(&wg("256")), ["k: 256 x 1 x 1"]);
+    assert_eq!(over_compat_limits(&wg("16, 16")), ["k: 16 x 16 x 1"]);
+    assert_eq!(over_compat_limits(&wg("256, 1, 1")).len(), 1);
+    assert!(over_compat_limits(&wg("128")).is_empty());
+    assert!(over_compat_limits(&wg("8, 8")).is_empty());
+    assert!(over_compat_limits(&wg("1, 2, 64")).is_empty());
+    assert_eq!(over_compat_limits(&wg("1, 1, 65")).len(), 1);
 }
 
 /// The `const WG` of a shader file, if it has one.

@@ -79,9 +79,11 @@ fn upload_all(ctx: &GpuContext, xs: &[Vec<f64>]) -> Vec<Tensor> {
 fn global_norm_and_clipping_match_f64() {
     let ctx = gpu();
     let mut rng = Rng::new(21);
-    // Sizes around the 2048-element chunk of a partial sum and one large enough for more than
-    // 256 partials (the final pass then loops).
-    let sizes = [1usize, 3, 2047, 2048, 2049, 600_001];
+    // Sizes around the WG·PER-element chunk of a partial sum (1024) and one large enough for more
+    // than WG partials (the final pass then loops).
+    let chunk = (adamw::WG * adamw::PER) as usize;
+    let sizes = [1usize, 3, chunk - 1, chunk, chunk + 1, 600_001];
+    assert!(600_001 / chunk > adamw::WG as usize);
     let xs: Vec<Vec<f64>> = sizes.iter().map(|&n| rng.vec(n, 0.01)).collect();
     let refs: Vec<&[f64]> = xs.iter().map(|x| x.as_slice()).collect();
     let want = adamw::cpu::global_norm(&refs);

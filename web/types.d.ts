@@ -4,8 +4,8 @@
 export interface GpuOptions {
   /** Ask only for a compatibility-mode adapter (`featureLevel: "compatibility"`) and hold the
    *  device to compatibility mode's default limits (128 MiB binding, 256 MiB buffer, 8 storage
-   *  buffers per stage, 16 KiB workgroup storage; the workgroup invocation limit stays the
-   *  adapter's: the kernels need 256). To try what a compatibility-mode GPU allows on any GPU. */
+   *  buffers per stage, 16 KiB workgroup storage, 128 invocations a workgroup: 128 along x
+   *  and y, 64 along z). To try what a compatibility-mode GPU allows on any GPU. */
   compatibility?: boolean;
 }
 /** What the GPU adapter is and can do (`Gpu.info`). */

@@ -205,6 +205,30 @@ pub const MEMORY_BUDGET_ENV: &str = "QLORA_GPU_MEMORY_BUDGET";
 /// Test hook (native): destroy the device after this many dispatches, as a driver reset would.
 pub const LOSE_DEVICE_ENV: &str = "QLORA_TEST_LOSE_DEVICE_AFTER";
 
+/// Environment variable (native): `QLORA_COMPAT_LIMITS=1` requests [`compat_limits`] of the
+/// adapter's limits, so that wgpu validates every buffer and pipeline against WebGPU
+/// compatibility mode's limits, as a browser's compatibility-mode device (src/web.rs,
+/// `Gpu.open({compatibility: true})`) does.
+pub const COMPAT_LIMITS_ENV: &str = "QLORA_COMPAT_LIMITS";
+
+/// `l` lowered, where higher, to WebGPU compatibility mode's defaults (the values src/web.rs
+/// `COMPAT_LIMITS` holds a browser device to; workgroups from gpuweb's compatibility-mode
+/// proposal, "Lower limits"): 128 MiB storage binding, 256 MiB buffer, 8 storage buffers per
+/// stage, 16 KiB workgroup memory and uniform binding, 128 invocations a workgroup, 128 along x
+/// and y, 64 along z.
+pub fn compat_limits(mut l: wgpu::Limits) -> wgpu::Limits {
+    l.max_storage_buffer_binding_size = l.max_storage_buffer_binding_size.min(128 << 20);
+    l.max_buffer_size = l.max_buffer_size.min(256 << 20);
+    l.max_storage_buffers_per_shader_stage = l.max_storage_buffers_per_shader_stage.min(8);
+    l.max_compute_workgroup_storage_size = l.max_compute_workgroup_storage_size.min(16384);
+    l.max_uniform_buffer_binding_size = l.max_uniform_buffer_binding_size.min(16384);
+    l.max_compute_invocations_per_workgroup = l.max_compute_invocations_per_workgroup.min(128);
+    l.max_compute_workgroup_size_x = l.max_compute_workgroup_size_x.min(128);
+    l.max_compute_workgroup_size_y = l.max_compute_workgroup_size_y.min(128);
+    l.max_compute_workgroup_size_z = l.max_compute_workgroup_size_z.min(64);
+    l
+}
+
 /// Parses a byte count with an optional K/M/G (binary) suffix.
 pub fn parse_bytes(s: &str) -> Option<u64> {
     let s = s.trim();
@@ -267,7 +291,10 @@ impl GpuContext {
         let wanted =
             wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
         let required_features = feats & wanted;
-        let limits = adapter.limits();
+        let mut limits = adapter.limits();
+        if !cfg!(target_arch = "wasm32") && std::env::var(COMPAT_LIMITS_ENV).is_ok_and(|v| v.trim() == "1") {
+            limits = compat_limits(limits);
+        }
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("qlora-webgpu"),

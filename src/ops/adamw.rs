@@ -22,7 +22,7 @@ const CLIP_SCALE: Kernel = shaders::kernel(shaders::ADAMW, "clip_scale", &["norm
 /// Every kernel this op launches (tests/shaders.rs checks their bindings against the WGSL).
 pub(crate) const KERNELS: &[Kernel] = &[STEP, SUMSQ_PARTIAL, SUMSQ_FINAL, CLIP_SCALE];
 /// Workgroup size of shaders/adamw.wgsl (`WG` there).
-pub const WG: u32 = 256;
+pub const WG: u32 = 128;
 /// Elements each invocation of `sumsq_partial` squares (`PER` in shaders/adamw.wgsl).
 pub const PER: u32 = 8;
 

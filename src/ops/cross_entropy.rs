@@ -20,7 +20,7 @@ const CHUNK_BACKWARD: Kernel = shaders::kernel(shaders::CROSS_ENTROPY, "ce_chunk
 /// Every kernel this op launches (tests/shaders.rs checks their bindings against the WGSL).
 pub(crate) const KERNELS: &[Kernel] = &[FORWARD, SUM, BACKWARD, CHUNK_FORWARD, CHUNK_FINISH, CHUNK_BACKWARD];
 /// Workgroup size of shaders/cross_entropy.wgsl (`WG` there).
-pub const WG: u32 = 256;
+pub const WG: u32 = 128;
 /// The target that marks a row as not scored (PyTorch's and transformers' default).
 pub const IGNORE_INDEX: i32 = -100;
 

@@ -29,7 +29,7 @@ const MAGNITUDE_GRAD: Kernel = shaders::kernel(shaders::DORA, "dora_magnitude_gr
 /// Every kernel this op launches (tests/shaders.rs checks their bindings against the WGSL).
 pub(crate) const KERNELS: &[Kernel] = &[WEIGHT_NORM, SCALE, MAGNITUDE_GRAD];
 /// Workgroup size of shaders/dora.wgsl (`WG` there).
-pub const WG: u32 = 256;
+pub const WG: u32 = 128;
 /// Columns per `dora_magnitude_grad` workgroup (`COLS` there).
 const COLS: usize = 64;
 /// Largest f32 row chunk of an NF4 W0 dequantized at a time for the norm.

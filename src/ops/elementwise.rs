@@ -13,7 +13,7 @@ const TAKE_COLS: Kernel = shaders::kernel(shaders::ELEMENTWISE, "take_cols", &["
 /// Every kernel this op launches (tests/shaders.rs checks their bindings against the WGSL).
 pub(crate) const KERNELS: &[Kernel] = &[ADD, SCALE, ADD_BIAS, PUT_COLS, TAKE_COLS];
 /// Workgroup size of shaders/elementwise.wgsl (`WG` there).
-pub const WG: u32 = 256;
+pub const WG: u32 = 128;
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]

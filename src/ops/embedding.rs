@@ -13,7 +13,7 @@ const WIDEN16: Kernel = shaders::kernel(shaders::EMBEDDING, "embedding_widen16",
 /// Every kernel this op launches (tests/shaders.rs checks their bindings against the WGSL).
 pub(crate) const KERNELS: &[Kernel] = &[FORWARD, BACKWARD, FORWARD16, WIDEN16];
 /// Workgroup size of shaders/embedding.wgsl (`WG` there).
-pub const WG: u32 = 256;
+pub const WG: u32 = 128;
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]

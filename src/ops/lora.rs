@@ -17,7 +17,7 @@ const DROPOUT_BACKWARD: Kernel = shaders::kernel(shaders::LORA, "lora_dropout_ba
 /// Every kernel this op launches (tests/shaders.rs checks their bindings against the WGSL).
 pub(crate) const KERNELS: &[Kernel] = &[DROPOUT_FORWARD, DROPOUT_BACKWARD];
 /// Workgroup size of shaders/lora.wgsl (`WG` there).
-pub const WG: u32 = 256;
+pub const WG: u32 = 128;
 
 /// A frozen base weight W0 (out, in): f32 (in one buffer, or in row blocks when it exceeds the
 /// device's largest binding), or NF4 dequantized on the fly (QLoRA). It never gets a gradient;

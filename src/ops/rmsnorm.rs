@@ -11,7 +11,7 @@ const BACKWARD_WEIGHT: Kernel = shaders::kernel(shaders::RMSNORM, "rmsnorm_backw
 /// Every kernel this op launches (tests/shaders.rs checks their bindings against the WGSL).
 pub(crate) const KERNELS: &[Kernel] = &[FORWARD, BACKWARD_INPUT, BACKWARD_WEIGHT];
 /// Workgroup size of shaders/rmsnorm.wgsl (`WG` there).
-pub const WG: u32 = 256;
+pub const WG: u32 = 128;
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]

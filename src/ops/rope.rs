@@ -33,7 +33,7 @@ const BACKWARD: Kernel = shaders::kernel(shaders::ROPE, "rope_backward", &["inp"
 /// Every kernel this op launches (tests/shaders.rs checks their bindings against the WGSL).
 pub(crate) const KERNELS: &[Kernel] = &[FORWARD, BACKWARD];
 /// Workgroup size of shaders/rope.wgsl (`WG` there).
-pub const WG: u32 = 256;
+pub const WG: u32 = 128;
 
 /// RoPE frequency scaling: config.json's `rope_scaling` (or, in transformers 5, `rope_parameters`)
 /// with `rope_type` "linear" or "llama3", `None` where the type is "default" or absent; or

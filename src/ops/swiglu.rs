@@ -9,7 +9,7 @@ const BACKWARD: Kernel = shaders::kernel(shaders::SWIGLU, "swiglu_backward", &["
 /// Every kernel this op launches (tests/shaders.rs checks their bindings against the WGSL).
 pub(crate) const KERNELS: &[Kernel] = &[FORWARD, BACKWARD];
 /// Workgroup size of shaders/swiglu.wgsl (`WG` there).
-pub const WG: u32 = 256;
+pub const WG: u32 = 128;
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]

@@ -380,3 +380,33 @@ fn bad_arguments_and_inputs_fail_clearly() {
     assert_eq!(code, 2, "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_packed_run_counts_epochs_in_rows() {
+    // The pirate examples (about 60 tokens each in the chat template) pack about two to a
+    // 128-token row; one epoch is the rows / batch steps, and the metrics log says epoch 1.0 at
+    // its last step (not steps x batch / examples).
+    let dir = tmp("packed-epochs");
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/pirate.jsonl");
+    let out = dir.join("out");
+    let m = tiny_model();
+    let args = ["train", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--packing", "--max-len", "128", "--batch-size", "4"];
+    // First learn the row count from the log, then run exactly one epoch of it.
+    let (code, _, err) = qlora(&[&args[..], &["--steps", "1", "--out", out.to_str().unwrap()]].concat(), &dir);
+    assert_eq!(code, 0, "{err}");
+    let rows: usize = err
+        .lines()
+        .find_map(|l| l.strip_prefix("packing ").and_then(|r| r.split(" in ").nth(1)).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()))
+        .unwrap_or_else(|| panic!("no packing line in:\n{err}"));
+    let examples = std::fs::read_to_string(&data).unwrap().lines().filter(|l| !l.trim().is_empty()).count();
+    assert!(rows < examples, "{rows} rows for {examples} examples: several examples share a row");
+    let steps = rows.div_ceil(4);
+    std::fs::remove_dir_all(&out).unwrap();
+    ok(&[&args[..], &["--steps", &steps.to_string(), "--out", out.to_str().unwrap()]].concat(), &dir);
+    let last: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().filter(|l| l.contains("\"loss\"")).last().unwrap()).unwrap();
+    let epoch = last["epoch"].as_f64().unwrap();
+    // steps x 4 rows over `rows` rows: 1.0 unless the last batch is short.
+    assert!((epoch - (steps * 4) as f64 / rows as f64).abs() < 1e-9 && (1.0..1.0 + 4.0 / rows as f64).contains(&epoch), "epoch {epoch} after {steps} steps of {rows} rows");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -493,7 +493,7 @@ fn train_steps(
     sess: &mut TrainSession,
     run: &mut Run,
     cfg: &TrainConfig,
-    n_train: usize,
+    per_epoch: usize,
     every: &Every,
     val_loss: &dyn Fn(&TrainSession) -> Result<Option<f64>>,
     ck_dir: &Path,
@@ -530,7 +530,7 @@ fn train_steps(
         let mut line = json!({
             "step": info.step, "loss": info.loss, "lr": info.lr, "grad_norm": info.grad_norm,
             "tokens": info.input_tokens, "counted_tokens": info.counted_tokens,
-            "epoch": (info.step * (cfg.batch_size * cfg.grad_accum) as u64) as f64 / n_train as f64,
+            "epoch": (info.step * (cfg.batch_size * cfg.grad_accum) as u64) as f64 / per_epoch as f64,
             "step_s": dt, "tokens_per_s": tps, "gpu_in_use_bytes": mem.in_use, "elapsed_s": t0.elapsed().as_secs_f64(),
         });
         run.train_points.push((info.step, info.loss));
@@ -759,7 +759,9 @@ pub fn run(args: TrainArgs) -> Result<i32> {
     }
 
     let every = Every { eval: args.eval_every.unwrap_or((cfg.steps / 10).max(1)), save: save_every, has_val };
-    let (interrupted, steps_run, tokens_total, secs) = train_steps(&mut sess, &mut run, &cfg, n_train, &every, &val_loss, &ck_dir, &out, args.resume)?;
+    // An epoch is the training examples, or with --packing the rows they make.
+    let per_epoch = sess.packed_rows().unwrap_or(n_train);
+    let (interrupted, steps_run, tokens_total, secs) = train_steps(&mut sess, &mut run, &cfg, per_epoch, &every, &val_loss, &ck_dir, &out, args.resume)?;
     if steps_run > 0 {
         eprintln!(
             "trained  {} steps in {:.1} s ({:.2} s/step, {:.0} tokens/s), peak GPU memory {}",

@@ -645,6 +645,9 @@ mod api {
         plain_error("aborted", format!("loading {}: abandoned (the AbortSignal was aborted)", crate::error::quote(url)))
     }
 
+    /// The most bytes of a downloaded chunk copied into wasm memory at once.
+    const CHUNK_SLICE: usize = 1 << 20;
+
     /// Streams `url`'s bytes to `sink` chunk by chunk (one chunk in wasm memory at a time), from
     /// the model cache when it holds the URL, else from the network (the cache then stores its
     /// own copy of the response, teed by the browser outside wasm memory). Reports `download`
@@ -729,13 +732,22 @@ mod api {
             }
             let v: Uint8Array = get(&chunk, "value").dyn_into().map_err(|_| fetch_error(url, "a chunk is not bytes"))?;
             let n = v.length() as usize;
-            chunk_buf.clear();
-            chunk_buf.try_reserve(n).map_err(|_| fetch_error(url, format!("a {n}-byte chunk does not fit in wasm memory")))?;
-            chunk_buf.resize(n, 0);
-            v.copy_to(&mut chunk_buf);
-            if let Err(e) = sink(&chunk_buf, from_cache) {
-                let _ = call(&reader, "cancel", &[]);
-                return Err(e);
+            // A large chunk (a cached response or a local server may hand over the whole file at
+            // once) is copied into wasm memory a slice at a time.
+            let mut at = 0;
+            while at < n {
+                let end = (at + CHUNK_SLICE).min(n);
+                chunk_buf.clear();
+                chunk_buf
+                    .try_reserve(end - at)
+                    .map_err(|_| fetch_error(url, format!("a {}-byte chunk does not fit in wasm memory", end - at)))?;
+                chunk_buf.resize(end - at, 0);
+                v.subarray(at as u32, end as u32).copy_to(&mut chunk_buf);
+                if let Err(e) = sink(&chunk_buf, from_cache) {
+                    let _ = call(&reader, "cancel", &[]);
+                    return Err(e);
+                }
+                at = end;
             }
             done += n;
             if done - last >= 1 << 20 {

@@ -94,7 +94,7 @@ test('Model.fromUrl: streamed download with progress, cached in the origin, forg
   });
   await page2.close();
   const size = gguf.length;
-  // The tiny model's weights as the host holds them while parsing: f32, 2 layers of 7
+  // The tiny model's weights as the whole-file path holds them on the host: f32, 2 layers of 7
   // projections (64x64 q, o; 32x64 k, v; 3 of 160x64) and 2 norms, the embedding, the final norm.
   const hostF32 = 4 * (2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 160 * 64 + 2 * 64) + 49152 * 64 + 64);
   const mib = (b) => `${(b / 1048576).toFixed(1)} MiB`;

@@ -645,6 +645,9 @@ mod api {
         plain_error("aborted", format!("loading {}: abandoned (the AbortSignal was aborted)", crate::error::quote(url)))
     }
 
+    /// Where [`download`] hands the bytes: (bytes, from the cache).
+    type ChunkSink<'a> = dyn FnMut(&[u8], bool) -> Result<(), JsValue> + 'a;
+
     /// The most bytes of a downloaded chunk copied into wasm memory at once.
     const CHUNK_SLICE: usize = 1 << 20;
 
@@ -658,7 +661,7 @@ mod api {
         use_cache: bool,
         signal: &JsValue,
         progress: &dyn Fn(&Value),
-        sink: &mut dyn FnMut(&[u8], bool) -> Result<(), JsValue>,
+        sink: &mut ChunkSink<'_>,
     ) -> Result<(usize, bool), JsValue> {
         let cache = if use_cache { model_cache().await } else { None };
         let key = JsValue::from_str(url);

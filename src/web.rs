@@ -750,12 +750,12 @@ mod api {
                     let _ = call(&reader, "cancel", &[]);
                     return Err(e);
                 }
+                done += end - at;
                 at = end;
-            }
-            done += n;
-            if done - last >= 1 << 20 {
-                last = done;
-                report(last);
+                if done - last >= 1 << 20 {
+                    last = done;
+                    report(last);
+                }
             }
         }
         if let Some(n) = total {

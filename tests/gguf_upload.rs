@@ -72,7 +72,7 @@ fn peak_growth<T>(f: impl FnOnce() -> T) -> (T, usize) {
     let start = NOW.with(Cell::get);
     PEAK.with(|p| p.set(start));
     let out = f();
-    ((out), (PEAK.with(Cell::get) - start).max(0) as usize)
+    (out, (PEAK.with(Cell::get) - start).max(0) as usize)
 }
 
 // ------------------------------------------------------------------------------ the models

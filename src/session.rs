@@ -109,13 +109,7 @@ impl ModelSource {
     /// A GGUF model already read (by [`crate::io::gguf::load_gguf_with`] or a
     /// [`crate::io::gguf::GgufStream`]) with its tokenizer and chat template.
     pub fn from_gguf_model(name: &str, g: crate::io::gguf::GgufModel) -> Result<Self> {
-        let gt = g.tokenizer(name)?;
-        let tokenizer = gt.build().map_err(|e| Error::format(name, format!("tokenizer from tokenizer.ggml.* metadata: {e}")))?;
-        let template = match gt.chat_template.as_deref() {
-            Some(src) => Some(ChatTemplate::new(src).map_err(|e| Error::format(name, format!("tokenizer.chat_template: {e}")))?),
-            None => None,
-        };
-        let chat_ctx = ChatContext::from_tokenizer(&tokenizer);
+        let (tokenizer, template, chat_ctx) = gguf_talk(name, g.tokenizer(name)?)?;
         Ok(ModelSource { name: name.to_owned(), kind: SourceKind::Gguf, host: g.model, tokenizer, template, chat_ctx, config_json: None, side_files: Vec::new() })
     }
 
@@ -175,10 +169,7 @@ impl ModelSource {
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<LoadedModel> {
         let cfg = self.host.config.to_llama();
-        let quantize = match quant {
-            BaseQuant::F32 => None,
-            BaseQuant::Nf4 { blocksize, double_quant } => Some((blocksize, double_quant)),
-        };
+        let quantize = quant_params(quant);
         let weights = self.host.upload_with_progress(ctx, quantize, true, progress)?;
         let model = Model::new(ctx, cfg, weights, self.host.config.effective_rope_scaling().as_ref(), max_positions)?;
         Ok(LoadedModel {
@@ -191,6 +182,135 @@ impl ModelSource {
             quant,
             max_positions,
         })
+    }
+}
+
+/// The tokenizer, chat template and template variables of a GGUF file's metadata.
+fn gguf_talk(name: &str, gt: crate::data::tokenizer::GgufTokenizer) -> Result<(Tokenizer, Option<ChatTemplate>, ChatContext)> {
+    let tokenizer = gt.build().map_err(|e| Error::format(name, format!("tokenizer from tokenizer.ggml.* metadata: {e}")))?;
+    let template = match gt.chat_template.as_deref() {
+        Some(src) => Some(ChatTemplate::new(src).map_err(|e| Error::format(name, format!("tokenizer.chat_template: {e}")))?),
+        None => None,
+    };
+    let chat_ctx = ChatContext::from_tokenizer(&tokenizer);
+    Ok((tokenizer, template, chat_ctx))
+}
+
+/// Which part of a [`GgufUpload`] failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoadStep {
+    /// Reading the file (its header, a tensor's data, the tokenizer metadata).
+    Read,
+    /// The caller's `setup` refused the model (options, limits).
+    Setup,
+    /// Uploading a tensor to the device (or building the model from the weights).
+    Upload,
+}
+
+/// A GGUF file loaded onto the GPU as its bytes arrive (a download), tensor by tensor: the
+/// header is parsed from the first bytes ([`crate::io::gguf::GgufStream`]), then each tensor
+/// is converted as soon as its bytes are in and uploaded right away
+/// ([`crate::io::WeightsBuilder`]: projections quantized to NF4 then, for an NF4 base), and its
+/// host copies dropped. Held on the host at any time: the header, the bytes of the tensor being
+/// received and that one tensor's conversion, plus what the model keeps on the host (an untied
+/// input embedding). The model is the one [`ModelSource::from_gguf`] then
+/// [`ModelSource::upload`] make from the same bytes, bit for bit.
+pub struct GgufUpload {
+    name: String,
+    ctx: Rc<GpuContext>,
+    stream: crate::io::gguf::GgufStream,
+    /// Once the header is in: the weights being uploaded, the base, the positions.
+    build: Option<(crate::io::WeightsBuilder, BaseQuant, usize)>,
+}
+
+impl GgufUpload {
+    /// A load of the GGUF file `name` (its name in errors and in the model) onto `ctx`.
+    pub fn new(ctx: &Rc<GpuContext>, name: &str) -> Self {
+        GgufUpload { name: name.to_owned(), ctx: ctx.clone(), stream: crate::io::gguf::GgufStream::new(name), build: None }
+    }
+
+    /// Tensors (uploaded, to upload); (0, 0) before the header is in.
+    pub fn tensors_done(&self) -> (usize, usize) {
+        self.build.as_ref().map_or((0, 0), |(b, _, _)| (b.uploaded(), b.tensor_count()))
+    }
+
+    /// The next bytes of the file. When the header is in, `setup(config)` says how to hold the
+    /// base and how many positions to cover (or refuses), once, before any tensor is uploaded;
+    /// `progress(done, total)` is called after each tensor is on the device.
+    pub fn push(
+        &mut self,
+        chunk: &[u8],
+        setup: &mut dyn FnMut(&ModelConfig) -> Result<(BaseQuant, usize)>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> std::result::Result<(), (LoadStep, Error)> {
+        let GgufUpload { ctx, stream, build, .. } = self;
+        let mut step = LoadStep::Read;
+        let mut sink = |c: &ModelConfig, name: &str, t: crate::io::HostTensor| put_streamed(ctx, build, &mut step, setup, progress, c, name, t);
+        let r = stream.push_to(chunk, &mut sink);
+        r.map_err(|e| (step, e))
+    }
+
+    /// The end of the file: the model on the device (`setup` and `progress` as for
+    /// [`GgufUpload::push`], for the last tensors if they are empty).
+    pub fn finish(
+        self,
+        setup: &mut dyn FnMut(&ModelConfig) -> Result<(BaseQuant, usize)>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> std::result::Result<LoadedModel, (LoadStep, Error)> {
+        let GgufUpload { name, ctx, stream, mut build } = self;
+        let mut step = LoadStep::Read;
+        let mut sink = |c: &ModelConfig, n: &str, t: crate::io::HostTensor| put_streamed(&ctx, &mut build, &mut step, setup, progress, c, n, t);
+        let g = stream.finish_to(&mut sink).map_err(|e| (step, e))?;
+        let read = |e| (LoadStep::Read, e);
+        let (tokenizer, template, chat_ctx) = gguf_talk(&name, g.tokenizer(&name).map_err(read)?).map_err(read)?;
+        let Some((b, quant, max_positions)) = build else {
+            // A model without tensors cannot pass the config's checks; kept as an error.
+            return Err(read(Error::format(&name, "no tensor was read")));
+        };
+        let up = |e| (LoadStep::Upload, e);
+        let weights = b.finish().map_err(up)?;
+        let model = Model::new(&ctx, g.config.to_llama(), weights, g.config.effective_rope_scaling().as_ref(), max_positions).map_err(up)?;
+        Ok(LoadedModel { name, config: g.config, model: Rc::new(model), tokenizer, template, chat_ctx, quant, max_positions })
+    }
+}
+
+/// One converted tensor of a [`GgufUpload`] onto the device: the builder made at the first one
+/// (`setup` asked, the projections checked to fit), then the tensor put; `step` says what failed.
+#[allow(clippy::too_many_arguments)]
+fn put_streamed(
+    ctx: &Rc<GpuContext>,
+    build: &mut Option<(crate::io::WeightsBuilder, BaseQuant, usize)>,
+    step: &mut LoadStep,
+    setup: &mut dyn FnMut(&ModelConfig) -> Result<(BaseQuant, usize)>,
+    progress: &mut dyn FnMut(usize, usize),
+    config: &ModelConfig,
+    name: &str,
+    t: crate::io::HostTensor,
+) -> Result<()> {
+    if build.is_none() {
+        *step = LoadStep::Setup;
+        let (quant, max_positions) = setup(config)?;
+        let quantize = quant_params(quant);
+        let shapes = config.tensor_shapes();
+        let projs = shapes.iter().filter_map(|(n, s)| crate::io::proj_index(n).map(|(i, m)| (i, m, s.as_slice(), false)));
+        *step = LoadStep::Upload;
+        crate::io::check_projections_fit(ctx, quantize, projs)?;
+        *build = Some((crate::io::WeightsBuilder::new(config, !config.tie_word_embeddings, quantize, true), quant, max_positions));
+    }
+    *step = LoadStep::Upload;
+    let (b, _, _) = build.as_mut().expect("made above");
+    b.put(ctx, name, crate::io::TensorRef::F32(&t))?;
+    drop(t);
+    progress(b.uploaded(), b.tensor_count());
+    *step = LoadStep::Read;
+    Ok(())
+}
+
+/// `quantize` of the loaders and uploads for `quant`.
+fn quant_params(quant: BaseQuant) -> Option<(usize, bool)> {
+    match quant {
+        BaseQuant::F32 => None,
+        BaseQuant::Nf4 { blocksize, double_quant } => Some((blocksize, double_quant)),
     }
 }
 

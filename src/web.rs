@@ -520,6 +520,12 @@ mod api {
         plain_error("aborted", format!("loading {}: abandoned (the AbortSignal was aborted)", crate::error::quote(url)))
     }
 
+    /// Where [`download`] hands the bytes: (bytes, from the cache).
+    type ChunkSink<'a> = dyn FnMut(&[u8], bool) -> Result<(), JsValue> + 'a;
+
+    /// The most bytes of a downloaded chunk copied into wasm memory at once.
+    const CHUNK_SLICE: usize = 1 << 20;
+
     /// Streams `url`'s bytes to `sink` chunk by chunk (one chunk in wasm memory at a time), from
     /// the model cache when it holds the URL, else from the network (the cache then stores its
     /// own copy of the response, teed by the browser outside wasm memory). Reports `download`
@@ -530,7 +536,7 @@ mod api {
         use_cache: bool,
         signal: &JsValue,
         progress: &dyn Fn(&Value),
-        sink: &mut dyn FnMut(&[u8]) -> Result<(), JsValue>,
+        sink: &mut ChunkSink<'_>,
     ) -> Result<(usize, bool), JsValue> {
         let cache = if use_cache { model_cache().await } else { None };
         let key = JsValue::from_str(url);
@@ -604,18 +610,27 @@ mod api {
             }
             let v: Uint8Array = get(&chunk, "value").dyn_into().map_err(|_| fetch_error(url, "a chunk is not bytes"))?;
             let n = v.length() as usize;
-            chunk_buf.clear();
-            chunk_buf.try_reserve(n).map_err(|_| fetch_error(url, format!("a {n}-byte chunk does not fit in wasm memory")))?;
-            chunk_buf.resize(n, 0);
-            v.copy_to(&mut chunk_buf);
-            if let Err(e) = sink(&chunk_buf) {
-                let _ = call(&reader, "cancel", &[]);
-                return Err(e);
-            }
-            done += n;
-            if done - last >= 1 << 20 {
-                last = done;
-                report(last);
+            // A large chunk (a cached response or a local server may hand over the whole file at
+            // once) is copied into wasm memory a slice at a time.
+            let mut at = 0;
+            while at < n {
+                let end = (at + CHUNK_SLICE).min(n);
+                chunk_buf.clear();
+                chunk_buf
+                    .try_reserve(end - at)
+                    .map_err(|_| fetch_error(url, format!("a {}-byte chunk does not fit in wasm memory", end - at)))?;
+                chunk_buf.resize(end - at, 0);
+                v.subarray(at as u32, end as u32).copy_to(&mut chunk_buf);
+                if let Err(e) = sink(&chunk_buf, from_cache) {
+                    let _ = call(&reader, "cancel", &[]);
+                    return Err(e);
+                }
+                done += end - at;
+                at = end;
+                if done - last >= 1 << 20 {
+                    last = done;
+                    report(last);
+                }
             }
         }
         if let Some(n) = total {
@@ -639,9 +654,11 @@ mod api {
         /// read instead when there is one, and a download is stored there) and loads it as
         /// `fromGguf` does, bit for bit. The file is streamed, never whole in wasm memory: the
         /// header is parsed from its first bytes, each tensor is dequantized as soon as its bytes
-        /// are in and its bytes dropped; wasm memory holds the header, one chunk, the tensor being
-        /// received and the f32 weights the host keeps until the upload. `onProgress` reports
-        /// the bytes, then the tensors as they reach the GPU; `signal` abandons the load.
+        /// are in and uploaded to the GPU right away (quantized to NF4 first for an NF4 base),
+        /// its host copies dropped; wasm memory holds the header, one chunk, the tensor being
+        /// received and its conversion (and an untied input embedding, which stays on the host).
+        /// `onProgress` reports the bytes and, interleaved with them, the tensors as they reach
+        /// the GPU; `signal` abandons the load.
         #[wasm_bindgen(js_name = fromUrl, unchecked_return_type = "Promise<Model>")]
         pub fn from_url(
             gpu: &Gpu,
@@ -673,32 +690,40 @@ mod api {
                 };
                 let name = model_name(&opts, url.rsplit('/').next().filter(|s| !s.is_empty()).unwrap_or(&url));
                 let name = name.split(['?', '#']).next().unwrap_or(&name).to_owned();
-                // The GGUF file is parsed as it arrives: the header from its first bytes, then each
-                // tensor converted as soon as its bytes are in, and its bytes dropped.
-                let mut stream = crate::io::gguf::GgufStream::new(&name);
+                // The GGUF file is loaded as it arrives: the header parsed from its first bytes, then
+                // each tensor converted as soon as its bytes are in and uploaded to the GPU right
+                // away (quantized first for an NF4 base), its host copies dropped.
+                let mut load = crate::session::GgufUpload::new(&ctx, &name);
+                let mut setup = |config: &crate::model::config::ModelConfig| -> crate::Result<(crate::session::BaseQuant, usize)> {
+                    let (quant, max_positions, _) = options::model_options(&opts, config)?;
+                    options::check_model_fits(&name, config, quant, &info, ctx.max_binding())?;
+                    Ok((quant, max_positions))
+                };
+                let from_cache = Cell::new(false);
+                let mut tick = |done: usize, total: usize| {
+                    progress(&json!({"phase": "upload", "bytesDone": 0, "bytesTotal": null, "fromCache": from_cache.get(), "tensorsDone": done, "tensorsTotal": total}))
+                };
+                let failed = |(step, e): (crate::session::LoadStep, crate::Error)| match step {
+                    crate::session::LoadStep::Read => fail(format!("reading the GGUF file {name}"), e),
+                    crate::session::LoadStep::Setup => fail(format!("loading {name}"), e),
+                    crate::session::LoadStep::Upload => fail(format!("uploading {name} to the GPU ({})", info.name), e),
+                };
                 let mut head: Vec<u8> = Vec::with_capacity(4);
-                let mut sink = |b: &[u8]| -> Result<(), JsValue> {
+                let mut sink = |b: &[u8], cached: bool| -> Result<(), JsValue> {
+                    from_cache.set(cached);
                     if head.len() < 4 {
                         head.extend(b.iter().take(4 - head.len()));
                         if head.len() == 4 && head != b"GGUF" {
                             return Err(plain_error("format", format!("{name}: not a GGUF file (Model.fromUrl loads GGUF files; from {url})")));
                         }
                     }
-                    stream.push(b).map_err(|e| fail(format!("reading the GGUF file {name}"), e))
+                    load.push(b, &mut setup, &mut tick).map_err(failed)
                 };
-                let (size, from_cache) = download(&url, use_cache, &signal, &progress, &mut sink).await?;
+                let (size, _) = download(&url, use_cache, &signal, &progress, &mut sink).await?;
                 if head.len() < 4 {
                     return Err(plain_error("format", format!("{name}: not a GGUF file (Model.fromUrl loads GGUF files; {size} bytes from {url})")));
                 }
-                let g = stream.finish(None).map_err(|e| fail(format!("reading the GGUF file {name}"), e))?;
-                let src = ModelSource::from_gguf_model(&name, g).map_err(|e| fail(format!("reading the GGUF file {name}"), e))?;
-                let (quant, max_positions, _) = options::model_options(&opts, &src.host.config).map_err(|e| fail(format!("loading {name}"), e))?;
-                options::check_model_fits(&name, &src.host.config, quant, &info, ctx.max_binding()).map_err(|e| fail(format!("loading {name}"), e))?;
-                let m = src
-                    .upload_with_progress(&ctx, quant, max_positions, &mut |done, total| {
-                        progress(&json!({"phase": "upload", "bytesDone": 0, "bytesTotal": null, "fromCache": from_cache, "tensorsDone": done, "tensorsTotal": total}))
-                    })
-                    .map_err(|e| fail(format!("uploading {name} to the GPU ({})", info.name), e))?;
+                let m = load.finish(&mut setup, &mut tick).map_err(failed)?;
                 if let Some(e) = thrown.into_inner() {
                     let err = plain_error("callback", "Model.fromUrl: the onProgress callback threw");
                     set_cause(&err, &e);

@@ -55,6 +55,13 @@ impl HostWeight {
             HostWeight::Nf4(t) => &t.shape,
         }
     }
+    /// Borrowed, as a [`TensorRef`].
+    pub fn as_ref(&self) -> TensorRef<'_> {
+        match self {
+            HostWeight::F32(t) => TensorRef::F32(t),
+            HostWeight::Nf4(t) => TensorRef::Nf4(t),
+        }
+    }
     /// The f32 tensor, None for NF4.
     pub fn as_f32(&self) -> Option<&HostTensor> {
         match self {
@@ -204,34 +211,15 @@ impl HostModel {
     /// The tensor with Hugging Face name `name` (e.g. `model.layers.0.self_attn.q_proj.weight`),
     /// None if the model has no such tensor.
     pub fn get(&self, name: &str) -> Option<TensorRef<'_>> {
-        match name {
-            names::EMBED => return Some(TensorRef::F32(&self.embed)),
-            names::FINAL_NORM => return Some(TensorRef::F32(&self.final_norm)),
-            names::LM_HEAD => return self.lm_head.as_ref().map(TensorRef::F32),
-            _ => {}
-        }
-        let rest = name.strip_prefix("model.layers.")?;
-        let (idx, rest) = rest.split_once('.')?;
-        let canonical = !idx.is_empty() && idx.bytes().all(|b| b.is_ascii_digit()) && (idx == "0" || !idx.starts_with('0'));
-        if !canonical {
-            return None;
-        }
-        let l = self.layers.get(idx.parse::<usize>().ok()?)?;
-        match rest {
-            "input_layernorm.weight" => return Some(TensorRef::F32(&l.attn_norm)),
-            "post_attention_layernorm.weight" => return Some(TensorRef::F32(&l.mlp_norm)),
-            _ => {}
-        }
-        let (module, kind) = rest.rsplit_once('.')?;
-        let m = (0..TARGETS.len()).find(|&m| module == names::proj_local(m))?;
-        match kind {
-            "weight" => Some(match &l.proj[m] {
-                HostWeight::F32(t) => TensorRef::F32(t),
-                HostWeight::Nf4(t) => TensorRef::Nf4(t),
-            }),
-            "bias" => l.proj_bias[m].as_ref().map(TensorRef::F32),
-            _ => None,
-        }
+        Some(match Slot::of(name)? {
+            Slot::Embed => TensorRef::F32(&self.embed),
+            Slot::FinalNorm => TensorRef::F32(&self.final_norm),
+            Slot::LmHead => TensorRef::F32(self.lm_head.as_ref()?),
+            Slot::AttnNorm(i) => TensorRef::F32(&self.layers.get(i)?.attn_norm),
+            Slot::MlpNorm(i) => TensorRef::F32(&self.layers.get(i)?.mlp_norm),
+            Slot::Proj(i, m) => self.layers.get(i)?.proj[m].as_ref(),
+            Slot::Bias(i, m) => TensorRef::F32(self.layers.get(i)?.proj_bias[m].as_ref()?),
+        })
     }
 
     /// The tensor `name` as f32 values (NF4 dequantized), None if absent.
@@ -266,30 +254,8 @@ impl HostModel {
     /// the device's largest binding (the embedding and lm_head are sharded and need not): an
     /// `Error::Limit` naming the first tensor that does not, its bytes and the limit.
     pub fn check_fits(&self, ctx: &GpuContext, quantize: Option<(usize, bool)>) -> Result<()> {
-        let max = ctx.max_binding();
-        let check = |name: String, bytes: u64, what: &str| -> Result<()> {
-            if bytes > max {
-                return Err(Error::Limit {
-                    op: "load",
-                    msg: format!(
-                        "tensor `{name}` needs {bytes} bytes {what}, over the device's largest storage binding of {max} bytes{}",
-                        if what.contains("f32") && quantize.is_none() { " (--qlora holds projections in 4 bits)" } else { "" }
-                    ),
-                });
-            }
-            Ok(())
-        };
-        for (i, l) in self.layers.iter().enumerate() {
-            for (m, p) in l.proj.iter().enumerate() {
-                let n = p.shape().iter().product::<usize>() as u64;
-                match (p, quantize) {
-                    // f32 projections are row-sharded: four rows must fit (the block granularity).
-                    (HostWeight::F32(_), None) => check(names::proj(i, m), 16 * p.shape()[1] as u64, "for four rows in f32")?,
-                    _ => check(names::proj(i, m), n.div_ceil(2), "in NF4")?,
-                }
-            }
-        }
-        Ok(())
+        let projs = self.layers.iter().enumerate().flat_map(|(i, l)| l.proj.iter().enumerate().map(move |(m, p)| (i, m, p.shape(), p.as_nf4().is_some())));
+        check_projections_fit(ctx, quantize, projs)
     }
 
     /// Uploads as [`HostModel::upload`] (`quantize` None) or [`HostModel::upload_nf4`]
@@ -318,57 +284,282 @@ impl HostModel {
     ) -> Result<LlamaWeights> {
         self.check_fits(ctx, quantize)?;
         let total = self.tensor_count();
-        let done = std::cell::Cell::new(0usize);
-        let mut tick = |n: usize| {
-            done.set(done.get() + n);
-            progress(done.get(), total);
+        let mut b = WeightsBuilder::new(&self.config, self.lm_head.is_some(), quantize, tables_16bit);
+        let mut put = |name: String, t: TensorRef| -> Result<()> {
+            b.put(ctx, &name, t)?;
+            progress(b.uploaded(), total);
+            Ok(())
         };
-        let (v, c) = (self.config.vocab_size, self.config.hidden_size);
-        let table = |t: &HostTensor| RowShards::upload_auto(ctx, &t.data, v, c, tables_16bit);
-        let up = |t: &HostTensor| ctx.upload_f32(&t.data, &t.shape);
-        let mut layers = Vec::with_capacity(self.layers.len());
-        for l in &self.layers {
-            let mut proj = Vec::with_capacity(7);
-            for p in &l.proj {
-                proj.push(match (p, quantize) {
-                    (HostWeight::F32(t), None) => Frozen::upload_f32(ctx, &t.data, t.shape[0], t.shape[1])?,
-                    (HostWeight::F32(t), Some((bs, dq))) => {
-                        Frozen::Nf4(Nf4Weight::upload(ctx, &crate::quant::nf4::quantize_nf4(&t.data, &t.shape, bs, dq)?)?)
-                    }
-                    (HostWeight::Nf4(t), _) => Frozen::Nf4(Nf4Weight::upload(ctx, t)?),
-                });
-                tick(1);
+        for (i, l) in self.layers.iter().enumerate() {
+            for (m, p) in l.proj.iter().enumerate() {
+                put(names::proj(i, m), p.as_ref())?;
             }
-            let mut bias: [Option<crate::gpu::Tensor>; 7] = Default::default();
-            for (dst, b) in bias.iter_mut().zip(&l.proj_bias) {
-                *dst = b.as_ref().map(up).transpose()?;
+            for (m, bias) in l.proj_bias.iter().enumerate() {
+                if let Some(t) = bias {
+                    put(names::proj_bias(i, m), TensorRef::F32(t))?;
+                }
             }
-            for _ in l.proj_bias.iter().flatten() {
-                tick(1);
-            }
-            let attn_norm = up(&l.attn_norm)?;
-            tick(1);
-            let mlp_norm = up(&l.mlp_norm)?;
-            tick(1);
-            layers.push(LayerWeights {
-                attn_norm,
-                proj: proj.try_into().map_err(|_| Error::Invalid("seven projections".into()))?,
-                bias,
-                mlp_norm,
+            put(names::attn_norm(i), TensorRef::F32(&l.attn_norm))?;
+            put(names::mlp_norm(i), TensorRef::F32(&l.mlp_norm))?;
+        }
+        put(names::EMBED.to_owned(), TensorRef::F32(&self.embed))?;
+        put(names::FINAL_NORM.to_owned(), TensorRef::F32(&self.final_norm))?;
+        if let Some(t) = &self.lm_head {
+            put(names::LM_HEAD.to_owned(), TensorRef::F32(t))?;
+        }
+        b.finish()
+    }
+}
+
+/// Checks, before anything is uploaded, that every projection (layer, module, (out, in) shape,
+/// already NF4) fits the device's largest binding as it will be stored: an `Error::Limit`
+/// naming the first that does not, its bytes and the limit.
+pub fn check_projections_fit<'a>(
+    ctx: &GpuContext,
+    quantize: Option<(usize, bool)>,
+    projs: impl Iterator<Item = (usize, usize, &'a [usize], bool)>,
+) -> Result<()> {
+    let max = ctx.max_binding();
+    let check = |name: String, bytes: u64, what: &str| -> Result<()> {
+        if bytes > max {
+            return Err(Error::Limit {
+                op: "load",
+                msg: format!(
+                    "tensor `{name}` needs {bytes} bytes {what}, over the device's largest storage binding of {max} bytes{}",
+                    if what.contains("f32") && quantize.is_none() { " (--qlora holds projections in 4 bits)" } else { "" }
+                ),
             });
         }
-        // An untied input embedding is only gathered from: it stays in host memory.
-        let embed = match self.lm_head {
-            Some(_) => InputEmbedding::Host(std::rc::Rc::new(HostRows::new(&self.embed.data, v, c)?)),
-            None => InputEmbedding::Device(table(&self.embed)?),
-        };
-        tick(1);
-        let final_norm = up(&self.final_norm)?;
-        tick(1);
-        let lm_head = self.lm_head.as_ref().map(table).transpose()?;
-        if lm_head.is_some() {
-            tick(1);
+        Ok(())
+    };
+    for (i, m, shape, nf4) in projs {
+        let n = shape.iter().product::<usize>() as u64;
+        if !nf4 && quantize.is_none() {
+            // f32 projections are row-sharded: four rows must fit (the block granularity).
+            check(names::proj(i, m), 16 * shape[1] as u64, "for four rows in f32")?;
+        } else {
+            check(names::proj(i, m), n.div_ceil(2), "in NF4")?;
         }
-        Ok(LlamaWeights { embed, layers, final_norm, lm_head })
+    }
+    Ok(())
+}
+
+/// Which weight of the decoder a Hugging Face tensor name is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Slot {
+    Embed,
+    FinalNorm,
+    LmHead,
+    AttnNorm(usize),
+    MlpNorm(usize),
+    /// (layer, projection in [`TARGETS`] order).
+    Proj(usize, usize),
+    Bias(usize, usize),
+}
+
+/// (layer, projection in [`TARGETS`] order) of a projection weight's Hugging Face name.
+pub fn proj_index(name: &str) -> Option<(usize, usize)> {
+    match Slot::of(name)? {
+        Slot::Proj(i, m) => Some((i, m)),
+        _ => None,
+    }
+}
+
+impl Slot {
+    /// The slot of `name` (e.g. `model.layers.0.self_attn.q_proj.weight`), None for a name that
+    /// is no decoder weight (or a layer index not written canonically).
+    fn of(name: &str) -> Option<Slot> {
+        match name {
+            names::EMBED => return Some(Slot::Embed),
+            names::FINAL_NORM => return Some(Slot::FinalNorm),
+            names::LM_HEAD => return Some(Slot::LmHead),
+            _ => {}
+        }
+        let rest = name.strip_prefix("model.layers.")?;
+        let (idx, rest) = rest.split_once('.')?;
+        let canonical = !idx.is_empty() && idx.bytes().all(|b| b.is_ascii_digit()) && (idx == "0" || !idx.starts_with('0'));
+        if !canonical {
+            return None;
+        }
+        let i = idx.parse::<usize>().ok()?;
+        match rest {
+            "input_layernorm.weight" => return Some(Slot::AttnNorm(i)),
+            "post_attention_layernorm.weight" => return Some(Slot::MlpNorm(i)),
+            _ => {}
+        }
+        let (module, kind) = rest.rsplit_once('.')?;
+        let m = (0..TARGETS.len()).find(|&m| module == names::proj_local(m))?;
+        match kind {
+            "weight" => Some(Slot::Proj(i, m)),
+            "bias" => Some(Slot::Bias(i, m)),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Default)]
+struct PartLayer {
+    attn_norm: Option<crate::gpu::Tensor>,
+    proj: [Option<Frozen>; 7],
+    bias: [Option<crate::gpu::Tensor>; 7],
+    mlp_norm: Option<crate::gpu::Tensor>,
+}
+
+/// The decoder's weights uploaded one named tensor at a time, in any order, each as soon as it
+/// is given ([`WeightsBuilder::put`]): what [`HostModel::upload_with`] uploads (it uses this),
+/// for a loader that has one tensor at a time on the host (a streamed GGUF file). Projections
+/// are quantized to NF4 as they are put when `quantize` is given; an untied input embedding is
+/// the one weight kept in host memory.
+pub struct WeightsBuilder {
+    vocab: usize,
+    hidden: usize,
+    /// The tensors expected, by Hugging Face name, with their shapes.
+    shapes: std::collections::BTreeMap<String, Vec<usize>>,
+    untied: bool,
+    quantize: Option<(usize, bool)>,
+    tables_16bit: bool,
+    embed: Option<InputEmbedding>,
+    layers: Vec<PartLayer>,
+    final_norm: Option<crate::gpu::Tensor>,
+    lm_head: Option<RowShards>,
+    uploaded: usize,
+}
+
+impl WeightsBuilder {
+    /// A builder for `config`'s tensors ([`ModelConfig::tensor_shapes`], with an lm_head when
+    /// `lm_head`), uploaded as [`HostModel::upload_with`] does with `quantize` and `tables_16bit`.
+    pub fn new(config: &ModelConfig, lm_head: bool, quantize: Option<(usize, bool)>, tables_16bit: bool) -> Self {
+        let mut shapes: std::collections::BTreeMap<String, Vec<usize>> = config.tensor_shapes().into_iter().collect();
+        if lm_head {
+            shapes.insert(names::LM_HEAD.to_owned(), vec![config.vocab_size, config.hidden_size]);
+        } else {
+            shapes.remove(names::LM_HEAD);
+        }
+        WeightsBuilder {
+            vocab: config.vocab_size,
+            hidden: config.hidden_size,
+            shapes,
+            untied: lm_head,
+            quantize,
+            tables_16bit,
+            embed: None,
+            layers: (0..config.num_hidden_layers).map(|_| PartLayer::default()).collect(),
+            final_norm: None,
+            lm_head: None,
+            uploaded: 0,
+        }
+    }
+
+    /// The tensors this builder expects: the `total` of a load's progress.
+    pub fn tensor_count(&self) -> usize {
+        self.shapes.len()
+    }
+
+    /// Tensors put so far.
+    pub fn uploaded(&self) -> usize {
+        self.uploaded
+    }
+
+    /// Uploads the tensor `name` (a Hugging Face name): a projection quantized to NF4 first when
+    /// the builder quantizes, the embedding and lm_head row-sharded (16-bit where lossless), the
+    /// untied embedding kept on the host. Errors for a name the model has not, a shape other
+    /// than the config's, NF4 where f32 is needed, or a tensor given twice.
+    pub fn put(&mut self, ctx: &GpuContext, name: &str, t: TensorRef) -> Result<()> {
+        let expected = self.shapes.get(name).ok_or_else(|| Error::Invalid(format!("tensor `{name}` is not a weight of this model")))?;
+        let shape = match t {
+            TensorRef::F32(t) => &t.shape,
+            TensorRef::Nf4(t) => &t.shape,
+        };
+        if shape != expected {
+            return Err(Error::Invalid(format!("tensor `{name}`: shape {shape:?}, expected {expected:?}")));
+        }
+        let slot = Slot::of(name).ok_or_else(|| Error::Invalid(format!("tensor `{name}` is not a weight of this model")))?;
+        let f32 = || match t {
+            TensorRef::F32(t) => Ok(t),
+            TensorRef::Nf4(_) => Err(Error::Invalid(format!("tensor `{name}` cannot be NF4"))),
+        };
+        let twice = || Error::Invalid(format!("tensor `{name}` was given twice"));
+        let (v, c) = (self.vocab, self.hidden);
+        let up = |t: &HostTensor| ctx.upload_f32(&t.data, &t.shape);
+        fn fill<T>(dst: &mut Option<T>, make: impl FnOnce() -> Result<T>, twice: impl FnOnce() -> Error) -> Result<()> {
+            if dst.is_some() {
+                return Err(twice());
+            }
+            *dst = Some(make()?);
+            Ok(())
+        }
+        match slot {
+            Slot::Embed => {
+                let t = f32()?;
+                // An untied input embedding is only gathered from: it stays in host memory.
+                let untied = self.untied;
+                let tables_16bit = self.tables_16bit;
+                fill(
+                    &mut self.embed,
+                    || {
+                        Ok(if untied {
+                            InputEmbedding::Host(std::rc::Rc::new(HostRows::new(&t.data, v, c)?))
+                        } else {
+                            InputEmbedding::Device(RowShards::upload_auto(ctx, &t.data, v, c, tables_16bit)?)
+                        })
+                    },
+                    twice,
+                )?
+            }
+            Slot::LmHead => {
+                let t = f32()?;
+                let tables_16bit = self.tables_16bit;
+                fill(&mut self.lm_head, || RowShards::upload_auto(ctx, &t.data, v, c, tables_16bit), twice)?
+            }
+            Slot::FinalNorm => fill(&mut self.final_norm, || up(f32()?), twice)?,
+            Slot::AttnNorm(i) => fill(&mut self.layers[i].attn_norm, || up(f32()?), twice)?,
+            Slot::MlpNorm(i) => fill(&mut self.layers[i].mlp_norm, || up(f32()?), twice)?,
+            Slot::Bias(i, m) => fill(&mut self.layers[i].bias[m], || up(f32()?), twice)?,
+            Slot::Proj(i, m) => {
+                let quantize = self.quantize;
+                let make = || -> Result<Frozen> {
+                    Ok(match (t, quantize) {
+                        (TensorRef::F32(t), None) => Frozen::upload_f32(ctx, &t.data, t.shape[0], t.shape[1])?,
+                        (TensorRef::F32(t), Some((bs, dq))) => {
+                            Frozen::Nf4(Nf4Weight::upload(ctx, &crate::quant::nf4::quantize_nf4(&t.data, &t.shape, bs, dq)?)?)
+                        }
+                        (TensorRef::Nf4(t), _) => Frozen::Nf4(Nf4Weight::upload(ctx, t)?),
+                    })
+                };
+                fill(&mut self.layers[i].proj[m], make, twice)?
+            }
+        }
+        self.uploaded += 1;
+        Ok(())
+    }
+
+    /// The weights, once every tensor is put; an error naming the first one missing.
+    pub fn finish(self) -> Result<LlamaWeights> {
+        if self.uploaded != self.shapes.len() {
+            let given = |n: &str| match Slot::of(n) {
+                Some(Slot::Embed) => self.embed.is_some(),
+                Some(Slot::FinalNorm) => self.final_norm.is_some(),
+                Some(Slot::LmHead) => self.lm_head.is_some(),
+                Some(Slot::AttnNorm(i)) => self.layers[i].attn_norm.is_some(),
+                Some(Slot::MlpNorm(i)) => self.layers[i].mlp_norm.is_some(),
+                Some(Slot::Proj(i, m)) => self.layers[i].proj[m].is_some(),
+                Some(Slot::Bias(i, m)) => self.layers[i].bias[m].is_some(),
+                None => false,
+            };
+            let missing = self.shapes.keys().find(|n| !given(n)).cloned().unwrap_or_default();
+            return Err(Error::Invalid(format!("tensor `{missing}` was never given ({} of {} uploaded)", self.uploaded, self.shapes.len())));
+        }
+        let missing = || Error::Invalid("a weight was never given".into());
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for l in self.layers {
+            let proj: Vec<Frozen> = l.proj.into_iter().collect::<Option<_>>().ok_or_else(missing)?;
+            layers.push(LayerWeights {
+                attn_norm: l.attn_norm.ok_or_else(missing)?,
+                proj: proj.try_into().map_err(|_| Error::Invalid("seven projections".into()))?,
+                bias: l.bias,
+                mlp_norm: l.mlp_norm.ok_or_else(missing)?,
+            });
+        }
+        Ok(LlamaWeights { embed: self.embed.ok_or_else(missing)?, layers, final_norm: self.final_norm.ok_or_else(missing)?, lm_head: self.lm_head })
     }
 }

@@ -112,7 +112,6 @@ export function ggufFromHfFolder(dir) {
   if (tokens.some((t) => t === undefined)) throw new Error('gguf: the vocabulary has holes');
   const merges = tok.model.merges.map((m) => (Array.isArray(m) ? m.join(' ') : m));
 
-  const w = new Writer();
   const names = [...tensors.keys()].filter((n) => !(cfg.tie_word_embeddings && n === 'lm_head.weight')).sort();
   const kvs = [
     ['general.architecture', 'str', 'llama'],
@@ -142,23 +141,33 @@ export function ggufFromHfFolder(dir) {
     ['tokenizer.ggml.add_bos_token', 'bool', false],
     ['tokenizer.chat_template', 'str', template],
   ];
-  w.push(Buffer.from('GGUF', 'latin1'));
-  w.u32(3);
-  w.u64(names.length);
-  w.u64(kvs.length);
-  for (const [k, t, v, e] of kvs) w.kv(k, t, v, e);
-
-  const datas = [];
-  let offset = 0;
-  for (const hf of names) {
+  const entries = names.map((hf) => {
     const t = tensors.get(hf);
     if (t.dtype !== 'BF16') throw new Error(`gguf: ${hf} is ${t.dtype}; this writer copies BF16 tensors`);
     let bytes = t.bytes;
     if (hf.endsWith('self_attn.q_proj.weight')) bytes = permuteRows(bytes, t.shape[0], cfg.num_attention_heads);
     if (hf.endsWith('self_attn.k_proj.weight')) bytes = permuteRows(bytes, t.shape[0], cfg.num_key_value_heads);
-    w.str(ggufName(hf));
-    w.u32(t.shape.length);
-    for (const d of [...t.shape].reverse()) w.u64(d); // ggml order: the row length first
+    return { name: ggufName(hf), shape: t.shape, bytes };
+  });
+  return writeBf16Gguf(kvs, entries);
+}
+
+/** The GGUF file of metadata `kvs` ([key, type, value, elemType]) and BF16 tensors `entries`
+ * ({name, shape (PyTorch order), bytes}). */
+function writeBf16Gguf(kvs, entries) {
+  const w = new Writer();
+  w.push(Buffer.from('GGUF', 'latin1'));
+  w.u32(3);
+  w.u64(entries.length);
+  w.u64(kvs.length);
+  for (const [k, t, v, e] of kvs) w.kv(k, t, v, e);
+
+  const datas = [];
+  let offset = 0;
+  for (const { name, shape, bytes } of entries) {
+    w.str(name);
+    w.u32(shape.length);
+    for (const d of [...shape].reverse()) w.u64(d); // ggml order: the row length first
     w.u32(GGML_BF16);
     w.u64(offset);
     datas.push(bytes);
@@ -170,4 +179,60 @@ export function ggufFromHfFolder(dir) {
     w.pad();
   }
   return w.bytes();
+}
+
+/** A projection-heavy Llama GGUF (random BF16 weights, `layers` layers of hidden x inter MLPs, a
+ * 64-token byte-level vocabulary over lowercase letters), for measuring what a load holds:
+ * its projections take 4 x `projections` bytes in f32 (returned with the bytes). */
+export function wideGguf({ layers = 3, hidden = 512, inter = 1536, heads = 8, kvHeads = 4, seed = 7 } = {}) {
+  const headDim = hidden / heads;
+  const tokens = ['<s>', '</s>', '<unk>', 'Ġ', ...'abcdefghijklmnopqrstuvwxyz'];
+  while (tokens.length < 64) tokens.push(`x${tokens.length}`);
+  const kvs = [
+    ['general.architecture', 'str', 'llama'],
+    ['llama.block_count', 'u32', layers],
+    ['llama.context_length', 'u32', 512],
+    ['llama.embedding_length', 'u32', hidden],
+    ['llama.feed_forward_length', 'u32', inter],
+    ['llama.attention.head_count', 'u32', heads],
+    ['llama.attention.head_count_kv', 'u32', kvHeads],
+    ['llama.rope.freq_base', 'f32', 10000],
+    ['llama.attention.layer_norm_rms_epsilon', 'f32', 1e-5],
+    ['tokenizer.ggml.model', 'str', 'gpt2'],
+    ['tokenizer.ggml.pre', 'str', 'smollm'],
+    ['tokenizer.ggml.tokens', 'arr', tokens, 'str'],
+    ['tokenizer.ggml.token_type', 'arr', tokens.map((_, i) => (i < 3 ? 3 : 1)), 'i32'],
+    ['tokenizer.ggml.merges', 'arr', [], 'str'],
+    ['tokenizer.ggml.bos_token_id', 'u32', 0],
+    ['tokenizer.ggml.eos_token_id', 'u32', 1],
+  ];
+  let state = seed >>> 0 || 1;
+  const bf16 = (n, scale) => {
+    const b = Buffer.alloc(2 * n);
+    const f = new Float32Array(1);
+    const u = new Uint32Array(f.buffer);
+    for (let i = 0; i < n; i++) {
+      state ^= state << 13; state >>>= 0;
+      state ^= state >>> 17;
+      state ^= state << 5; state >>>= 0;
+      f[0] = scale * (state / 2 ** 32 * 2 - 1);
+      b.writeUInt16LE(u[0] >>> 16, 2 * i);
+    }
+    return b;
+  };
+  const entries = [{ name: 'token_embd.weight', shape: [tokens.length, hidden], bytes: bf16(tokens.length * hidden, 1) }];
+  const q = heads * headDim;
+  const kv = kvHeads * headDim;
+  let projections = 0;
+  for (let i = 0; i < layers; i++) {
+    entries.push({ name: `blk.${i}.attn_norm.weight`, shape: [hidden], bytes: bf16(hidden, 1) });
+    for (const [n, shape] of [['attn_q', [q, hidden]], ['attn_k', [kv, hidden]], ['attn_v', [kv, hidden]], ['attn_output', [hidden, q]],
+      ['ffn_gate', [inter, hidden]], ['ffn_up', [inter, hidden]], ['ffn_down', [hidden, inter]]]) {
+      entries.push({ name: `blk.${i}.${n}.weight`, shape, bytes: bf16(shape[0] * shape[1], 0.05) });
+      projections += shape[0] * shape[1];
+    }
+    entries.push({ name: `blk.${i}.ffn_norm.weight`, shape: [hidden], bytes: bf16(hidden, 1) });
+  }
+  entries.push({ name: 'output_norm.weight', shape: [hidden], bytes: bf16(hidden, 1) });
+  return { bytes: writeBf16Gguf(kvs, entries), projections, largest: Math.max(inter * hidden, q * hidden) };
 }

@@ -158,20 +158,7 @@ impl TensorSource for GgufSource<'_, '_> {
     fn fetch(&mut self, name: &str, shape: &[usize], _projection: bool) -> Result<HostWeight> {
         let file = self.h.file();
         let gname = gguf_name(name).ok_or_else(|| Error::Invalid(format!("no GGUF name for `{name}`")))?;
-        let info = self
-            .h
-            .tensor(&gname)
-            .ok_or_else(|| Error::format(file, format!("missing tensor `{gname}` (Hugging Face `{name}`)")))?;
-        if info.shape() != shape {
-            return Err(Error::format(
-                file,
-                format!(
-                    "tensor `{gname}`: shape {:?} (ggml dims {:?}), expected {shape:?} from the model metadata",
-                    info.shape(),
-                    info.dims
-                ),
-            ));
-        }
+        let info = check_tensor(self.h, name, &gname, shape)?;
         let data = match &mut self.data {
             TensorData::File(g) => convert_tensor(file, info, g.tensor_data(&gname)?, self.permuted)?,
             TensorData::Converted(m) => m
@@ -181,6 +168,19 @@ impl TensorSource for GgufSource<'_, '_> {
         self.used.insert(gname);
         Ok(HostWeight::F32(HostTensor { shape: shape.to_vec(), data }))
     }
+}
+
+/// The header's tensor `gname` (Hugging Face `name`), checked to be there with `shape`.
+pub(super) fn check_tensor<'h>(h: &'h GgufHeader, name: &str, gname: &str, shape: &[usize]) -> Result<&'h GgufTensorInfo> {
+    let file = h.file();
+    let info = h.tensor(gname).ok_or_else(|| Error::format(file, format!("missing tensor `{gname}` (Hugging Face `{name}`)")))?;
+    if info.shape() != shape {
+        return Err(Error::format(
+            file,
+            format!("tensor `{gname}`: shape {:?} (ggml dims {:?}), expected {shape:?} from the model metadata", info.shape(), info.dims),
+        ));
+    }
+    Ok(info)
 }
 
 /// The model of a parsed header whose tensors `data` gives (the whole file, or a stream's

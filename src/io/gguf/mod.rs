@@ -12,4 +12,4 @@ pub use dequant::dequantize;
 pub use file::{GgmlType, GgufFile, GgufHeader, GgufTensorInfo, HeaderParse, GgufValue, DEFAULT_ALIGNMENT, GGUF_MAGIC};
 pub(crate) use llama::move_head_rows;
 pub use llama::{gguf_config, gguf_name, load_gguf, load_gguf_with, unpermute_rows, GgufModel};
-pub use stream::GgufStream;
+pub use stream::{GgufStream, StreamedGguf};

@@ -21,7 +21,13 @@ struct Params {
     _pad: [u32; 3],
 }
 
-const WIDE: &str = "const WG: u32 = 256u;
+/// A kernel filling `out` from one workgroup of `$wg` invocations.
+macro_rules! fill_kernel {
+    ($wg:literal) => {
+        concat!(
+            "const WG: u32 = ",
+            $wg,
+            "u;
 struct Params { n: u32, a: u32, b: u32, c: u32 }
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read_write> out: array<f32>;
@@ -29,16 +35,12 @@ struct Params { n: u32, a: u32, b: u32, c: u32 }
 fn fill(@builtin(local_invocation_index) lid: u32) {
     if (lid < params.n) { out[lid] = f32(lid) + 0.5; }
 }
-";
-const NARROW: &str = "const WG: u32 = 128u;
-struct Params { n: u32, a: u32, b: u32, c: u32 }
-@group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read_write> out: array<f32>;
-@compute @workgroup_size(WG)
-fn fill(@builtin(local_invocation_index) lid: u32) {
-    if (lid < params.n) { out[lid] = f32(lid) + 0.5; }
+"
+        )
+    };
 }
-";
+const WIDE: &str = fill_kernel!("256");
+const NARROW: &str = fill_kernel!("128");
 
 /// Runs `fill` of `source` over `n` elements in one workgroup; the values, or the device's error.
 fn fill(ctx: &GpuContext, file: &'static str, source: &'static str, n: usize) -> Result<Vec<f32>, String> {
